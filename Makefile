@@ -1,0 +1,27 @@
+# Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
+# Both create .venv and install the pinned dependencies on first use.
+
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PYTHON ?= python3.11
+STAMP := $(VENV)/.installed
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install repro test
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build on this disk, so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest

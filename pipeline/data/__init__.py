@@ -1,0 +1,1 @@
+"""Data: source adapters, validation, the SynthPedes renderer and the canonical form."""

@@ -1,0 +1,187 @@
+"""The one canonical form every data source is turned into.
+
+Per split, a parquet manifest with one row per image, and WebDataset tar shards
+that carry the image bytes next to the same row as JSON, so training streams
+from tars and never needs the source folder again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import commit_temp, temp_path_for
+
+SPLITS = ("train", "val", "test")
+
+# Fixed tar metadata so that rebuilding a shard gives identical bytes.
+_TAR_MTIME = 0
+_TAR_USER = "tbps"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One image of a source annotation file, before canonicalisation.
+
+    `where` names the record for error messages: the annotation file and the
+    record's index in it.
+    """
+
+    split: str
+    captions: list[str]
+    file_path: str  # relative to the data root
+    original_id: int
+    where: str
+    attributes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One manifest row."""
+
+    key: str  # unique across splits, safe as a file and tar member name
+    person_id: int  # contiguous 0..n-1 within the split
+    original_id: int  # the id in the source annotations
+    split: str
+    captions: list[str]
+    image_path: str  # relative to the data root
+    source: str
+    width: int
+    height: int
+    attributes: str = ""  # JSON of ground-truth attributes (SynthPedes), "" for real data
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("person_id", pa.int64()),
+        ("original_id", pa.int64()),
+        ("split", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("image_path", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("attributes", pa.string()),
+    ]
+)
+
+
+def image_key(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def assign_person_ids(raw: list[RawRecord], split: str) -> dict[int, int]:
+    """Map original ids of one split to contiguous ids, in order of first appearance."""
+    mapping: dict[int, int] = {}
+    for record in raw:
+        if record.split == split and record.original_id not in mapping:
+            mapping[record.original_id] = len(mapping)
+    return mapping
+
+
+def write_manifest(records: list[ImageRecord], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {name: [getattr(r, name) for r in records] for name in MANIFEST_SCHEMA.names}
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    tmp = temp_path_for(path)
+    pq.write_table(table, tmp, compression="zstd")
+    commit_temp(tmp, path)
+
+
+def read_manifest(path: str | Path) -> list[ImageRecord]:
+    table = pq.read_table(path, schema=MANIFEST_SCHEMA)
+    return [ImageRecord(**row) for row in table.to_pylist()]
+
+
+def manifest_path(prepared_dir: str | Path, split: str) -> Path:
+    return Path(prepared_dir) / "manifests" / f"{split}.parquet"
+
+
+def shard_pattern(prepared_dir: str | Path, split: str) -> str:
+    return str(Path(prepared_dir) / "shards" / f"{split}-%06d.tar")
+
+
+def list_shards(prepared_dir: str | Path, split: str) -> list[str]:
+    return sorted(str(p) for p in (Path(prepared_dir) / "shards").glob(f"{split}-*.tar"))
+
+
+def record_to_json(record: ImageRecord) -> dict:
+    return asdict(record)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = _TAR_MTIME
+    info.mode = 0o444
+    info.uname = info.gname = _TAR_USER
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_tar_atomic(path: str | Path, samples: Iterable[dict[str, bytes]]) -> int:
+    """Write WebDataset samples ({"__key__": str, ext: bytes, ...}) to one tar.
+
+    Written under a temporary name and renamed, so a killed writer never leaves a
+    half shard under the final name. Returns the number of samples written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    count = 0
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext in sorted(k for k in sample if k != "__key__"):
+                _add_member(tar, f"{key}.{ext}", sample[ext])
+            count += 1
+    commit_temp(tmp, path)
+    return count
+
+
+def write_shards(
+    records: list[ImageRecord], image_root: str | Path, prepared_dir: str | Path, split: str, shard_size: int
+) -> list[str]:
+    """Write the split's images and rows as tar shards of `shard_size` samples."""
+    paths = []
+    for start in range(0, len(records), shard_size):
+        chunk = records[start : start + shard_size]
+        path = shard_pattern(prepared_dir, split) % (start // shard_size)
+        write_tar_atomic(path, (_sample(r, image_root) for r in chunk))
+        paths.append(path)
+    return paths
+
+
+def _sample(record: ImageRecord, image_root: str | Path) -> dict[str, bytes]:
+    image_file = Path(image_root) / record.image_path
+    ext = image_file.suffix.lower().lstrip(".") or "png"
+    ext = "jpg" if ext == "jpeg" else ext
+    return {
+        "__key__": record.key,
+        ext: image_file.read_bytes(),
+        "json": json.dumps(record_to_json(record), sort_keys=True).encode("utf-8"),
+    }
+
+
+def iter_shard_samples(paths: Iterable[str]) -> Iterator[dict[str, bytes]]:
+    """Read samples back from tar shards (grouping members by key), in file order."""
+    for path in paths:
+        with tarfile.open(path, "r") as tar:
+            current: dict[str, bytes] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current["__key__"] = key
+                current[ext] = tar.extractfile(member).read()
+            if current:
+                yield current

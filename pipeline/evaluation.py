@@ -1,0 +1,98 @@
+"""Text-to-image retrieval evaluation of a dual encoder on a prepared split.
+
+Queries are every caption of the split, the gallery every image (DESIGN.md section 3).
+Under several processes each embeds an interleaved share and the shares are gathered,
+so the result is the same as one process computing everything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from pipeline.data.canonical import iter_shard_samples, list_shards
+from pipeline.data.loader import IMAGE_EXTENSIONS
+from pipeline.metrics import retrieval_metrics
+from pipeline.models.tokenization import tokenize
+
+
+@dataclass(frozen=True)
+class RetrievalSplit:
+    image_keys: list[str]
+    image_bytes: list[bytes]
+    image_pids: torch.Tensor
+    captions: list[str]
+    caption_pids: torch.Tensor
+    caption_image_index: list[int]  # which gallery image each caption describes
+
+
+def load_retrieval_split(prepared_dir: str | Path, split: str) -> RetrievalSplit:
+    keys, images, image_pids, captions, caption_pids, owners = [], [], [], [], [], []
+    shards = list_shards(prepared_dir, split)
+    if not shards:
+        raise FileNotFoundError(f"no {split} shards under {Path(prepared_dir) / 'shards'}")
+    for sample in iter_shard_samples(shards):
+        row = json.loads(sample["json"])
+        keys.append(sample["__key__"])
+        images.append(next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample))
+        image_pids.append(row["person_id"])
+        for caption in row["captions"]:
+            captions.append(caption)
+            caption_pids.append(row["person_id"])
+            owners.append(len(keys) - 1)
+    return RetrievalSplit(
+        keys, images, torch.tensor(image_pids), captions, torch.tensor(caption_pids), owners
+    )
+
+
+def _sharded_embed(
+    count: int, embed_batch: Callable[[range], torch.Tensor], batch_size: int, accelerator=None
+) -> torch.Tensor:
+    """Embed items 0..count-1; with N processes rank r takes items r, r+N, ... and all are gathered."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    per_rank = -(-count // world)
+    mine = [min(rank + world * i, count - 1) for i in range(per_rank)]  # padded with the last item
+    chunks = [embed_batch(mine[i : i + batch_size]) for i in range(0, per_rank, batch_size)]
+    local = torch.cat(chunks)
+    if world == 1:
+        return local
+    gathered = accelerator.gather(local.contiguous())  # [world * per_rank, D], rank-major
+    order = torch.arange(per_rank * world).view(world, per_rank).t().reshape(-1)
+    return gathered[order][:count]
+
+
+@torch.no_grad()
+def embed_retrieval_split(
+    model, data: RetrievalSplit, batch_size: int, device: torch.device, accelerator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption embeddings [Q, D], image embeddings [G, D]) in float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+
+    def images(indices: Sequence[int]) -> torch.Tensor:
+        pixels = torch.stack([model.image_preprocessor(Image.open(io.BytesIO(data.image_bytes[i]))) for i in indices])
+        return model.encode_image(pixels.to(device)).float().cpu()
+
+    def texts(indices: Sequence[int]) -> torch.Tensor:
+        tokens = tokenize(model.tokenizer, [data.captions[i] for i in indices], model.config.max_text_length)
+        return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
+
+    text_emb = _sharded_embed(len(data.captions), texts, batch_size, accelerator)
+    image_emb = _sharded_embed(len(data.image_keys), images, batch_size, accelerator)
+    model.train(was_training)
+    return text_emb, image_emb
+
+
+def evaluate_retrieval(
+    model, data: RetrievalSplit, batch_size: int, device: torch.device, accelerator=None
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics (percentages) and the [Q, G] similarity matrix."""
+    text_emb, image_emb = embed_retrieval_split(model, data, batch_size, device, accelerator)
+    similarity = text_emb @ image_emb.t()
+    return retrieval_metrics(similarity, data.caption_pids, data.image_pids), similarity

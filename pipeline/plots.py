@@ -1,0 +1,94 @@
+"""PNG figures people look at: training curves, CMC curves, retrieval examples.
+
+Saved with matplotlib's Agg backend and without timestamps, so equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.io import temp_path_for, commit_temp  # noqa: E402
+
+_PNG_METADATA = {"Software": None}
+
+
+def save_figure(figure, path: str | Path, dpi: int = 100) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    figure.savefig(tmp, format="png", dpi=dpi, metadata=_PNG_METADATA)
+    plt.close(figure)
+    commit_temp(tmp, path)
+
+
+def plot_training_curves(losses: list, epochs: list, path: str | Path, title: str) -> None:
+    """Per-step loss (with a running mean) and per-epoch validation R1 and mAP."""
+    figure, (loss_axis, val_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if losses:
+        steps, values = zip(*losses)
+        loss_axis.plot(steps, values, lw=0.6, alpha=0.5, label="step")
+        window = max(1, len(values) // 20)
+        smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist() if len(values) >= window else []
+        loss_axis.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+        loss_axis.legend()
+    loss_axis.set(xlabel="step", ylabel="loss", title="training loss")
+    if epochs:
+        numbers = [e["epoch"] for e in epochs]
+        val_axis.plot(numbers, [e["val_R1"] for e in epochs], marker="o", label="val R1")
+        val_axis.plot(numbers, [e["val_mAP"] for e in epochs], marker="s", label="val mAP")
+        val_axis.legend()
+    val_axis.set(xlabel="epoch", ylabel="%", title="validation")
+    figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_cmc(cmc: list[float], path: str | Path, title: str) -> None:
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    ranks = range(1, len(cmc) + 1)
+    axis.plot(ranks, cmc, marker=".")
+    axis.set(xlabel="rank", ylabel="matching rate (%)", title=title, ylim=(0, 100.5))
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_retrievals(
+    queries: list[str],
+    ranked_images: list[list[bytes]],
+    ranked_correct: list[list[bool]],
+    path: str | Path,
+    title: str,
+) -> None:
+    """One row per query: its text, then its top-K gallery images, correct ones framed green."""
+    rows, top_k = len(queries), max(len(r) for r in ranked_images)
+    figure, axes = plt.subplots(rows, top_k + 1, figsize=(1.1 * top_k + 3.2, 2.2 * rows), squeeze=False,
+                                gridspec_kw={"width_ratios": [3] + [1] * top_k})
+    for row, (query, images, correct) in enumerate(zip(queries, ranked_images, ranked_correct)):
+        text_axis = axes[row][0]
+        text_axis.axis("off")
+        text_axis.text(0, 0.5, "\n".join(textwrap.wrap(query, 38)), fontsize=7, va="center")
+        for column in range(top_k):
+            axis = axes[row][column + 1]
+            axis.set_xticks([]), axis.set_yticks([])
+            if column >= len(images):
+                axis.axis("off")
+                continue
+            axis.imshow(Image.open(io.BytesIO(images[column])).convert("RGB"))
+            colour = "tab:green" if correct[column] else "tab:red"
+            for spine in axis.spines.values():
+                spine.set_color(colour), spine.set_linewidth(3)
+            if row == 0:
+                axis.set_title(str(column + 1), fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)

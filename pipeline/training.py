@@ -1,0 +1,308 @@
+"""The contrastive training loop of the dual encoder, on Accelerate.
+
+One process on a CPU or N processes on GPUs run the same code. Every `checkpoint_every`
+steps the full state (weights, optimiser, schedule, RNGs, and our progress record) is
+saved with `accelerator.save_state`; a restarted run resumes from the newest state and,
+because the data stream is a pure function of (seed, epoch, step), continues exactly
+where it stopped. After each epoch the model is scored on the validation split; the
+best-on-val and the last model are saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, Params
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.canonical import list_shards, manifest_path, read_manifest
+from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
+from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
+from pipeline.io import write_json_atomic
+from pipeline.losses import HardnessAwareContrastiveLoss
+from pipeline.models import DualEncoder, build_model
+from pipeline.models.tokenization import tokenize
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite (train.nonfinite_loss: stop)."""
+
+
+@dataclass
+class Progress:
+    """What the loop needs, beyond Accelerate's state, to resume; saved as JSON."""
+
+    fingerprint: str
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    skipped_batches: int = 0
+    best_epoch: int = -1
+    best_score: float = -1.0
+    losses: list = field(default_factory=list)  # [global_step, loss]
+    epochs: list = field(default_factory=list)  # per-epoch records (val metrics, timings)
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """best/ and last/ models and state/, the resumable training state, under one folder."""
+
+    out_dir: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out_dir / "state"
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last"
+
+
+def training_fingerprint(params: Params, shards: list[str]) -> str:
+    """Identifies the run a saved state belongs to: a state of another run is never resumed."""
+    relevant = {k: dataclasses.asdict(getattr(params, k)) for k in ("model", "loss", "train")}
+    relevant["image_size"] = [params.data.image_height, params.data.image_width]
+    relevant["shards"] = [Path(s).name for s in shards]
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases, norms and the temperature."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(params: Params, cpu: bool = False) -> Accelerator:
+    return Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=_mixed_precision(params.train.mixed_precision))
+
+
+class Trainer:
+    def __init__(self, params: Params, prepared_dir: str | Path, outputs: TrainOutputs, accelerator: Accelerator):
+        self.params = params
+        self.cfg = params.train
+        self.outputs = outputs
+        self.accelerator = accelerator
+        self.shards = list_shards(prepared_dir, "train")
+        if not self.shards:
+            raise FileNotFoundError(f"no train shards under {Path(prepared_dir) / 'shards'}")
+        train_rows = read_manifest(manifest_path(prepared_dir, "train"))
+        self.steps_per_epoch = count_pairs(train_rows) // self.cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"params: 'train.batch_size' {self.cfg.batch_size} exceeds the {count_pairs(train_rows)} training pairs")
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        set_seed(self.cfg.seed)
+        model, _ = build_model(
+            params.model, (params.data.image_height, params.data.image_width),
+            captions=(c for row in train_rows for c in row.captions),
+        )
+        optimizer = _optimizer(model, self.cfg)
+        warmup = int(self.cfg.warmup_fraction * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(self.total_steps, max(1, warmup)))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.criterion = HardnessAwareContrastiveLoss.from_config(params.loss)
+        self.val_data = load_retrieval_split(prepared_dir, "val")
+        self.progress = Progress(fingerprint=training_fingerprint(params, self.shards))
+
+    @property
+    def unwrapped(self) -> DualEncoder:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def resume_if_possible(self) -> bool:
+        state = self.outputs.state_dir
+        progress_file = state / PROGRESS_FILE
+        saved = Progress(**json.loads(progress_file.read_text())) if progress_file.is_file() else None
+        if saved is None or saved.fingerprint != self.progress.fingerprint:
+            if saved is not None:
+                log.info("saved state in %s is from another configuration: starting afresh", state)
+            self._clear_outputs()
+            return False
+        self.accelerator.load_state(str(state))
+        self.progress = saved
+        log.info("resumed at epoch %d step %d (global step %d)", saved.epoch, saved.step_in_epoch, saved.global_step)
+        return True
+
+    def _clear_outputs(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for directory in (self.outputs.best, self.outputs.last, self.outputs.state_dir):
+                shutil.rmtree(directory, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self) -> None:
+        """Accelerate's state then our progress record, both replacing the previous state atomically."""
+        state = self.outputs.state_dir
+        staging = state.with_name(state.name + ".saving")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging), safe_serialization=True)
+        if self.accelerator.is_main_process:
+            write_json_atomic(staging / PROGRESS_FILE, dataclasses.asdict(self.progress))
+            shutil.rmtree(state, ignore_errors=True)
+            staging.rename(state)
+        self.accelerator.wait_for_everyone()
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def _plan(self, epoch: int, start_step: int) -> StreamPlan:
+        augment = AugmentConfig(flip_prob=self.cfg.flip_prob, crop_padding=self.cfg.crop_padding, erase_prob=self.cfg.erase_prob)
+        return StreamPlan(
+            shards=tuple(self.shards),
+            global_batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            start_step=start_step,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            augment=augment,
+        )
+
+    def _loader(self, epoch: int, start_step: int):
+        model = self.unwrapped
+        max_length = model.config.max_text_length
+
+        def tokenize_captions(captions):
+            return tokenize(model.tokenizer, captions, max_length)
+
+        dataset = ContrastivePairs(self._plan(epoch, start_step), model.image_preprocessor, tokenize_captions)
+        return pair_loader(dataset, self.cfg.num_workers)
+
+    def _step(self, batch: dict) -> float | None:
+        device = self.accelerator.device
+        with self.accelerator.autocast():
+            image_emb, text_emb = self.model(
+                batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )
+        loss = self.criterion(image_emb, text_emb, batch["person_ids"].to(device), self.unwrapped.temperature())
+        if not torch.isfinite(self.accelerator.reduce(loss.detach(), "sum")):
+            return self._nonfinite(batch["step"])
+        self.accelerator.backward(loss)
+        if self.cfg.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.accelerator.reduce(loss.detach(), "mean").item()
+
+    def _nonfinite(self, step: int) -> None:
+        where = f"epoch {self.progress.epoch} step {step} (global step {self.progress.global_step})"
+        if self.cfg.nonfinite_loss == "stop":
+            raise NonFiniteLossError(f"non-finite loss at {where}; set train.nonfinite_loss: skip to skip such batches")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.skipped_batches += 1
+        log.warning("skipped a batch with a non-finite loss at %s", where)
+        return None
+
+    def _run_epoch(self, epoch: int) -> dict:
+        progress = self.progress
+        waited = stepped = 0.0
+        pairs = 0
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            unit="step", disable=not self.accelerator.is_main_process, dynamic_ncols=True,
+        )
+        clock = time.perf_counter()
+        for batch in self._loader(epoch, progress.step_in_epoch):
+            ready = time.perf_counter()
+            loss = self._step(batch)
+            done = time.perf_counter()
+            waited, stepped, clock = waited + ready - clock, stepped + done - ready, done
+            pairs += self.cfg.batch_size
+            progress.step_in_epoch = batch["step"] + 1
+            progress.global_step += 1
+            if loss is not None:
+                progress.losses.append([progress.global_step, loss])
+                bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs / (waited + stepped):.0f}")
+            bar.update(1)
+            if progress.global_step % self.cfg.checkpoint_every == 0:
+                self.save_state()
+        bar.close()
+        total = waited + stepped
+        return {"pairs_per_s": pairs / total if total else 0.0, "data_wait_share": waited / total if total else 0.0}
+
+    def _validate(self, epoch: int, timing: dict) -> None:
+        metrics, _ = evaluate_retrieval(
+            self.unwrapped, self.val_data, self.cfg.eval_batch_size, self.accelerator.device, self.accelerator
+        )
+        epoch_losses = [loss for step, loss in self.progress.losses if step > epoch * self.steps_per_epoch]
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan"),
+            "val_R1": metrics["R1"],
+            "val_mAP": metrics["mAP"],
+            "temperature": self.unwrapped.temperature().item(),
+            **timing,
+        }
+        self.progress.epochs.append(record)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items()})
+        score = metrics["R1"] + metrics["mAP"]  # ties in R1 are common on small val sets
+        if score > self.progress.best_score:
+            self.progress.best_score, self.progress.best_epoch = score, epoch + 1
+            self._save_model(self.outputs.best)
+
+    def _save_model(self, directory: Path) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            staging = directory.with_name(directory.name + ".saving")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.unwrapped.save_pretrained(staging)
+            write_json_atomic(staging / "training.json", {"epoch": self.progress.epochs[-1]["epoch"], "fingerprint": self.progress.fingerprint})
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
+        self.accelerator.wait_for_everyone()
+
+    def fit(self) -> Progress:
+        self.resume_if_possible()
+        while self.progress.epoch < self.cfg.epochs:
+            epoch = self.progress.epoch
+            timing = self._run_epoch(epoch)
+            self._validate(epoch, timing)
+            self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+            self.save_state()
+        if not self.outputs.last.is_dir():
+            self._save_model(self.outputs.last)
+        return self.progress

@@ -1,0 +1,73 @@
+"""DVC stage `evaluate@<variant>`: test-split retrieval of the best-on-val checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, load_params
+from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
+from pipeline.io import write_json_atomic
+from pipeline.metrics import cmc_curve
+from pipeline.models import DualEncoder
+from pipeline.plots import plot_cmc, plot_retrievals
+from pipeline.runtime import setup_logging, stage_arguments
+from stages.train import VARIANTS
+
+PREPARED = Path("data/prepared")
+EXAMPLE_QUERIES = 6
+EXAMPLE_TOP_K = 10
+
+log = logging.getLogger("stages.evaluate")
+
+
+def _retrieval_examples(data, similarity: torch.Tensor, path: Path, title: str) -> None:
+    """Evenly spaced queries (not cherry-picked), each with its top-10 gallery images."""
+    picks = torch.linspace(0, len(data.captions) - 1, EXAMPLE_QUERIES).long().tolist()
+    ranked, correct = [], []
+    for q in picks:
+        # stable descending sort: ties go to the lower gallery index, as in the metrics
+        order = torch.sort(similarity[q], descending=True, stable=True).indices[:EXAMPLE_TOP_K].tolist()
+        ranked.append([data.image_bytes[g] for g in order])
+        correct.append([bool(data.image_pids[g] == data.caption_pids[q]) for g in order])
+    plot_retrievals([data.captions[q] for q in picks], ranked, correct, path, title)
+
+
+def main() -> int:
+    parser = stage_arguments(__doc__)
+    parser.add_argument("--variant", required=True, choices=VARIANTS)
+    args = parser.parse_args()
+    setup_logging()
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 1
+    checkpoint = Path("models") / args.variant / "best"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)
+    epoch = json.loads((checkpoint / "training.json").read_text())["epoch"]
+    data = load_retrieval_split(PREPARED, "test")
+    log.info("evaluating %s (epoch %d): %d queries, %d gallery images", checkpoint, epoch, len(data.captions), len(data.image_keys))
+    metrics, similarity = evaluate_retrieval(model, data, params.train.eval_batch_size, device)
+    result = {
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "num_queries": len(data.captions),
+        "num_gallery": len(data.image_keys),
+        "checkpoint_epoch": epoch,
+    }
+    write_json_atomic(Path("metrics") / f"{args.variant}.json", result)
+    reports = Path("reports/evaluate") / args.variant
+    cmc = cmc_curve(similarity, data.caption_pids, data.image_pids, max_rank=min(50, len(data.image_keys)))
+    plot_cmc(cmc, reports / "cmc.png", f"CMC, {args.variant} (test)")
+    _retrieval_examples(data, similarity, reports / "retrievals.png", f"{args.variant}: top-{EXAMPLE_TOP_K} (green = same person)")
+    log.info("test: %s", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

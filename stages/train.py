@@ -1,0 +1,61 @@
+"""DVC stage `train@<variant>`: train the dual encoder; writes models/<variant>/{best,last,state}."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+from pipeline.io import write_bytes_atomic, write_json_atomic
+from pipeline.plots import plot_training_curves
+from pipeline.runtime import setup_logging, stage_arguments
+from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs, make_accelerator
+
+PREPARED = Path("data/prepared")
+VARIANTS = ("baseline",)
+
+log = logging.getLogger("stages.train")
+
+
+def _write_reports(progress, variant: str) -> None:
+    best = next(e for e in progress.epochs if e["epoch"] == progress.best_epoch)
+    summary = {
+        "best_epoch": progress.best_epoch,
+        "best_val_R1": best["val_R1"],
+        "best_val_mAP": best["val_mAP"],
+        "final_train_loss": progress.epochs[-1]["train_loss"],
+        "steps": progress.global_step,
+        "skipped_batches": progress.skipped_batches,
+        "pairs_per_s": progress.epochs[-1]["pairs_per_s"],
+        "data_wait_share": progress.epochs[-1]["data_wait_share"],
+    }
+    reports = Path("reports/train") / variant
+    write_json_atomic(Path("metrics") / f"train_{variant}.json", summary)
+    write_json_atomic(reports / "epochs.json", progress.epochs)
+    steps_csv = "step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in progress.losses)
+    write_bytes_atomic(reports / "steps.csv", steps_csv.encode())
+    plot_training_curves(progress.losses, progress.epochs, reports / "curves.png", f"train@{variant}")
+
+
+def main() -> int:
+    parser = stage_arguments(__doc__)
+    parser.add_argument("--variant", required=True, choices=VARIANTS)
+    args = parser.parse_args()
+    setup_logging()
+    try:
+        params = load_params(args.params)
+        accelerator = make_accelerator(params)
+        trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator)
+        progress = trainer.fit()
+    except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 1
+    if accelerator.is_main_process:
+        _write_reports(progress, args.variant)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""`python -m pipeline check-data` on the real CUHK-PEDES excerpt and on broken copies of it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_data(capsys, root: Path, *extra: str) -> tuple[int, str, str]:
+    code = main(["check-data", "--format", "cuhk-pedes", "--root", str(root), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def edit_annotations(root: Path, change) -> None:
+    path = root / "reid_raw.json"
+    entries = json.loads(path.read_text())
+    change(entries)
+    path.write_text(json.dumps(entries))
+
+
+def test_clean_excerpt_prints_stats_and_exits_0(cuhk_mini, capsys):
+    code, out, err = check_data(capsys, cuhk_mini)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"cuhk-pedes: {cuhk_mini / 'reid_raw.json'}"
+    assert lines[1].split() == ["split", "identities", "images", "captions", "words/caption"]
+    assert [line.split()[:4] for line in lines[2:5]] == [
+        ["train", "5", "20", "40"],
+        ["val", "1", "4", "8"],
+        ["test", "2", "8", "16"],
+    ]
+    assert len({len(line) for line in lines[1:5]}) == 1, "the table's columns line up"
+    assert lines[5:] == ["OK: 32 records, no problems"]
+
+
+def test_module_entry_point(cuhk_mini):
+    command = [sys.executable, "-m", "pipeline", "check-data", "--format", "cuhk-pedes", "--root", str(cuhk_mini)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "OK: 32 records, no problems"
+
+
+def delete_image(name):
+    return lambda root: (root / "imgs/CUHK01" / name).unlink()
+
+
+def truncate_image(name):
+    def change(root: Path) -> None:
+        path = root / "imgs/CUHK01" / name
+        path.write_bytes(path.read_bytes()[:2000])
+
+    return change
+
+
+def convert_image(name, mode):
+    def change(root: Path) -> None:
+        path = root / "imgs/CUHK01" / name
+        with Image.open(path) as image:
+            converted = image.convert(mode)
+        converted.save(path)
+
+    return change
+
+
+def overwrite_image(name, payload):
+    return lambda root: (root / "imgs/CUHK01" / name).write_bytes(payload)
+
+
+def edit_record(index, change):
+    return lambda root: edit_annotations(root, lambda entries: change(entries[index], entries))
+
+
+def set_fields(index, **fields):
+    return edit_record(index, lambda record, _: record.update(fields))
+
+
+# (how to break the copy, kind, file reported, record index); record i's image is in the fixture listing.
+BREAKAGES = {
+    "deleted image": (delete_image("0005003.png"), "missing-image", "imgs/CUHK01/0005003.png", 0),
+    "truncated png": (truncate_image("0022003.png"), "truncated-image", "imgs/CUHK01/0022003.png", 5),
+    "grayscale image": (convert_image("0029003.png", "L"), "non-rgb-image", "imgs/CUHK01/0029003.png", 9),
+    "palette image": (convert_image("0010002.png", "P"), "non-rgb-image", "imgs/CUHK01/0010002.png", 13),
+    "not an image": (overwrite_image("0010003.png", b"hello"), "unreadable-image", "imgs/CUHK01/0010003.png", 14),
+    "blank caption": (set_fields(20, captions=["a man", "  "]), "empty-caption", "reid_raw.json", 20),
+    "no captions": (set_fields(21, captions=[]), "empty-caption", "reid_raw.json", 21),
+    "missing field": (edit_record(4, lambda r, _: r.pop("captions")), "missing-field", "reid_raw.json", 4),
+    "id is a string": (set_fields(7, id="12990"), "wrong-type", "reid_raw.json", 7),
+    "captions not a list": (set_fields(3, captions="a man"), "wrong-type", "reid_raw.json", 3),
+    "duplicate path": (
+        edit_record(30, lambda r, entries: r.update(file_path=entries[28]["file_path"])),
+        "duplicate-path",
+        "reid_raw.json",
+        30,
+    ),
+    "id in two splits": (set_fields(12, id=12555), "id-in-two-splits", "reid_raw.json", 12),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES.values(), ids=BREAKAGES.keys())
+def test_each_breakage_is_reported_with_file_and_record(cuhk_copy, capsys, breakage):
+    break_copy, kind, file, record = breakage
+    break_copy(cuhk_copy)
+    code, out, err = check_data(capsys, cuhk_copy)
+    assert code == 1 and err == ""
+    problem_lines = [line for line in out.splitlines() if f": {kind}: " in line]
+    assert len(problem_lines) == 1, out
+    assert problem_lines[0].startswith(f"{file} record {record}: {kind}: ")
+    assert out.splitlines()[-1] == "FAILED: 1 problem(s) in 1 of 32 records"
+
+
+def test_all_problems_are_listed_in_record_order(cuhk_copy, capsys):
+    for break_copy, *_ in BREAKAGES.values():
+        break_copy(cuhk_copy)
+    code, out, _ = check_data(capsys, cuhk_copy)
+    problem_lines = out.splitlines()[5:-1]  # after the header line and the 4-line table
+    reported = [int(line.split(" record ")[1].split(":")[0]) for line in problem_lines]
+    assert code == 1
+    assert reported == sorted(record for *_, record in BREAKAGES.values())
+
+
+@pytest.mark.parametrize(
+    "break_copy, expected",
+    [
+        (lambda root: (root / "reid_raw.json").write_text('[{"split": "train",'), "not valid JSON"),
+        (lambda root: (root / "reid_raw.json").write_text("{}"), "expected a JSON list"),
+        (lambda root: (root / "reid_raw.json").unlink(), "no such annotation file"),
+    ],
+    ids=["invalid json", "not a list", "no annotation file"],
+)
+def test_unusable_annotation_file_exits_2_with_one_line(cuhk_copy, capsys, break_copy, expected):
+    break_copy(cuhk_copy)
+    code, out, err = check_data(capsys, cuhk_copy)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and expected in err and str(cuhk_copy / "reid_raw.json") in err
+
+
+def test_no_such_root_exits_2(tmp_path, capsys):
+    code, out, err = check_data(capsys, tmp_path / "absent")
+    assert (code, out) == (2, "")
+    assert err == f"check-data: {tmp_path / 'absent'}: no such data set folder\n"
+
+
+def test_annotations_option_overrides_the_file(cuhk_copy, capsys):
+    (cuhk_copy / "reid_raw.json").rename(cuhk_copy / "renamed.json")
+    code, out, _ = check_data(capsys, cuhk_copy, "--annotations", "renamed.json")
+    assert code == 0 and out.splitlines()[0].endswith("renamed.json")
+
+
+def test_module_entry_point_reports_unusable_input_without_traceback(tmp_path):
+    (tmp_path / "reid_raw.json").write_text("not json")
+    command = [sys.executable, "-m", "pipeline", "check-data", "--format", "cuhk-pedes", "--root", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"check-data: {tmp_path / 'reid_raw.json'}: not valid JSON")
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1

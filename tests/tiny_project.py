@@ -1,0 +1,49 @@
+"""A throw-away copy of the project with the tiny test profile, for running real `dvc repro`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("TBPS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+# Overrides of params.yaml that make every stage run in seconds.
+TINY_PROFILE = {
+    "data": {"shard_size": 16},
+    "synth": {"num_train_ids": 16, "num_val_ids": 4, "num_test_ids": 6, "images_per_id": 2, "contact_sheet_ids": 3},
+}
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def make_tiny_project(dest: Path, overrides: dict | None = None) -> Path:
+    """Copy code, dvc.yaml and the tiny params into `dest` and initialise DVC there (no git)."""
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
+    params = deep_merge(params, overrides or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(dest, "init", "--no-scm", "-q")
+    dvc(dest, "config", "core.analytics", "false")
+    return dest
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the venv's dvc in `project`, with the venv's python first on PATH (stage commands use it)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run([str(bin_dir / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
