@@ -72,6 +72,7 @@ class ModelConfig:
     heads: int = field(default=4, metadata=_range(1, 64))
     patch_size: int = field(default=8, metadata=_range(2, 64))
     vocab_size: int = field(default=2000, metadata=_range(100, 100000))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))  # tiny preset's towers
     # clip-vit-b16 / vit-bert: local paths or hub ids of pretrained towers.
     vision_path: str = ""
     text_path: str = ""

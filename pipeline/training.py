@@ -138,7 +138,10 @@ class Trainer:
         optimizer = _optimizer(model, self.cfg)
         warmup = int(self.cfg.warmup_fraction * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(self.total_steps, max(1, warmup)))
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # Not prepared: Accelerate would step it once per process, but our batch is global.
+        self.scheduler = scheduler
+        accelerator.register_for_checkpointing(scheduler)
         self.criterion = HardnessAwareContrastiveLoss.from_config(params.loss)
         self.val_data = load_retrieval_split(prepared_dir, "val")
         self.progress = Progress(fingerprint=training_fingerprint(params, self.shards))

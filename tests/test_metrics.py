@@ -81,6 +81,14 @@ def test_metrics_average_over_queries():
     assert cmc_curve(similarity, query_pids, gallery_pids, max_rank=3) == [50.0, 100.0, 100.0]
 
 
+def test_infinite_scores_rank_like_any_other():
+    # +inf and -inf together sum to NaN; that must not be mistaken for a NaN score.
+    # Ranking: g0 (+inf), g2 (0.5), g1 (-inf, the positive) -> rank 3, AP = INP = 1/3.
+    similarity = torch.tensor([[float("inf"), float("-inf"), 0.5]])
+    result = retrieval_metrics(similarity, [4], [0, 4, 1], ks=(1, 3))
+    assert_metrics(result, {"R1": 0.0, "R3": 100.0, "mAP": 100 / 3, "mINP": 100 / 3})
+
+
 def test_numpy_and_torch_inputs_agree():
     rng = np.random.default_rng(0)
     similarity = rng.standard_normal((20, 30)).astype(np.float32)

@@ -31,6 +31,11 @@ CONFIG_NAME = "dual_encoder.json"
 
 
 class DualEncoder(nn.Module):
+    """Image tower + text tower, each projected to `config.embed_dim`, plus the temperature.
+
+    Carries what inference needs besides weights: `image_preprocessor` and `tokenizer`.
+    """
+
     def __init__(
         self,
         config: ModelConfig,
@@ -105,8 +110,8 @@ class DualEncoder(nn.Module):
             saved["image_std"],
             _load_tokenizer_if_saved(directory),
         )
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
-        return model.eval()
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        return model.to(device).eval()
 
     def _saved_config(self) -> dict:
         return {
@@ -158,8 +163,9 @@ def minilm_path() -> Path:
 def _tower_classes(config: ModelConfig) -> tuple[type[Tower], type[Tower], dict]:
     if config.preset == "clip-vit-b16":
         return CLIPVisionTower, CLIPTextTower, {}
-    pooling = "mean" if config.preset == "tiny" and config.text_encoder == "minilm" else "cls"
-    return ViTTower, BertTower, {"pooling": pooling}
+    # Mean pooling for the tiny preset: MiniLM was trained that way, and a BERT trained from
+    # scratch escapes its near-constant initial [CLS] state far sooner with it.
+    return ViTTower, BertTower, {"pooling": "mean" if config.preset == "tiny" else "cls"}
 
 
 def _projection(tower: Tower, embed_dim: int) -> nn.Module:
@@ -180,6 +186,8 @@ def _tiny_vit_config(config: ModelConfig, image_size: tuple[int, int]) -> ViTCon
         num_hidden_layers=config.layers,
         num_attention_heads=config.heads,
         intermediate_size=4 * config.width,
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
     )
 
 
@@ -199,9 +207,11 @@ def _tiny_text_tower(config: ModelConfig, tokenizer, captions) -> tuple[Tower, P
         num_attention_heads=config.heads,
         intermediate_size=4 * config.width,
         max_position_embeddings=config.max_text_length,
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return BertTower(BertModel(bert_config, add_pooling_layer=False), pooling="cls"), tokenizer
+    return BertTower(BertModel(bert_config, add_pooling_layer=False), pooling="mean"), tokenizer
 
 
 def _require_paths(config: ModelConfig) -> tuple[str, str]:

@@ -33,15 +33,17 @@ class FeatureMix:
         lam = torch.as_tensor(self.lam, dtype=dtype, device=tensor.device)
         return lam.reshape(-1, *([1] * (tensor.dim() - 1)))
 
+    def blend(self, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+        """`lam * own + (1 - lam) * partner`, row by row."""
+        lam = self._lam_like(own, own.dtype)
+        return lam * own + (1 - lam) * partner
+
     def mix(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        lam = self._lam_like(hidden_states, hidden_states.dtype)
-        return lam * hidden_states + (1 - lam) * hidden_states[self.permutation]
+        return self.blend(hidden_states, hidden_states[self.permutation])
 
     def mix_pooling_weights(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """0/1 token mask [B, L] -> how much of a real token each mixed position holds."""
-        mask = attention_mask.float()
-        lam = self._lam_like(mask, mask.dtype)
-        return lam * mask + (1 - lam) * mask[self.permutation]
+        return self.mix(attention_mask.float())
 
     def mix_attention_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Boolean (True = attend) or additive mask [B, 1, Q, K] -> additive mask in `dtype`,

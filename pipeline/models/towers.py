@@ -109,8 +109,7 @@ class CLIPVisionTower(Tower):
 
 
 class BertTower(Tower):
-    """BERT read out at [CLS] (`pooling="cls"`) or as the mean over real tokens (`"mean"`,
-    how sentence-transformers' MiniLM was trained)."""
+    """BERT read out at [CLS] (`pooling="cls"`) or as the mean over real tokens (`"mean"`)."""
 
     model_class = BertModel
     model_kwargs = {"add_pooling_layer": False}
@@ -142,10 +141,10 @@ class BertTower(Tower):
 
 
 class CLIPTextTower(Tower):
-    """CLIP's text tower (read out at the end-of-text token) with its own text projection.
+    """CLIP's text tower, read out at the end-of-text token, with its own text projection.
 
-    Under mixup the read-out stays at the anchor caption's end-of-text token: with a causal
-    mask it sees the partner's tokens only up to that position.
+    Under mixup the read-out blends the anchor's and the partner's end-of-text positions
+    with the same lam, so lam = 0 reads the partner exactly where CLIP itself would.
     """
 
     model_class = CLIPTextModelWithProjection
@@ -167,8 +166,19 @@ class CLIPTextTower(Tower):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mix: FeatureMix | None = None
     ) -> torch.Tensor:
         with feature_mixing(self.layers, mix, mix_attention_masks=True):
-            output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return output.text_embeds
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows, ends = torch.arange(hidden.shape[0], device=hidden.device), self._end_positions(input_ids)
+        features = hidden[rows, ends]
+        if mix is not None:
+            features = mix.blend(features, hidden[rows, ends[mix.permutation]])
+        return self.model.text_projection(features)
+
+    def _end_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where CLIPTextTransformer pools: the end-of-text token."""
+        eos_token_id = self.model.config.eos_token_id
+        if eos_token_id == 2:  # legacy OpenAI configs: end-of-text is the largest id in the vocabulary
+            return input_ids.argmax(dim=-1)
+        return (input_ids == eos_token_id).int().argmax(dim=-1)
 
 
 def _clip_tower_config(path: str, tower: str):

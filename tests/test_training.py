@@ -1,0 +1,136 @@
+"""Training: resume after a kill, 1 vs 2 processes, non-finite losses, train and evaluate stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import params_from_dict
+from pipeline.data.canonical import list_shards
+from pipeline.data.loader import StreamPlan, global_batches
+from pipeline.data.prepare import prepare
+from tiny_project import TINY_PROFILE, deep_merge, dvc, make_tiny_project
+
+# A model and schedule small enough for a few seconds of CPU training.
+TINY_TRAINING = {
+    "data": {"image_height": 32, "image_width": 16, "shard_size": 8},
+    "model": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
+              "max_text_length": 32},
+    "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "num_workers": 0, "shuffle_buffer": 16,
+              "eval_batch_size": 16},
+}
+
+
+def _project(tmp_path, overrides=None):
+    project = make_tiny_project(tmp_path, deep_merge(TINY_TRAINING, overrides or {}))
+    dvc(project, "repro", "prepare")
+    return project
+
+
+def _env(project):
+    bin_dir = Path(sys.executable).parent
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+
+def _train(project, launcher=(sys.executable, "-m"), check=True):
+    result = subprocess.run([*launcher, "stages.train", "--variant", "baseline"], cwd=project,
+                            env=_env(project), capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _history(project):
+    return json.loads((project / "models" / "baseline" / "state" / "progress.json").read_text())
+
+
+def _weights(project, which="last"):
+    return load_file(project / "models" / "baseline" / which / "model.safetensors")
+
+
+def test_data_stream_is_split_exactly_across_processes(tmp_path):
+    params = params_from_dict(deep_merge(TINY_PROFILE, TINY_TRAINING))
+    prepare(params, tmp_path)
+    shards = tuple(list_shards(tmp_path, "train"))
+    whole = [[(p.key, p.caption) for p in batch] for _, batch in global_batches(StreamPlan(shards, 8, seed=1))]
+    assert len(whole) == (16 * 2 * 2) // 8  # ids x images x captions / batch
+    for rank in range(2):
+        plan = StreamPlan(shards, 8, seed=1, rank=rank, world_size=2, start_step=3)
+        for step, batch in global_batches(plan):
+            assert [(p.key, p.caption) for p in batch] == whole[step]
+    other_epoch = [[(p.key, p.caption) for p in b] for _, b in global_batches(StreamPlan(shards, 8, seed=1, epoch=1))]
+    assert other_epoch != whole and sorted(sum(other_epoch, [])) == sorted(sum(whole, []))
+
+
+def test_training_learns_and_the_stages_write_their_outputs(tmp_path):
+    project = _project(tmp_path, {"train": {"epochs": 4}})
+    dvc(project, "repro", "evaluate@baseline")
+    history = _history(project)
+    losses = [loss for _, loss in history["losses"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2  # the loss falls
+    summary = json.loads((project / "metrics" / "train_baseline.json").read_text())
+    assert summary["steps"] == 4 * 8 and 1 <= summary["best_epoch"] <= 4
+    test = json.loads((project / "metrics" / "baseline.json").read_text())
+    assert test["num_queries"] == 6 * 2 * 2 and test["num_gallery"] == 6 * 2
+    assert test["R1"] <= test["R5"] <= test["R10"] and test["checkpoint_epoch"] == summary["best_epoch"]
+    for png in ("reports/train/baseline/curves.png", "reports/evaluate/baseline/cmc.png",
+                "reports/evaluate/baseline/retrievals.png"):
+        assert (project / png).stat().st_size > 5000, png
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    straight = _project(tmp_path / "straight")
+    _train(straight)
+
+    killed = _project(tmp_path / "killed")
+    process = subprocess.Popen([sys.executable, "-m", "stages.train", "--variant", "baseline"], cwd=killed,
+                               env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = killed / "models" / "baseline" / "state" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["global_step"] >= 6:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted_at = _history(killed)["global_step"]
+    assert 6 <= interrupted_at < 16
+
+    _train(killed)
+    assert [loss for _, loss in _history(killed)["losses"]] == [loss for _, loss in _history(straight)["losses"]]
+    for name, tensor in _weights(straight).items():
+        assert torch.equal(tensor, _weights(killed)[name]), name
+
+
+def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
+    one = _project(tmp_path / "one")
+    _train(one)
+    two = _project(tmp_path / "two")
+    torchrun = (str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m")
+    _train(two, launcher=torchrun)
+    single = [loss for _, loss in _history(one)["losses"]]
+    double = [loss for _, loss in _history(two)["losses"]]
+    assert len(single) == len(double) == 16
+    assert max(abs(a - b) for a, b in zip(single, double)) < 1e-4, (single, double)
+    assert _history(two)["epochs"][-1]["val_R1"] == pytest.approx(_history(one)["epochs"][-1]["val_R1"])
+
+
+def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
+    # An enormous learning rate drives the weights to inf within a few steps.
+    project = _project(tmp_path, {"train": {"lr": 1e30, "grad_clip": 0.0, "warmup_fraction": 0.0}})
+    failed = _train(project, check=False)
+    assert failed.returncode == 1
+    assert "non-finite loss at epoch" in failed.stderr and "step" in failed.stderr
+
+    lenient = _project(tmp_path / "lenient", {"train": {"lr": 1e30, "grad_clip": 0.0, "warmup_fraction": 0.0,
+                                                        "nonfinite_loss": "skip"}})
+    _train(lenient)
+    assert _history(lenient)["skipped_batches"] > 0
