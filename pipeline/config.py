@@ -32,8 +32,8 @@ class DataConfig:
     source: str = field(default="synthpedes", metadata={"choices": DATA_SOURCES})
     root: str = ""  # folder of a real benchmark; unused for synthpedes
     annotations: str = ""  # annotation file inside root; "" picks the source's default name
-    image_height: int = field(default=128, metadata=_range(16, 1024))
-    image_width: int = field(default=64, metadata=_range(8, 1024))
+    image_height: int = field(default=64, metadata=_range(16, 1024))
+    image_width: int = field(default=32, metadata=_range(8, 1024))
     shard_size: int = field(default=500, metadata=_range(1))
     skip_bad_records: bool = False
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))  # ICFG-PEDES: held-out train ids
@@ -76,7 +76,7 @@ class ModelConfig:
     # clip-vit-b16 / vit-bert: local paths or hub ids of pretrained towers.
     vision_path: str = ""
     text_path: str = ""
-    init_temperature: float = field(default=0.02, metadata=_range(1e-4, 1.0))
+    init_temperature: float = field(default=0.07, metadata=_range(1e-4, 1.0))
     learn_temperature: bool = True
 
 
@@ -89,11 +89,11 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=12, metadata=_range(1, 10000))
+    epochs: int = field(default=10, metadata=_range(1, 10000))
     batch_size: int = field(default=64, metadata=_range(2, 65536))  # global, over all processes
     lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
     weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
-    warmup_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0))  # of all steps
+    warmup_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))  # of all steps
     grad_clip: float = field(default=1.0, metadata=_range(0.0))  # 0 = off
     mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16", "auto")})
     num_workers: int = field(default=1, metadata=_range(0, 64))  # loader workers per process

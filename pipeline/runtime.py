@@ -10,8 +10,10 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def stage_arguments(description: str) -> argparse.ArgumentParser:
-    """The arguments every stage takes: where params live."""
+def stage_arguments(description: str, variants: tuple[str, ...] = ()) -> argparse.Namespace:
+    """Parse the arguments every stage takes (where params live; the variant, for variant stages)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    return parser
+    if variants:
+        parser.add_argument("--variant", required=True, choices=variants)
+    return parser.parse_args()

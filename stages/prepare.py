@@ -25,7 +25,7 @@ log = logging.getLogger("stages.prepare")
 
 
 def main() -> int:
-    args = stage_arguments(__doc__).parse_args()
+    args = stage_arguments(__doc__)
     setup_logging()
     try:
         params = load_params(args.params)

@@ -39,9 +39,7 @@ def _write_reports(progress, variant: str) -> None:
 
 
 def main() -> int:
-    parser = stage_arguments(__doc__)
-    parser.add_argument("--variant", required=True, choices=VARIANTS)
-    args = parser.parse_args()
+    args = stage_arguments(__doc__, VARIANTS)
     setup_logging()
     try:
         params = load_params(args.params)

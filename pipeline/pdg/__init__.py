@@ -1,0 +1,1 @@
+"""Proximity data generation."""

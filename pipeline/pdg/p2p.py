@@ -1,0 +1,227 @@
+"""Prompt-to-Prompt attention control as diffusers attention processors.
+
+The UNet denoises source/edited pairs jointly. The conditional part of its batch is the last
+2 x num_edits rows, laid out as [source_1, edited_1, source_2, edited_2, ...]; anything before it
+(the unconditional half of classifier-free guidance) is left alone. For each pair the controller
+
+- replaces the edited branch's cross-attention by the source's, moved onto the edited tokens by the
+  word-swap mapper, for the first `cross_replace_steps` steps (layout follows the source wording);
+- replaces the edited branch's self-attention by the source's for the first `self_replace_steps`
+  steps, in layers with at most `self_replace_max_queries` pixels (structure follows the source; the
+  finest layers of a large model are skipped, as Prompt-to-Prompt does, for memory);
+- multiplies the edited branch's cross-attention to the new words by `reweight` at every step;
+- accumulates, over layers of at most `blend_max_queries` pixels and over steps, the cross-attention
+  the changed words receive (the source's old words and the edited branch's own new words, before
+  any replacement), and from `blend_start_step` on blends the latents:
+  x_edit = mask * x_edit + (1 - mask) * x_source. The mask is the union over both branches of the
+  averaged map, upsampled to the latent grid, dilated by one latent pixel, divided by its maximum
+  and thresholded at `blend_threshold`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from .alignment import TokenAlignment
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """When and how strongly attention is controlled; step counts are in denoising steps."""
+
+    cross_replace_steps: int
+    self_replace_steps: int
+    reweight: float = 1.0
+    blend_threshold: float | None = 0.3  # None: no local blend
+    blend_start_step: int = 0
+    self_replace_max_queries: int = 32 * 32
+    blend_max_queries: int = 16 * 16
+
+
+class PromptToPromptController:
+    """Edits and records attention probabilities of source/edited pairs during joint denoising."""
+
+    def __init__(
+        self,
+        alignments: list[TokenAlignment],
+        settings: ControlSettings,
+        latent_size: tuple[int, int],
+        mask_override: torch.Tensor | None = None,
+    ):
+        self.settings = settings
+        self.latent_size = latent_size
+        self.num_edits = len(alignments)
+        self.mapper = torch.stack([a.mapper for a in alignments])  # (edits, tokens, tokens)
+        length = self.mapper.shape[-1]
+        self.source_words = _indicator(length, [a.source_tokens for a in alignments])
+        self.edited_words = _indicator(length, [a.edited_tokens for a in alignments])
+        self.mask_override = mask_override
+        self.step = 0
+        self.map_sum = torch.zeros(self.num_edits, 2, *latent_size)
+        self.map_count = 0
+        self.last_mask: torch.Tensor | None = None
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def wants_probabilities(self, is_cross: bool, num_queries: int) -> bool:
+        """Whether this attention call must expose its probabilities (else the fast kernel runs)."""
+        settings = self.settings
+        if is_cross:
+            return (
+                self.step < settings.cross_replace_steps
+                or settings.reweight != 1.0
+                or (self._records_maps and num_queries <= settings.blend_max_queries)
+            )
+        return self.step < settings.self_replace_steps and num_queries <= settings.self_replace_max_queries
+
+    def edit_probabilities(self, probabilities: torch.Tensor, is_cross: bool) -> torch.Tensor:
+        """Takes (batch, heads, queries, keys) probabilities and returns the controlled ones."""
+        conditional = probabilities[-2 * self.num_edits :]
+        source, edited = conditional[0::2], conditional[1::2]
+        if is_cross:
+            edited = self._control_cross(source, edited)
+        elif self.step < self.settings.self_replace_steps:
+            edited = source
+        controlled = torch.stack([source, edited], dim=1).flatten(0, 1)
+        return torch.cat([probabilities[: -2 * self.num_edits], controlled])
+
+    def blend(self, latents: torch.Tensor) -> torch.Tensor:
+        """Local blend of the latents after a denoising step (a no-op before `blend_start_step`)."""
+        if not self._blending or self.step < self.settings.blend_start_step:
+            return latents
+        mask = self.local_blend_mask().to(latents)
+        pairs = latents.unflatten(0, (self.num_edits, 2))
+        source, edited = pairs[:, 0], pairs[:, 1]
+        edited = mask * edited + (1 - mask) * source
+        self.last_mask = mask
+        return torch.stack([source, edited], dim=1).flatten(0, 1)
+
+    def local_blend_mask(self) -> torch.Tensor:
+        """(edits, 1, height, width) binary mask on the latent grid."""
+        if self.mask_override is not None:
+            return self.mask_override.float().expand(self.num_edits, 1, *self.latent_size)
+        maps = self.map_sum / max(self.map_count, 1)
+        maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+        maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
+        return (maps > self.settings.blend_threshold).any(dim=1, keepdim=True).float()
+
+    @property
+    def _blending(self) -> bool:
+        return self.settings.blend_threshold is not None or self.mask_override is not None
+
+    @property
+    def _records_maps(self) -> bool:
+        return self.settings.blend_threshold is not None and self.mask_override is None
+
+    def _control_cross(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+        if self._records_maps and source.shape[2] <= self.settings.blend_max_queries:
+            self._record_word_maps(source, edited)
+        if self.step < self.settings.cross_replace_steps:
+            edited = torch.einsum("ehqs,est->ehqt", source, self.mapper.to(source))
+        if self.settings.reweight != 1.0:
+            scale = 1 + (self.settings.reweight - 1) * self.edited_words.to(edited)
+            edited = edited * scale[:, None, None, :]
+        return edited
+
+    def _record_word_maps(self, source: torch.Tensor, edited: torch.Tensor) -> None:
+        """Adds the head-averaged attention to the changed words, on the latent grid, to the running sum."""
+        source_map = (source * self.source_words.to(source)[:, None, None, :]).sum(-1).mean(1)
+        edited_map = (edited * self.edited_words.to(edited)[:, None, None, :]).sum(-1).mean(1)
+        maps = torch.stack([source_map, edited_map], dim=1).float().cpu()  # (edits, 2, queries)
+        maps = maps.unflatten(-1, _layer_grid(self.latent_size, maps.shape[-1]))
+        self.map_sum += F.interpolate(maps, size=self.latent_size, mode="bilinear", align_corners=False)
+        self.map_count += 1
+
+
+class ControlledAttnProcessor:
+    """Attention that lets a controller see and replace its probabilities; otherwise defers to `fallback`."""
+
+    def __init__(self, controller: PromptToPromptController, fallback):
+        self.controller = controller
+        self.fallback = fallback
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        is_cross = encoder_hidden_states is not None
+        num_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
+        if not self.controller.wants_probabilities(is_cross, num_queries):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        return self._controlled_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, is_cross)
+
+    def _controlled_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, is_cross):
+        """diffusers' reference attention with explicit probabilities handed to the controller."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if spatial_shape is not None:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probabilities = attn.get_attention_scores(query, key, attention_mask)
+        probabilities = probabilities.unflatten(0, (batch_size, attn.heads))
+        probabilities = self.controller.edit_probabilities(probabilities, is_cross).flatten(0, 1)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probabilities.to(value.dtype), value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+
+        if spatial_shape is not None:
+            hidden_states = hidden_states.transpose(1, 2).reshape(spatial_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def attention_control(unet: UNet2DConditionModel, controller: PromptToPromptController | None) -> Iterator[None]:
+    """Installs controlled processors on every attention layer and restores the originals on exit."""
+    if controller is None:
+        yield
+        return
+    original = unet.attn_processors
+    unet.set_attn_processor({name: ControlledAttnProcessor(controller, p) for name, p in original.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+def _layer_grid(latent_size: tuple[int, int], num_queries: int) -> tuple[int, int]:
+    """The (height, width) of a UNet level with `num_queries` pixels: the latent grid halved, rounding up."""
+    height, width = latent_size
+    while height * width > num_queries:
+        height, width = -(-height // 2), -(-width // 2)
+    if height * width != num_queries:
+        raise ValueError(f"no UNet level of a {latent_size} latent has {num_queries} pixels")
+    return height, width
+
+
+def _indicator(length: int, positions: list[list[int]]) -> torch.Tensor:
+    """(len(positions), length) with ones at each row's positions."""
+    indicator = torch.zeros(len(positions), length)
+    for row, columns in enumerate(positions):
+        indicator[row, columns] = 1.0
+    return indicator
