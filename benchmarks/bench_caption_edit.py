@@ -68,7 +68,7 @@ def measure(captions: list[str], seed: int, repeats: int) -> dict:
         "covered": sum(covered),
         "coverage": round(sum(covered) / len(captions), 4),
         "coverage_goal": COVERAGE_GOAL,
-        "edits": len(edits),
+        "edits": sum(len(caption_edits) for caption_edits in edits),
         "phrases_per_caption": round(sum(len(find_color_phrases(c)) for c in captions) / len(captions), 3),
         "captions_per_s": round(len(captions) / statistics.median(times), 1),
         "seconds_median": round(statistics.median(times), 4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.data.validate import FORMATS, check_data_command
+from pipeline.text.edit_command import edit_captions_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,6 +17,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--root", required=True, help="the data set folder")
     check.add_argument("--annotations", help="annotation file (default: the format's usual name inside --root)")
     check.set_defaults(run=lambda a: check_data_command(a.format, a.root, a.annotations))
+
+    edit = commands.add_parser("edit-captions", help="change one garment colour per edit; write JSON lines")
+    edit.add_argument("--input", required=True, help="captions: a .txt file (one per line) or a .json annotation file")
+    edit.add_argument("--num", type=int, default=1, help="distinct edits per caption, at most (default 1)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--output", help="JSON lines file (default: stdout)")
+    edit.add_argument("--allow-hair", action="store_true", help="also edit hair colours")
+    edit.set_defaults(run=lambda a: edit_captions_command(a.input, a.num, a.seed, a.output, a.allow_hair))
     return parser
 
 

@@ -108,12 +108,65 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    """The text-to-image model of proximity data generation."""
+
+    # A Stable Diffusion folder or hub id (real profile); "" trains the embedded model on SynthPedes.
+    pretrained: str = ""
+    upscaler: str = ""  # real profile: optional diffusers upscaler for low-resolution crops
+    height: int = field(default=64, metadata=_range(16, 1024))
+    width: int = field(default=32, metadata=_range(16, 1024))
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_steps: int = field(default=600, metadata=_range(1))
+    vae_batch_size: int = field(default=16, metadata=_range(1))
+    vae_lr: float = field(default=1e-3, metadata=_range(0.0, 1.0))
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_steps: int = field(default=860, metadata=_range(1))
+    unet_batch_size: int = field(default=64, metadata=_range(1))
+    unet_lr: float = field(default=1e-3, metadata=_range(0.0, 1.0))
+    text_width: int = field(default=64, metadata=_range(16, 1024))
+    text_layers: int = field(default=2, metadata=_range(1, 24))
+    caption_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # for classifier-free guidance
+    guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
+    sample_steps: int = field(default=25, metadata=_range(1, 1000))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PdgConfig:
+    """Offline proximity data generation: which pairs to edit, and how."""
+
+    method: str = field(default="p2p", metadata={"choices": ("p2p", "img2img")})
+    num_samples: int = field(default=2, metadata=_range(1, 64))  # proximity samples per source pair
+    source_count: int = field(default=300, metadata=_range(0))  # training images used as sources; 0 = fraction
+    source_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))  # used when source_count is 0
+    num_steps: int = field(default=20, metadata=_range(1, 1000))
+    guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
+    # p2p: Prompt-to-Prompt control
+    cross_replace_fraction: float = field(default=0.8, metadata=_range(0.0, 1.0))
+    self_replace_fraction: float = field(default=0.4, metadata=_range(0.0, 1.0))
+    blend_threshold: float = field(default=0.3, metadata=_range(0.0, 1.0))  # 0 = no local blend
+    blend_start_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))
+    reweight: float = field(default=2.0, metadata=_range(0.0, 10.0))
+    null_text_steps: int = field(default=0, metadata=_range(0, 100))
+    # img2img: SDEdit
+    strength: float = field(default=0.6, metadata=_range(0.01, 1.0))
+    allow_hair: bool = False  # caption editing may change hair colour too
+    batch_size: int = field(default=8, metadata=_range(1, 1024))
+    shard_size: int = field(default=64, metadata=_range(1))
+    sheet_samples: int = field(default=12, metadata=_range(0, 200))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    pdg: PdgConfig = field(default_factory=PdgConfig)
 
 
 def _type_name(tp: Any) -> str:

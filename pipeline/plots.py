@@ -92,3 +92,29 @@ def plot_retrievals(
     figure.suptitle(title)
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def plot_generated_pairs(rows: list[dict], path: str | Path, title: str) -> None:
+    """One row per sample: source image, generated image (and blend mask), both captions.
+
+    Each row is a dict with `source`, `generated`, optional `mask` (PNG bytes) and
+    `source_caption`, `edited_caption`, `change` (e.g. "red shirt -> green shirt").
+    """
+    columns = 3 if any(row.get("mask") for row in rows) else 2
+    figure, axes = plt.subplots(len(rows), columns + 1, figsize=(1.3 * columns + 5.0, 2.1 * len(rows)),
+                                squeeze=False, gridspec_kw={"width_ratios": [1] * columns + [4]})
+    for axis_row, row in zip(axes, rows):
+        pictures = [row["source"], row["generated"]] + ([row.get("mask")] if columns == 3 else [])
+        for axis, name, picture in zip(axis_row, ("source", "generated", "mask"), pictures):
+            axis.set_xticks([]), axis.set_yticks([])
+            if picture:
+                axis.imshow(Image.open(io.BytesIO(picture)).convert("RGB"))
+            axis.set_title(name, fontsize=7)
+        text_axis = axis_row[-1]
+        text_axis.axis("off")
+        text = (f"{row['change']}\n\nsource: " + "\n".join(textwrap.wrap(row["source_caption"], 60))
+                + "\nedited: " + "\n".join(textwrap.wrap(row["edited_caption"], 60)))
+        text_axis.text(0, 0.5, text, fontsize=6.5, va="center")
+    figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -137,12 +137,16 @@ def write_tar_atomic(path: str | Path, samples: Iterable[dict[str, bytes]]) -> i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     count = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            key = sample["__key__"]
-            for ext in sorted(k for k in sample if k != "__key__"):
-                _add_member(tar, f"{key}.{ext}", sample[ext])
-            count += 1
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                for ext in sorted(k for k in sample if k != "__key__"):
+                    _add_member(tar, f"{key}.{ext}", sample[ext])
+                count += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     commit_temp(tmp, path)
     return count
 

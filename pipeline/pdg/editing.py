@@ -3,8 +3,9 @@
 `edit_p2p` inverts the source (DDIM, optionally null-text optimised) and regenerates it jointly
 with the edited caption under Prompt-to-Prompt attention control and local blending; it involves
 no randomness. `edit_img2img` is the SDEdit baseline: noise the source to `strength` (the share of
-the DDIM steps left to run) and denoise it under the edited caption. Both work at the model's resolution and hand back images at the
-source crop's size. The batch variants run several edits through the UNet at once.
+the DDIM steps left to run) and denoise it under the edited caption. Both work at the model's
+resolution and hand back images at the source crop's size. The batch variants run several edits
+through the UNet at once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .sampling import denoise
 
 
 @dataclass(frozen=True)
-class CaptionEdit:
+class EditRequest:
     """One edit: the source crop, its caption, the edited caption and the swapped words' spans."""
 
     image: Image.Image
@@ -49,12 +50,12 @@ def edit_p2p(
     **options,
 ) -> EditResult:
     """Prompt-to-Prompt edit of one image; `options` are those of `edit_p2p_batch`."""
-    return edit_p2p_batch(parts, [CaptionEdit(image, source_caption, edited_caption, edit_spans)], **options)[0]
+    return edit_p2p_batch(parts, [EditRequest(image, source_caption, edited_caption, edit_spans)], **options)[0]
 
 
 def edit_p2p_batch(
     parts: DiffusionParts,
-    edits: Sequence[CaptionEdit],
+    edits: Sequence[EditRequest],
     *,
     num_steps: int = 50,
     guidance: float = 7.5,
@@ -139,9 +140,10 @@ def edit_img2img_batch(
     strength: float = 0.6,
     num_steps: int = 50,
     guidance: float = 7.5,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
 ) -> list[EditResult]:
-    """SDEdit of several images in one batch; the noise comes from one CPU generator seeded with `seed`.
+    """SDEdit of several images in one batch; each image's noise comes from a CPU generator seeded
+    with its own entry of `seed` (or with `seed` itself for the first, `seed + i` for the others).
 
     Written with the scheduler rather than diffusers' img2img pipeline, which rejects the
     (height, width) `sample_size` of non-square person models.
@@ -153,7 +155,11 @@ def edit_img2img_batch(
         raise ValueError(f"strength {strength} leaves none of the {num_steps} steps to run")
     skipped_steps = num_steps - noised_steps
     parts.scheduler.set_timesteps(num_steps, device=parts.device)
-    noise = torch.randn(source_latents.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    seeds = [seed + i for i in range(len(images))] if isinstance(seed, int) else list(seed)
+    noise = torch.stack([
+        torch.randn(source_latents.shape[1:], generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+        for s in seeds
+    ])
     start_timestep = parts.scheduler.timesteps[skipped_steps : skipped_steps + 1]
     latents = parts.scheduler.add_noise(source_latents, noise.to(source_latents), start_timestep)
     latents = denoise(

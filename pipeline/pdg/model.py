@@ -150,30 +150,43 @@ def tiny_tokenizer(words: tuple[str, ...], max_tokens: int) -> CLIPTokenizer:
     """A CLIP BPE tokenizer with every byte plus the given words ('|' marks token boundaries inside a word)."""
     byte_symbols = list(bytes_to_unicode().values())
     vocab = {symbol: index for index, symbol in enumerate(byte_symbols + [s + "</w>" for s in byte_symbols])}
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         pieces = word.split("|")
         for index, piece in enumerate(pieces):
             symbols = list(piece)
             if index == len(pieces) - 1:
                 symbols[-1] += "</w>"
-            _add_merge_chain(symbols, vocab, merges)
+            _add_merges(_apply_merges(symbols, ranks), vocab, ranks)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_tokens)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_tokens)
 
 
-def _add_merge_chain(symbols: list[str], vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    """Merges that build the symbols left to right into one token."""
-    merged = symbols[0]
-    for symbol in symbols[1:]:
-        if (merged, symbol) not in merges:
-            merges.append((merged, symbol))
-        merged += symbol
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE: merge the best-ranked adjacent pair until none is known."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        rank, position = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == len(ranks):
+            break
+        symbols[position : position + 2] = [symbols[position] + symbols[position + 1]]
+    return symbols
+
+
+def _add_merges(segments: list[str], vocab: dict[str, int], ranks: dict[tuple[str, str], int]) -> None:
+    """Merges that join a word's current segments left to right. Ranked after every existing merge,
+    they fire only once BPE has reached these segments, so earlier words keep their tokens."""
+    merged = segments[0]
+    for segment in segments[1:]:
+        ranks.setdefault((merged, segment), len(ranks))
+        merged += segment
         vocab.setdefault(merged, len(vocab))
 
 
-def fit_to_model(image: Image.Image, size: tuple[int, int], fill: tuple[int, int, int] = (127, 127, 127)) -> tuple[Image.Image, Box]:
+def fit_to_model(
+    image: Image.Image, size: tuple[int, int], fill: tuple[int, int, int] = (127, 127, 127)
+) -> tuple[Image.Image, Box]:
     """Resizes `image` to fit (width, height) keeping its aspect ratio, pads it centred; returns the content box."""
     width, height = size
     scale = min(width / image.width, height / image.height)

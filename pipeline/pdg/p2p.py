@@ -64,7 +64,7 @@ class PromptToPromptController:
         self.edited_words = _indicator(length, [a.edited_tokens for a in alignments])
         self.mask_override = mask_override
         self.step = 0
-        self.map_sum = torch.zeros(self.num_edits, 2, *latent_size)
+        self.map_sum: torch.Tensor | None = None  # (edits, 2, height, width), on the UNet's device
         self.map_count = 0
         self.last_mask: torch.Tensor | None = None
 
@@ -108,7 +108,9 @@ class PromptToPromptController:
         """(edits, 1, height, width) binary mask on the latent grid."""
         if self.mask_override is not None:
             return self.mask_override.float().expand(self.num_edits, 1, *self.latent_size)
-        maps = self.map_sum / max(self.map_count, 1)
+        if self.map_sum is None:
+            raise RuntimeError(f"no cross-attention layer with at most {self.settings.blend_max_queries} pixels ran")
+        maps = self.map_sum / self.map_count
         maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
         return (maps > self.settings.blend_threshold).any(dim=1, keepdim=True).float()
@@ -135,9 +137,10 @@ class PromptToPromptController:
         """Adds the head-averaged attention to the changed words, on the latent grid, to the running sum."""
         source_map = (source * self.source_words.to(source)[:, None, None, :]).sum(-1).mean(1)
         edited_map = (edited * self.edited_words.to(edited)[:, None, None, :]).sum(-1).mean(1)
-        maps = torch.stack([source_map, edited_map], dim=1).float().cpu()  # (edits, 2, queries)
+        maps = torch.stack([source_map, edited_map], dim=1).float()  # (edits, 2, queries)
         maps = maps.unflatten(-1, _layer_grid(self.latent_size, maps.shape[-1]))
-        self.map_sum += F.interpolate(maps, size=self.latent_size, mode="bilinear", align_corners=False)
+        maps = F.interpolate(maps, size=self.latent_size, mode="bilinear", align_corners=False)
+        self.map_sum = maps if self.map_sum is None else self.map_sum + maps
         self.map_count += 1
 
 
@@ -155,12 +158,11 @@ class ControlledAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        **kwargs,
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
         num_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
         if not self.controller.wants_probabilities(is_cross, num_queries):
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         return self._controlled_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, is_cross)
 
     def _controlled_attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, is_cross):

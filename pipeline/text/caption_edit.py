@@ -35,6 +35,10 @@ class ColorChange:
     new_color: str
     changed_spans: tuple[Span, ...]
     changed_words: tuple[int, ...]
+    # The whole replaced text (colour, and its article when that changed) in each caption:
+    # what an image editor swaps word for word.
+    source_span: Span
+    edited_span: Span
 
     def to_json(self) -> dict:
         return {
@@ -44,6 +48,8 @@ class ColorChange:
             "new_color": self.new_color,
             "changed_spans": [list(span) for span in self.changed_spans],
             "changed_words": list(self.changed_words),
+            "source_span": list(self.source_span),
+            "edited_span": list(self.edited_span),
         }
 
 
@@ -103,29 +109,33 @@ def edit_captions(
     seed: int,
     palette: Sequence[str] = PALETTE,
     allow_hair: bool = False,
-) -> list[CaptionEdit]:
-    """Up to `num` distinct single-colour edits per caption, in caption order.
+) -> list[list[CaptionEdit]]:
+    """Up to `num` distinct single-colour edits of each caption (one list per caption, maybe empty).
 
     Distinct edits go to different phrases first, then to other colours of the same phrases.
-    Each caption has its own generator seeded by (seed, index), so an edit does not depend
+    Each caption has its own generator seeded by (seed, index), so its edits do not depend
     on the other captions of the list.
     """
-    edits = []
-    for index, caption in enumerate(captions):
-        rng = np.random.default_rng([seed, index])
-        phrases = [phrase for phrase in find_color_phrases(caption, allow_hair) if _new_colors(phrase, palette)]
-        shuffled = [_shuffled(_options(phrases[i], palette), rng) for i in rng.permutation(len(phrases))]
-        for choice in _round_robin(shuffled)[:num]:
-            edits.append(_apply(caption, [choice]))
-    return edits
+    return [_distinct_edits(caption, num, np.random.default_rng([seed, index]), palette, allow_hair)
+            for index, caption in enumerate(captions)]
+
+
+def _distinct_edits(
+    caption: str, num: int, rng: np.random.Generator, palette: Sequence[str], allow_hair: bool
+) -> list[CaptionEdit]:
+    phrases = [phrase for phrase in find_color_phrases(caption, allow_hair) if _new_colors(phrase, palette)]
+    shuffled = [_shuffled(_options(phrases[i], palette), rng) for i in rng.permutation(len(phrases))]
+    return [_apply(caption, [choice]) for choice in _round_robin(shuffled)[:num]]
 
 
 def _new_colors(phrase: ColorPhrase, palette: Sequence[str]) -> list[str]:
-    return [color for color in palette if color not in phrase.families]
+    families = phrase.families
+    return [color for color in palette if color not in families]
 
 
 def _options(phrase: ColorPhrase, palette: Sequence[str]) -> list[tuple[ColorPhrase, ColorMention, str]]:
-    return [(phrase, color, new) for color in phrase.colors for new in _new_colors(phrase, palette)]
+    new_colors = _new_colors(phrase, palette)
+    return [(phrase, color, new) for color in phrase.colors for new in new_colors]
 
 
 def _shuffled(items: list, rng: np.random.Generator) -> list:
@@ -177,6 +187,8 @@ def _change(caption: str, edited: str, replacement: _Replacement, spans: tuple[S
         new_color=replacement.new_color,
         changed_spans=spans,
         changed_words=_word_indices(edited, spans),
+        source_span=replacement.span,
+        edited_span=(replacement.span[0] + shift, replacement.span[0] + shift + len(replacement.text)),
     )
 
 

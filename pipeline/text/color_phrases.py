@@ -41,6 +41,8 @@ Span = tuple[int, int]
 # noun phrase ends; "white, short receding hair" must stay hair.
 _SHORTS_TYPO = "short"
 _NOUN_PHRASE_ENDS = frozenset({".", ",", ";", "and", "with", "on", ""})
+_ANY_NOUN = GARMENT_NOUNS | HAIR_NOUNS
+_FILLERS_NOT_NOUNS = FILLER_WORDS - GARMENT_NOUNS
 
 # Words, numbers, or single punctuation marks; hyphens are their own tokens.
 _TOKEN = re.compile(r"[A-Za-z]+|\d+|\S")
@@ -100,7 +102,7 @@ class _Parser:
     def __init__(self, caption: str, allow_hair: bool):
         self.caption = caption
         self.tokens = tokenize(caption)
-        self.nouns = GARMENT_NOUNS | HAIR_NOUNS if allow_hair else GARMENT_NOUNS
+        self.nouns = _ANY_NOUN if allow_hair else GARMENT_NOUNS
 
     def attributive_phrases(self) -> list[ColorPhrase]:
         phrases, index = [], 0
@@ -111,7 +113,7 @@ class _Parser:
                 continue
             group_end = group[-1][1]
             noun = self._noun_after(group_end)
-            if noun is not None and self.tokens[noun[1] - 1].lower in self.nouns | {_SHORTS_TYPO}:
+            if noun is not None and self._is_head(self.tokens[noun[1] - 1].lower):
                 phrases.append(self._phrase(group, noun, first=group[0][0], last=noun[1]))
                 index = noun[1]
             else:
@@ -136,6 +138,9 @@ class _Parser:
     def token_range(self, span: Span) -> range:
         indices = [i for i, token in enumerate(self.tokens) if span[0] <= token.span[0] < span[1]]
         return range(indices[0], indices[-1] + 1)
+
+    def _is_head(self, word: str) -> bool:
+        return word in self.nouns or word == _SHORTS_TYPO
 
     def _phrase(self, group: list[tuple[int, int]], noun: tuple[int, int], first: int, last: int) -> ColorPhrase:
         return ColorPhrase(
@@ -208,7 +213,7 @@ class _Parser:
     def _noun_after(self, index: int) -> tuple[int, int] | None:
         """Token range of the compound noun after filler words, e.g. "tank top" in "striped tank top"."""
         position = index
-        while self._lower(position) not in GARMENT_NOUNS | HAIR_NOUNS:
+        while self._lower(position) not in _ANY_NOUN:
             after_filler = self._after_filler(position)
             if after_filler is None:
                 return (position - 1, position) if self._ends_with_shorts_typo(index, position) else None
@@ -216,17 +221,18 @@ class _Parser:
         start = end = position + 1
         while True:
             following = end + 1 if self._lower(end) == "-" else end
-            if self._lower(following) not in GARMENT_NOUNS | HAIR_NOUNS:
+            if self._lower(following) not in _ANY_NOUN:
                 return self._without_leading_parts(start - 1, end), end
             end = following + 1
 
     def _ends_with_shorts_typo(self, start: int, position: int) -> bool:
-        return position > start and self._lower(position - 1) == _SHORTS_TYPO and self._lower(position) in _NOUN_PHRASE_ENDS
+        after_typo = position > start and self._lower(position - 1) == _SHORTS_TYPO
+        return after_typo and self._lower(position) in _NOUN_PHRASE_ENDS
 
     def _after_filler(self, index: int) -> int | None:
         """Index after the filler (word, phrase, hyphen, or comma before a filler) at `index`, if any."""
         word = self._lower(index)
-        if word == "-" or (word == "," and self._lower(index + 1) in FILLER_WORDS - GARMENT_NOUNS):
+        if word == "-" or (word == "," and self._lower(index + 1) in _FILLERS_NOT_NOUNS):
             return index + 1
         for phrase in FILLER_PHRASES:
             end = self._phrase_end(index, phrase)

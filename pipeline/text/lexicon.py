@@ -20,11 +20,12 @@ COLOR_FAMILY = {
     "orangish": "orange", "orangey": "orange", "rust": "orange",
     "gold": "yellow", "golden": "yellow", "mustard": "yellow", "yellowish": "yellow",
     "olive": "green", "lime": "green", "mint": "green", "greenish": "green",
-    "navy": "blue", "teal": "blue", "turquoise": "blue", "aqua": "blue", "cyan": "blue", "indigo": "blue", "bluish": "blue",
+    "navy": "blue", "teal": "blue", "turquoise": "blue", "aqua": "blue", "cyan": "blue", "indigo": "blue",
+    "bluish": "blue",
     "violet": "purple", "lavender": "purple", "lilac": "purple", "plum": "purple", "purplish": "purple",
     "tan": "beige", "khaki": "beige", "camel": "beige",
     "brownish": "brown",
-    # Hair-only colours: they only bind to hair nouns, i.e. only with allow_hair.
+    # Hair colours: in captions they come before hair nouns, so they count only with allow_hair.
     "blonde": "yellow", "blond": "yellow",
 }
 
@@ -40,7 +41,9 @@ SHADE_MODIFIERS = frozenset(
 # Carried objects that are not accessories (phones, books, cups, bicycles) are left out.
 # Parts and patterns of a garment: their colour is the garment's ("a white shirt with black sleeves").
 # Printed motifs (logos, writing, designs, graphics) are left out: small, and not always on clothes.
-GARMENT_PARTS = frozenset("collar sleeves sleeve cuffs soles sole laces straps strap trim stripes stripe dots lining frames frame".split())
+GARMENT_PARTS = frozenset(
+    "collar sleeves sleeve cuffs soles sole laces straps strap trim stripes stripe dots lining frames frame".split()
+)
 
 GARMENT_NOUNS = frozenset(
     """

@@ -1,0 +1,113 @@
+"""The embedded generator at full size: phase times, VAE PSNR, probe accuracy, prompted-colour accuracy.
+
+Trains the generator and the probe once with the `generator` section of params.yaml (plus any
+`--set key=value` overrides), then measures the prompted-colour accuracy at several guidance
+scales. Run from the repository root after `dvc repro prepare`:
+
+    python benchmarks/bench_generator.py --guidance 2 4 6
+
+Writes benchmarks/results/generator.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.config import load_params, params_from_dict
+from pipeline.io import write_json_atomic
+from pipeline.pdg.generator_training import (
+    load_images,
+    plot_loss_curves,
+    reconstruction_psnr,
+    save_pipeline,
+    train_generator,
+    write_sample_grid,
+)
+from pipeline.pdg.probe import colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="generator.KEY overrides (YAML values)")
+    parser.add_argument("--guidance", nargs="+", type=float, default=[2.0, 4.0, 6.0])
+    parser.add_argument("--prompts", type=int, default=200, help="val captions naming a garment colour")
+    parser.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generator.json"))
+    parser.add_argument("--save", default="", help="also save the trained pipeline, loss curves and samples here")
+    return parser.parse_args()
+
+
+def generator_config(args: argparse.Namespace):
+    params = load_params(args.params)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    section = {**dataclasses.asdict(params.generator), **{k: yaml.safe_load(v) for k, v in overrides.items()}}
+    return params_from_dict({"generator": section}).generator
+
+
+def main() -> None:
+    args = arguments()
+    cfg = generator_config(args)
+    started = time.perf_counter()
+    train = load_images(args.prepared, "train", cfg.height, cfg.width)
+    val = load_images(args.prepared, "val", cfg.height, cfg.width)
+    seconds = {"load": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    probe, _ = train_probe(train, seed=cfg.seed)
+    seconds["probe"] = time.perf_counter() - started
+
+    trained = train_generator(cfg, train)
+    seconds.update(trained.seconds)
+    psnr = {"train": reconstruction_psnr(trained.pipeline.vae, train.pixels[:400]),
+            "val": reconstruction_psnr(trained.pipeline.vae, val.pixels)}
+
+    if args.save:
+        save_pipeline(trained.pipeline, Path(args.save) / "pipeline")
+        plot_loss_curves(trained, Path(args.save) / "loss_curves.png")
+        write_sample_grid(trained.pipeline, val, Path(args.save) / "samples.png", guidance=cfg.guidance,
+                          steps=cfg.sample_steps, seed=cfg.seed)
+
+    prompts = colour_prompts(val, limit=args.prompts)
+    by_guidance = {}
+    for guidance in args.guidance:
+        started = time.perf_counter()
+        result = prompted_color_accuracy(trained.pipeline, probe, prompts, guidance=guidance,
+                                         steps=cfg.sample_steps, seed=cfg.seed)
+        by_guidance[str(guidance)] = {**result, "seconds": time.perf_counter() - started}
+        print(f"guidance {guidance}: {result}", flush=True)
+
+    report = {
+        "date": date.today().isoformat(),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "threads": torch.get_num_threads(),
+        "generator": dataclasses.asdict(cfg),
+        "seconds": seconds,
+        "train_seconds": trained.seconds["vae"] + trained.seconds["unet"],
+        "final_loss": {"vae": _tail_mean(trained.vae_losses), "unet": _tail_mean(trained.unet_losses)},
+        "vae_psnr_db": psnr,
+        "probe_val_accuracy": probe_accuracy(probe, val),
+        "prompted_color_accuracy": by_guidance,
+    }
+    write_json_atomic(args.out, report)
+    print(yaml.safe_dump(report, sort_keys=False))
+
+
+def _tail_mean(losses: list[tuple[int, float]], window: int = 50) -> float:
+    tail = [loss for _, loss in losses[-window:]]
+    return sum(tail) / len(tail)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Offline proximity data generation: training pairs in, edited pairs out as WebDataset shards.
+
+The work is planned up front as an ordered list of jobs (source image, caption edit, seed),
+cut into shards of `pdg.shard_size` jobs. A shard's content depends only on its jobs, so:
+- resuming keeps every finished shard (shards are written under a temporary name, then renamed);
+- N processes take shards i with i % N == rank, and their union equals a 1-process run;
+- a changed configuration (params or generator weights) is detected by a fingerprint and
+  starts over instead of mixing old and new samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import PdgConfig
+from pipeline.data.canonical import ImageRecord, iter_shard_samples, list_shards, write_tar_atomic
+from pipeline.data.loader import IMAGE_EXTENSIONS
+from pipeline.io import write_json_atomic
+from pipeline.text import find_color_phrases
+from pipeline.text.caption_edit import CaptionEdit, edit_captions
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "generation.json"
+SHARD_NAME = "pdg-%06d.tar"
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    key: str  # the sample's key in the shards
+    source: ImageRecord
+    caption_index: int
+    edit: CaptionEdit
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    jobs: list[GenerationJob]
+    sources: int  # training images drawn as sources
+    sources_without_edit: int  # of those, images none of whose captions has an editable colour phrase
+    edits_not_alignable: int = 0  # edits dropped: the prompt tokens could not be aligned (e.g. past the limit)
+
+    def shards(self, shard_size: int) -> list[list[GenerationJob]]:
+        return [self.jobs[i : i + shard_size] for i in range(0, len(self.jobs), shard_size)]
+
+
+def select_sources(train_rows: list[ImageRecord], cfg: PdgConfig) -> list[ImageRecord]:
+    """A seeded subset of the training images (never val or test: they must stay unseen)."""
+    foreign = sorted({row.split for row in train_rows} - {"train"})
+    if foreign:
+        raise ValueError(f"PDG sources must come from the train split only, got rows of {foreign}")
+    count = cfg.source_count or round(cfg.source_fraction * len(train_rows))
+    picked = np.random.default_rng([cfg.seed, 0]).permutation(len(train_rows))[: min(count, len(train_rows))]
+    return [train_rows[i] for i in sorted(picked)]
+
+
+def _editable_caption(row: ImageRecord, cfg: PdgConfig, rng: np.random.Generator) -> int | None:
+    """A caption of the image (in seeded order) with at least one editable colour phrase."""
+    for index in rng.permutation(len(row.captions)):
+        if find_color_phrases(row.captions[index], cfg.allow_hair):
+            return int(index)
+    return None
+
+
+def plan_generation(
+    train_rows: list[ImageRecord], cfg: PdgConfig, alignable: Callable[[CaptionEdit], bool] = lambda edit: True
+) -> GenerationPlan:
+    """Jobs in a fixed order; `alignable` drops edits the generator's tokenizer cannot align (counted)."""
+    sources = select_sources(train_rows, cfg)
+    chosen: list[tuple[ImageRecord, int]] = []
+    for position, row in enumerate(sources):
+        index = _editable_caption(row, cfg, np.random.default_rng([cfg.seed, 1, position]))
+        if index is not None:
+            chosen.append((row, index))
+    edits = edit_captions([row.captions[i] for row, i in chosen], cfg.num_samples, cfg.seed, allow_hair=cfg.allow_hair)
+    jobs = [
+        GenerationJob(f"pdg-{row.key}-{k}", row, index, edit, _sample_seed(cfg.seed, row.key, k))
+        for (row, index), row_edits in zip(chosen, edits)
+        for k, edit in enumerate(row_edits)
+    ]
+    kept = [job for job in jobs if alignable(job.edit)]
+    return GenerationPlan(kept, len(sources), len(sources) - len(chosen), len(jobs) - len(kept))
+
+
+def alignable_with(tokenizer) -> Callable[[CaptionEdit], bool]:
+    """Whether Prompt-to-Prompt can align an edit's prompts under `tokenizer`."""
+    from pipeline.pdg.alignment import align_word_swap
+
+    def check(edit: CaptionEdit) -> bool:
+        spans = [(change.source_span, change.edited_span) for change in edit.changes]
+        try:
+            align_word_swap(tokenizer, edit.source, edit.edited, spans)
+        except ValueError:
+            return False
+        return True
+
+    return check
+
+
+def _sample_seed(seed: int, key: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{key}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def generation_fingerprint(cfg: PdgConfig, generator: str) -> dict:
+    """What the samples depend on: the params that shape them and the generator's weights."""
+    shaping = dataclasses.asdict(cfg)
+    for bookkeeping in ("sheet_samples",):
+        shaping.pop(bookkeeping)
+    return {"pdg": shaping, "generator": generator, "generator_weights": weights_digest(generator)}
+
+
+def weights_digest(generator: str) -> str:
+    """sha256 over a local model folder's weight files; a hub id stands for itself."""
+    folder = Path(generator)
+    if not folder.is_dir():
+        return generator
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def prepare_output(out_dir: Path, fingerprint: dict, is_main: bool) -> None:
+    """Keep finished shards of the same configuration; clear the folder otherwise."""
+    marker = out_dir / FINGERPRINT_FILE
+    if not is_main:
+        return
+    if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+        for leftover in out_dir.glob(".*.tmp-*"):  # from a process killed mid-write
+            leftover.unlink()
+        return
+    if out_dir.exists():
+        log.info("%s holds samples of another configuration: starting afresh", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    write_json_atomic(marker, fingerprint)
+
+
+def load_source_images(prepared_dir: str | Path, keys: set[str]) -> dict[str, bytes]:
+    images = {}
+    for sample in iter_shard_samples(list_shards(prepared_dir, "train")):
+        if sample["__key__"] in keys:
+            images[sample["__key__"]] = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+    missing = keys - set(images)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} source images are not in the train shards, e.g. {sorted(missing)[0]}")
+    return images
+
+
+EditFunction = Callable[[list[GenerationJob], list[Image.Image]], list]
+
+
+def _sample(job: GenerationJob, result, cfg: PdgConfig, generator: str) -> dict[str, bytes]:
+    record = {
+        "key": job.key,
+        "source_key": job.source.key,
+        "source_person_id": job.source.person_id,
+        "source_original_id": job.source.original_id,
+        "source_caption_index": job.caption_index,
+        "source_caption": job.edit.source,
+        "edited_caption": job.edit.edited,
+        "changes": [change.to_json() for change in job.edit.changes],
+        "method": cfg.method,
+        "params": dataclasses.asdict(cfg),
+        "generator": generator,
+        "seed": job.seed,
+    }
+    sample = {"__key__": job.key, "png": _png(result.image), "json": json.dumps(record, sort_keys=True).encode()}
+    if result.mask is not None:
+        sample["mask.png"] = _png(result.mask)
+    return sample
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generate_shard(
+    jobs: list[GenerationJob], images: dict[str, bytes], edit: EditFunction, cfg: PdgConfig, generator: str
+) -> Iterator[dict[str, bytes]]:
+    """Samples of one shard, edited in batches of `pdg.batch_size` (fixed per shard, so reproducible)."""
+    for start in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[start : start + cfg.batch_size]
+        sources = [Image.open(io.BytesIO(images[job.source.key])).convert("RGB") for job in batch]
+        for job, result in zip(batch, edit(batch, sources)):
+            yield _sample(job, result, cfg, generator)
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    shards_written: int
+    shards_kept: int
+    samples_written: int
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples_written / self.seconds if self.seconds else 0.0
+
+
+def run_generation(
+    plan: GenerationPlan,
+    images: dict[str, bytes],
+    edit: EditFunction,
+    cfg: PdgConfig,
+    generator: str,
+    out_dir: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Callable[[int], None] = lambda samples: None,
+) -> GenerationReport:
+    """Write this process's shards (i % world_size == rank) that are not already complete."""
+    written = kept = samples = 0
+    start = time.perf_counter()
+    for index, jobs in enumerate(plan.shards(cfg.shard_size)):
+        if index % world_size != rank:
+            continue
+        path = out_dir / (SHARD_NAME % index)
+        if path.is_file():
+            kept += 1
+            progress(len(jobs))
+            continue
+        count = write_tar_atomic(path, _counted(generate_shard(jobs, images, edit, cfg, generator), progress))
+        written, samples = written + 1, samples + count
+    return GenerationReport(written, kept, samples, time.perf_counter() - start)
+
+
+def _counted(samples: Iterator[dict], progress: Callable[[int], None]) -> Iterator[dict]:
+    for sample in samples:
+        progress(1)
+        yield sample
+
+
+def make_editor(parts, cfg: PdgConfig) -> EditFunction:
+    """Bind the configured method and its params to a loaded generator."""
+    from pipeline.pdg.editing import EditRequest, edit_img2img_batch, edit_p2p_batch
+
+    def prompt_to_prompt(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
+        requests = [
+            EditRequest(image, job.edit.source, job.edit.edited, [(c.source_span, c.edited_span) for c in job.edit.changes])
+            for job, image in zip(jobs, sources)
+        ]
+        return edit_p2p_batch(
+            parts, requests, num_steps=cfg.num_steps, guidance=cfg.guidance,
+            cross_replace_fraction=cfg.cross_replace_fraction, self_replace_fraction=cfg.self_replace_fraction,
+            blend_threshold=cfg.blend_threshold or None, blend_start_fraction=cfg.blend_start_fraction,
+            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps,
+        )
+
+    def sdedit(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
+        return edit_img2img_batch(
+            parts, sources, [job.edit.edited for job in jobs], strength=cfg.strength, num_steps=cfg.num_steps,
+            guidance=cfg.guidance, seed=[job.seed for job in jobs],
+        )
+
+    return prompt_to_prompt if cfg.method == "p2p" else sdedit

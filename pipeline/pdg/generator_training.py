@@ -1,0 +1,410 @@
+"""Trains the embedded generator: a small latent diffusion model in Stable Diffusion's layout.
+
+Two phases on the CPU: first the `AutoencoderKL` (reconstruction + a small KL term), then the
+`UNet2DConditionModel` and the `CLIPTextModel` jointly on the frozen autoencoder's latents
+(epsilon prediction, captions dropped to "" at `caption_dropout` for classifier-free guidance).
+The result is saved as a `StableDiffusionPipeline` folder, so it loads with the same
+`from_pretrained` call as a real Stable Diffusion checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipeline.config import GeneratorConfig
+from pipeline.data.canonical import iter_shard_samples, list_shards
+from pipeline.plots import plt, save_figure
+
+from .caption_tokenizer import train_caption_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Stable Diffusion's noise schedule, so the embedded model and a real checkpoint sample alike.
+SCHEDULE = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+}
+LATENT_CHANNELS = 4
+KL_WEIGHT = 1e-4  # per latent element: keeps the latents bounded without blurring the reconstructions
+WARMUP_FRACTION = 0.05
+GRAD_CLIP = 1.0
+POINTER_FILE = "pretrained.json"  # in the generator folder when params name a pretrained checkpoint
+
+
+@dataclass
+class LabelledImages:
+    """One split at the generator's resolution: pixels in [-1, 1], captions and attributes per image."""
+
+    pixels: torch.Tensor  # (images, 3, height, width)
+    captions: list[list[str]]
+    attributes: list[dict[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class TrainedGenerator:
+    pipeline: StableDiffusionPipeline
+    vae_losses: list[tuple[int, float]] = field(default_factory=list)
+    unet_losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def load_images(prepared_dir: str | Path, split: str, height: int, width: int) -> LabelledImages:
+    """Reads a split from its shards (self-contained: the source folder is not needed)."""
+    pixels, captions, attributes = [], [], []
+    for sample in iter_shard_samples(list_shards(prepared_dir, split)):
+        row = json.loads(sample["json"])
+        image_bytes = next(sample[ext] for ext in ("png", "jpg", "webp") if ext in sample)
+        image = Image.open(io.BytesIO(image_bytes)).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        pixels.append(_to_tensor(image))
+        captions.append(list(row["captions"]))
+        attributes.append(json.loads(row["attributes"]) if row.get("attributes") else {})
+    if not pixels:
+        raise ValueError(f"no {split} images in {prepared_dir}")
+    return LabelledImages(torch.stack(pixels), captions, attributes)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def build_vae(cfg: GeneratorConfig) -> AutoencoderKL:
+    levels = len(cfg.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, latent_channels=LATENT_CHANNELS,
+        norm_num_groups=_groups(cfg.vae_channels), sample_size=max(cfg.height, cfg.width),
+        mid_block_add_attention=False,  # attention over the whole image costs much and buys little here
+    )
+
+
+def build_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
+    """Cross-attention only at the lowest resolution: attention at full resolution was ~7x slower a step."""
+    levels = len(cfg.unet_channels)
+    scale = 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=(cfg.height // scale, cfg.width // scale), in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS, block_out_channels=cfg.unet_channels, layers_per_block=1,
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        cross_attention_dim=cfg.text_width, attention_head_dim=8, norm_num_groups=_groups(cfg.unet_channels),
+    )
+
+
+def build_text_encoder(cfg: GeneratorConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_width // 32),
+            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _groups(channels: tuple[int, ...]) -> int:
+    """The largest GroupNorm group count (at most 32) that divides every level's width."""
+    return max(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+
+
+def train_vae(
+    vae: AutoencoderKL, pixels: torch.Tensor, cfg: GeneratorConfig, *, show_progress: bool = True
+) -> list[tuple[int, float]]:
+    """L1 reconstruction of sampled latents plus a small KL; returns (step, loss) per step."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * cfg.vae_steps), cfg.vae_steps)
+    vae.train()
+    losses = []
+    progress = tqdm(range(cfg.vae_steps), desc="vae", disable=not show_progress)
+    for step in progress:
+        batch = _flip_some(pixels[_batch_indices(len(pixels), cfg.vae_batch_size, generator)], generator)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        kl_per_element = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.l1_loss(reconstruction, batch) + KL_WEIGHT * kl_per_element
+        _optimise(loss, optimizer, schedule, vae.parameters())
+        losses.append((step, loss.item()))
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 128) -> float:
+    """Mean PSNR (dB, on [0, 1] pixels) of the autoencoder's reconstructions from the posterior mode."""
+    scores = []
+    for batch in pixels.split(batch_size):
+        reconstruction = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((reconstruction - batch) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        scores.append(-10 * torch.log10(mse))
+    return torch.cat(scores).mean().item()
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image and of its mirror image (index + len(pixels))."""
+    means, stds = [], []
+    for batch in torch.cat([pixels, pixels.flip(-1)]).split(batch_size):
+        posterior = vae.encode(batch).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def set_latent_scale(vae: AutoencoderKL, latent_means: torch.Tensor) -> float:
+    """Stable Diffusion's `scaling_factor`: scales the latents to unit variance for the diffusion model."""
+    scale = 1.0 / latent_means.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+def tokenize_captions(tokenizer: CLIPTokenizer, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token ids (images, captions per image, length), padding the short lists by repetition,
+    and the ids of the empty prompt; padded like the pipeline pads prompts at sampling time."""
+    per_image = max(len(c) for c in captions)
+    flat = [c[i % len(c)] for c in captions for i in range(per_image)]
+    ids = _token_ids(tokenizer, flat).view(len(captions), per_image, -1)
+    return ids, _token_ids(tokenizer, [""])[0]
+
+
+def _token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def train_unet(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    caption_ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    scaling_factor: float,
+    cfg: GeneratorConfig,
+    *,
+    show_progress: bool = True,
+) -> list[tuple[int, float]]:
+    """Epsilon prediction on latents sampled from the posteriors; the text encoder trains jointly.
+
+    `latents` holds (mean, std) for each image and, after them, its mirror image; `caption_ids` is
+    (images, captions per image, tokens).
+    """
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    noise_scheduler = DDPMScheduler(**_ddpm_schedule())
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * cfg.unet_steps), cfg.unet_steps)
+    means, stds = latents
+    images, per_image = caption_ids.shape[:2]
+    unet.train(), text_encoder.train()
+    losses = []
+    progress = tqdm(range(cfg.unet_steps), desc="unet", disable=not show_progress)
+    for step in progress:
+        index = _batch_indices(len(means), cfg.unet_batch_size, generator)
+        clean = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
+        choice = torch.randint(per_image, (len(index),), generator=generator)
+        ids = caption_ids[index % images, choice]
+        dropped = torch.rand(len(index), generator=generator) < cfg.caption_dropout
+        ids = torch.where(dropped[:, None], empty_ids[None], ids)
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        _optimise(loss, optimizer, schedule, parameters)
+        losses.append((step, loss.item()))
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval(), text_encoder.eval()
+    return losses
+
+
+def _ddpm_schedule() -> dict:
+    return {k: v for k, v in SCHEDULE.items() if k != "set_alpha_to_one"}
+
+
+def _batch_indices(count: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(count, (batch_size,), generator=generator)
+
+
+def _flip_some(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(batch), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+
+
+def _optimise(loss: torch.Tensor, optimizer, schedule, parameters) -> None:
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"non-finite generator loss {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, GRAD_CLIP)
+    optimizer.step()
+    schedule.step()
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    for module in (vae, text_encoder, unet):
+        module.eval().requires_grad_(False)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULE),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def train_generator(cfg: GeneratorConfig, train: LabelledImages, *, show_progress: bool = True) -> TrainedGenerator:
+    """Both phases on `train` (already at cfg.height x cfg.width); returns the assembled pipeline."""
+    torch.manual_seed(cfg.seed)
+    seconds = {}
+    started = time.perf_counter()
+    vae = build_vae(cfg)
+    vae_losses = train_vae(vae, train.pixels, cfg, show_progress=show_progress)
+    seconds["vae"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    tokenizer = train_caption_tokenizer(c for captions in train.captions for c in captions)
+    caption_ids, empty_ids = tokenize_captions(tokenizer, train.captions)
+    latents = encode_latents(vae, train.pixels)
+    scaling_factor = set_latent_scale(vae, latents[0])
+    text_encoder, unet = build_text_encoder(cfg, tokenizer), build_unet(cfg)
+    log.info("vae %.2fM, unet %.2fM, text encoder %.2fM parameters, vocabulary %d, latent scale %.3f",
+             _millions(vae), _millions(unet), _millions(text_encoder), len(tokenizer), scaling_factor)
+    unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scaling_factor, cfg,
+                             show_progress=show_progress)
+    seconds["unet"] = time.perf_counter() - started
+    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    return TrainedGenerator(pipeline, vae_losses, unet_losses, seconds)
+
+
+def _millions(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+@torch.no_grad()
+def generate(
+    pipeline: StableDiffusionPipeline,
+    prompts: list[str],
+    *,
+    guidance: float,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images (prompts, 3, height, width) in [0, 1]; prompt i always gets the noise of seed + i."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        output = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                          output_type="pt")
+        images.append(output.images)
+    return torch.cat(images)
+
+
+def save_pipeline(pipeline: StableDiffusionPipeline, directory: str | Path) -> Path:
+    pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+def write_pretrained_pointer(directory: str | Path, pretrained: str) -> Path:
+    """Marks `directory` as standing for a pretrained checkpoint instead of holding a trained model."""
+    path = Path(directory) / POINTER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pretrained": pretrained}, indent=2) + "\n")
+    return path
+
+
+def resolve_generator(directory: str | Path) -> str:
+    """What to give `load_generator`: the pretrained checkpoint the folder points at, or the folder."""
+    pointer = Path(directory) / POINTER_FILE
+    if pointer.is_file():
+        return json.loads(pointer.read_text())["pretrained"]
+    return str(directory)
+
+
+def plot_loss_curves(trained: TrainedGenerator, path: str | Path) -> None:
+    """Per-step losses of both phases, with a running mean."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, losses, title in ((axes[0], trained.vae_losses, "autoencoder (L1 + KL)"),
+                                (axes[1], trained.unet_losses, "UNet (noise MSE)")):
+        steps, values = zip(*losses)
+        window = max(1, len(values) // 20)
+        smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist()
+        axis.plot(steps, values, lw=0.6, alpha=0.4, label="step")
+        axis.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+        axis.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+        axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_sample_grid(
+    real: torch.Tensor, generated: torch.Tensor, prompts: list[str], path: str | Path, title: str
+) -> None:
+    """One row per prompt: its text, the real image it describes, then the generated images.
+
+    `real` is (prompts, 3, H, W) in [-1, 1]; `generated` is (prompts, samples, 3, H, W) in [0, 1].
+    """
+    rows, samples = generated.shape[:2]
+    figure, axes = plt.subplots(rows, samples + 2, figsize=(0.8 * samples + 4.6, 1.45 * rows), squeeze=False,
+                                gridspec_kw={"width_ratios": [3.2, 0.55] + [0.55] * samples})
+    for row, prompt in enumerate(prompts):
+        axes[row][0].axis("off")
+        axes[row][0].text(0, 0.5, "\n".join(textwrap.wrap(prompt, 44)), fontsize=5.5, va="center")
+        pictures = [(real[row] + 1) / 2] + list(generated[row])
+        for column, picture in enumerate(pictures, start=1):
+            axis = axes[row][column]
+            axis.imshow(picture.clamp(0, 1).permute(1, 2, 0).numpy())
+            axis.set_xticks([]), axis.set_yticks([])
+            if row == 0:
+                axis.set_title("real" if column == 1 else f"gen {column - 1}", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def write_sample_grid(
+    pipeline: StableDiffusionPipeline,
+    images: LabelledImages,
+    path: str | Path,
+    *,
+    guidance: float,
+    steps: int,
+    seed: int = 0,
+    prompts: int = 8,
+    samples: int = 4,
+) -> None:
+    """Captions spread over `images`, each next to its real image and `samples` generated ones."""
+    chosen = list(range(0, len(images), max(1, len(images) // prompts)))[:prompts]
+    texts = [images.captions[i][0] for i in chosen]
+    generated = generate(pipeline, [t for t in texts for _ in range(samples)], guidance=guidance, steps=steps,
+                         seed=seed)
+    generated = generated.view(len(texts), samples, *generated.shape[1:])
+    title = f"real image, then generated ones (guidance {guidance}, {steps} DDIM steps)"
+    plot_sample_grid(images.pixels[chosen], generated, texts, path, title)

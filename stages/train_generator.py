@@ -1,0 +1,113 @@
+"""DVC stage `train_generator`: the text-to-image model of proximity data generation, and its probe.
+
+Embedded profile (generator.pretrained == ""): trains the small latent diffusion model on the
+prepared training split and saves it as a StableDiffusionPipeline folder in models/generator;
+trains the attribute probe (models/probe, when the data carries colour labels) and measures with
+it how often generated images show the prompted garment colours. Real profile
+(generator.pretrained set): trains nothing and reads no data; models/generator holds only
+pretrained.json naming the checkpoint, which `pipeline.pdg.generator_training.resolve_generator`
+hands to the next stage, so that changing the checkpoint reruns what depends on it; models/probe
+and reports/generator hold only a note / nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, GeneratorConfig, load_params
+from pipeline.io import write_json_atomic
+from pipeline.pdg.generator_training import (
+    LabelledImages,
+    load_images,
+    plot_loss_curves,
+    reconstruction_psnr,
+    save_pipeline,
+    train_generator,
+    write_pretrained_pointer,
+    write_sample_grid,
+)
+from pipeline.pdg.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
+from pipeline.runtime import setup_logging, stage_arguments
+
+PREPARED = Path("data/prepared")
+GENERATOR_DIR = Path("models/generator")
+PROBE_DIR = Path("models/probe")
+METRICS = Path("metrics/generator.json")
+REPORTS = Path("reports/generator")
+EVALUATION_PROMPTS = 200  # val captions naming a garment colour, for the prompted-colour accuracy
+
+log = logging.getLogger("stages.train_generator")
+
+
+def main() -> int:
+    args = stage_arguments(__doc__)
+    setup_logging()
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 1
+    cfg = params.generator
+    started = time.perf_counter()
+    for folder in (GENERATOR_DIR, PROBE_DIR, REPORTS):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    metrics = point_at_pretrained(cfg.pretrained) if cfg.pretrained else train_embedded(cfg)
+    metrics["stage_seconds"] = time.perf_counter() - started
+    write_json_atomic(METRICS, metrics)
+    log.info("metrics: %s", metrics)
+    return 0
+
+
+def point_at_pretrained(pretrained: str) -> dict:
+    write_pretrained_pointer(GENERATOR_DIR, pretrained)
+    write_json_atomic(PROBE_DIR / "absent.json", {"reason": "generator.pretrained is set: nothing is trained"})
+    log.info("generator: the pretrained checkpoint %s (nothing trained)", pretrained)
+    return {"pretrained": pretrained}
+
+
+def train_embedded(cfg: GeneratorConfig) -> dict:
+    train = load_images(PREPARED, "train", cfg.height, cfg.width)
+    val = load_images(PREPARED, "val", cfg.height, cfg.width)
+    probe, probe_metrics = fit_probe(train, val, cfg)
+    return {"pretrained": "", "probe": probe_metrics, "generator": fit_generator(train, val, cfg, probe)}
+
+
+def fit_probe(train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig) -> tuple[AttributeProbe | None, dict]:
+    """Trains and saves the probe; None (and a note in its folder) when the data has no colour labels."""
+    if not all(row.get("upper_color") for row in train.attributes):
+        write_json_atomic(PROBE_DIR / "absent.json", {"reason": "the training data carries no colour labels"})
+        return None, {}
+    started = time.perf_counter()
+    probe, _ = train_probe(train, seed=cfg.seed)
+    probe.save(PROBE_DIR)
+    metrics = {"val_accuracy": probe_accuracy(probe, val), "seconds": time.perf_counter() - started}
+    log.info("probe: %s", metrics)
+    return probe, metrics
+
+
+def fit_generator(train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig, probe: AttributeProbe | None) -> dict:
+    trained = train_generator(cfg, train)
+    save_pipeline(trained.pipeline, GENERATOR_DIR)
+    plot_loss_curves(trained, REPORTS / "loss_curves.png")
+    psnr = reconstruction_psnr(trained.pipeline.vae, val.pixels)
+    log.info("generator: val PSNR %.2f dB, seconds %s", psnr, trained.seconds)
+    started = time.perf_counter()
+    write_sample_grid(trained.pipeline, val, REPORTS / "samples.png", guidance=cfg.guidance,
+                      steps=cfg.sample_steps, seed=cfg.seed)
+    metrics = {"vae_val_psnr_db": psnr, "guidance": cfg.guidance}
+    if probe is not None:
+        prompts = colour_prompts(val, limit=EVALUATION_PROMPTS)
+        metrics["prompted_color_accuracy"] = prompted_color_accuracy(
+            trained.pipeline, probe, prompts, guidance=cfg.guidance, steps=cfg.sample_steps, seed=cfg.seed
+        )
+    metrics["seconds"] = {**trained.seconds, "evaluation": time.perf_counter() - started}
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The `generate` stage's library: planning, shards, determinism, resume, parallel processes."""
+
+import hashlib
+import io
+import shutil
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.config import PdgConfig, params_from_dict
+from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
+from pipeline.data.prepare import prepare
+from pipeline.pdg.generate import (
+    alignable_with,
+    generation_fingerprint,
+    load_source_images,
+    make_editor,
+    plan_generation,
+    prepare_output,
+    run_generation,
+    select_sources,
+)
+from pipeline.pdg.model import build_tiny_generator, load_generator
+from tiny_project import TINY_PROFILE, make_tiny_project
+
+CFG = PdgConfig(source_count=6, num_samples=2, num_steps=4, batch_size=3, shard_size=4, sheet_samples=4)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(params_from_dict(TINY_PROFILE), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    return str(build_tiny_generator(tmp_path_factory.mktemp("generator") / "sd", max_tokens=77))
+
+
+@pytest.fixture(scope="module")
+def parts(generator):
+    return load_generator(generator)
+
+
+def _train_rows(prepared):
+    return read_manifest(manifest_path(prepared, "train"))
+
+
+def _run(prepared, parts, generator, out_dir, cfg=CFG, rank=0, world=1, edit=None):
+    plan = plan_generation(_train_rows(prepared), cfg, alignable_with(parts.tokenizer))
+    prepare_output(out_dir, generation_fingerprint(cfg, generator), is_main=True)
+    images = load_source_images(prepared, {job.source.key for job in plan.jobs})
+    return plan, run_generation(plan, images, edit or make_editor(parts, cfg), cfg, generator, out_dir, rank, world)
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("pdg-*.tar"))}
+
+
+def test_sources_come_from_the_training_split_only(prepared):
+    rows = _train_rows(prepared)
+    picked = select_sources(rows, CFG)
+    assert len(picked) == 6 and all(row.split == "train" for row in picked)
+    assert select_sources(rows, CFG) == picked  # seeded
+    val_row = read_manifest(manifest_path(prepared, "val"))[0]
+    with pytest.raises(ValueError, match="train split only"):
+        select_sources(rows + [val_row], CFG)
+    everything = select_sources(rows, replace(CFG, source_count=0, source_fraction=0.5))
+    assert len(everything) == round(0.5 * len(rows))
+
+
+def test_plan_has_distinct_edits_of_real_colour_phrases(prepared, parts):
+    plan = plan_generation(_train_rows(prepared), CFG, alignable_with(parts.tokenizer))
+    assert plan.sources == 6 and 0 < len(plan.jobs) <= 12
+    assert len({job.key for job in plan.jobs}) == len(plan.jobs)
+    for job in plan.jobs:
+        assert job.edit.source == job.source.captions[job.caption_index]
+        change = job.edit.changes[0]
+        assert change.old_color != change.new_color and change.new_color in job.edit.edited
+
+
+@pytest.mark.parametrize("method", ["p2p", "img2img"])
+def test_shards_read_back_with_every_field_and_are_deterministic(prepared, parts, generator, tmp_path, method):
+    cfg = replace(CFG, method=method)
+    plan, report = _run(prepared, parts, generator, tmp_path / "a", cfg)
+    samples = list(iter_shard_samples(sorted(str(p) for p in (tmp_path / "a").glob("pdg-*.tar"))))
+    assert [s["__key__"] for s in samples] == [job.key for job in plan.jobs]
+    assert report.samples_written == len(plan.jobs) and report.shards_written == -(-len(plan.jobs) // 4)
+    for sample, job in zip(samples, plan.jobs):
+        record = json.loads(sample["json"])
+        assert record["source_key"] == job.source.key and record["source_person_id"] == job.source.person_id
+        assert record["edited_caption"] == job.edit.edited and record["method"] == method
+        assert record["params"]["num_steps"] == 4 and record["seed"] == job.seed and record["changes"]
+        assert Image.open(io.BytesIO(sample["png"])).size == (job.source.width, job.source.height)
+        assert ("mask.png" in sample) == (method == "p2p")
+    _run(prepared, parts, generator, tmp_path / "b", cfg)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+
+
+def test_a_crash_leaves_only_complete_shards_and_the_rerun_completes_them(prepared, parts, generator, tmp_path):
+    _run(prepared, parts, generator, tmp_path / "straight")
+    editor = make_editor(parts, CFG)
+    calls = []
+
+    def crashing(jobs, sources):
+        calls.append(len(jobs))
+        if len(calls) == 3:  # in the middle of the second shard
+            raise KeyboardInterrupt("killed")
+        return editor(jobs, sources)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(prepared, parts, generator, tmp_path / "resumed", edit=crashing)
+    assert list(_digests(tmp_path / "resumed")) == ["pdg-000000.tar"]  # never a half shard
+    assert not list((tmp_path / "resumed").glob(".*.tmp-*"))
+    _, report = _run(prepared, parts, generator, tmp_path / "resumed")
+    assert report.shards_kept == 1
+    assert _digests(tmp_path / "resumed") == _digests(tmp_path / "straight")
+
+
+def test_two_processes_write_disjoint_shards_whose_union_is_the_one_process_output(prepared, parts, generator, tmp_path):
+    _run(prepared, parts, generator, tmp_path / "one")
+    _, first = _run(prepared, parts, generator, tmp_path / "two", rank=0, world=2)
+    _, second = _run(prepared, parts, generator, tmp_path / "two", rank=1, world=2)
+    assert first.shards_written + second.shards_written == len(_digests(tmp_path / "one"))
+    assert first.shards_written and second.shards_written
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+
+
+def test_a_changed_configuration_starts_afresh(prepared, parts, generator, tmp_path):
+    _run(prepared, parts, generator, tmp_path)
+    before = _digests(tmp_path)
+    _run(prepared, parts, generator, tmp_path, cfg=replace(CFG, guidance=2.0))
+    after = _digests(tmp_path)
+    assert before.keys() == after.keys() and before != after
+
+
+def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
+    overrides = {"pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2,
+                         "sheet_samples": 3}}
+    project = make_tiny_project(tmp_path, overrides)
+    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project, check=True, capture_output=True)
+    (project / "models").mkdir()
+    shutil.copytree(generator, project / "models" / "generator")
+    result = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((project / "metrics" / "generate.json").read_text())
+    assert metrics["sources"] == 4 and metrics["samples"] >= 1 and metrics["samples_per_s"] > 0
+    assert (project / "reports" / "pdg" / "sample_sheet.png").stat().st_size > 5000
+    assert (project / "data" / "pdg" / "raw" / "pdg-000000.tar").is_file()

@@ -1,0 +1,190 @@
+"""The embedded generator, its caption tokenizer and the attribute probe, at toy sizes."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+
+from pipeline.config import params_from_dict
+from pipeline.data.prepare import prepare
+from pipeline.data.synthpedes import COLOR_NAMES
+from pipeline.pdg.caption_tokenizer import colour_words, train_caption_tokenizer
+from pipeline.pdg.generator_training import (
+    build_text_encoder,
+    build_vae,
+    build_unet,
+    encode_latents,
+    generate,
+    load_images,
+    plot_loss_curves,
+    plot_sample_grid,
+    reconstruction_psnr,
+    resolve_generator,
+    save_pipeline,
+    set_latent_scale,
+    tokenize_captions,
+    train_generator,
+    train_unet,
+    train_vae,
+    write_pretrained_pointer,
+)
+from pipeline.pdg.probe import (
+    LOWER_NOUNS,
+    UPPER_NOUNS,
+    AttributeProbe,
+    colour_prompts,
+    names_colour,
+    predict_colours,
+    probe_accuracy,
+    prompted_color_accuracy,
+    train_probe,
+)
+from tiny_project import REPO, TINY_PROFILE, deep_merge
+
+HEIGHT, WIDTH = 32, 16
+TINY_GENERATOR_PARAMS = {
+    "height": HEIGHT, "width": WIDTH, "vae_channels": [8, 16], "vae_steps": 100, "vae_batch_size": 8,
+    "vae_lr": 3e-3, "unet_channels": [16, 32], "unet_steps": 60, "unet_batch_size": 16, "unet_lr": 2e-3,
+    "text_width": 16, "text_layers": 1, "sample_steps": 3,
+}
+TINY_GENERATOR = params_from_dict({"generator": TINY_GENERATOR_PARAMS}).generator
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prepared")
+    prepare(params_from_dict(TINY_PROFILE), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def train_images(prepared):
+    return load_images(prepared, "train", HEIGHT, WIDTH)
+
+
+def _mean(losses):
+    return sum(loss for _, loss in losses) / len(losses)
+
+
+def test_images_load_at_the_generator_size_with_captions_and_attributes(train_images):
+    assert train_images.pixels.shape == (16 * 2, 3, HEIGHT, WIDTH)
+    assert -1 <= train_images.pixels.min() < train_images.pixels.max() <= 1
+    assert len(train_images.captions) == 32 and all(train_images.captions)
+    assert train_images.attributes[0]["upper_color"] in COLOR_NAMES
+
+
+def test_tokenizer_keeps_colour_words_whole_and_is_deterministic():
+    captions = ["A man in a turquoise jacket and grey pants.", "A woman wearing a pink dress."]
+    tokenizer = train_caption_tokenizer(captions, max_length=32)
+    for word in colour_words():  # also the colours the captions never use
+        assert len(tokenizer(f" {word} ", add_special_tokens=False).input_ids) == 1, word
+    swapped = [tokenizer(f"a {c} shirt").input_ids for c in COLOR_NAMES]
+    assert len({len(ids) for ids in swapped}) == 1  # a colour swap keeps every other position
+    unseen = tokenizer("zebra-striped", add_special_tokens=False).input_ids
+    assert unseen and tokenizer.unk_token_id not in unseen  # unseen words still encode, byte by byte
+    again = train_caption_tokenizer(list(reversed(captions)), max_length=32)
+    assert again.get_vocab() == tokenizer.get_vocab()
+    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+def test_vae_and_unet_losses_fall(train_images):
+    torch.manual_seed(0)
+    vae = build_vae(TINY_GENERATOR)
+    vae_losses = train_vae(vae, train_images.pixels, TINY_GENERATOR, show_progress=False)
+    assert _mean(vae_losses[-8:]) < 0.7 * _mean(vae_losses[:8])
+    assert reconstruction_psnr(vae, train_images.pixels) > 12
+
+    tokenizer = train_caption_tokenizer([c for cs in train_images.captions for c in cs], max_length=32)
+    caption_ids, empty_ids = tokenize_captions(tokenizer, train_images.captions)
+    latents = encode_latents(vae, train_images.pixels)
+    assert latents[0].shape == (64, 4, HEIGHT // 2, WIDTH // 2)  # every image and its mirror image
+    scale = set_latent_scale(vae, latents[0])
+    unet, text_encoder = build_unet(TINY_GENERATOR), build_text_encoder(TINY_GENERATOR, tokenizer)
+    unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scale, TINY_GENERATOR,
+                             show_progress=False)
+    assert all(torch.isfinite(torch.tensor([loss for _, loss in unet_losses])))
+    assert _mean(unet_losses[-10:]) < 0.8 * _mean(unet_losses[:10])
+
+
+def test_trained_generator_saves_loads_and_samples(train_images, tmp_path):
+    cfg = dataclasses.replace(TINY_GENERATOR, vae_steps=3, unet_steps=3)
+    trained = train_generator(cfg, train_images, show_progress=False)
+    assert set(trained.seconds) == {"vae", "unet"} and len(trained.unet_losses) == 3
+    folder = save_pipeline(trained.pipeline, tmp_path / "generator")
+    assert resolve_generator(folder) == str(folder)
+    loaded = StableDiffusionPipeline.from_pretrained(folder)
+    images = generate(loaded, ["a man in a red jacket", "a woman in a blue dress"], guidance=4.0, steps=2)
+    assert images.shape == (2, 3, HEIGHT, WIDTH) and 0 <= images.min() <= images.max() <= 1
+    again = generate(loaded, ["a man in a red jacket"], guidance=4.0, steps=2)
+    assert torch.allclose(again[0], images[0], atol=1e-4)  # prompt i's noise depends only on its index
+    plot_loss_curves(trained, tmp_path / "curves.png")
+    plot_sample_grid(train_images.pixels[:2], images[:, None], ["a", "b"], tmp_path / "grid.png", "samples")
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_a_pretrained_checkpoint_is_pointed_at_not_copied(tmp_path):
+    write_pretrained_pointer(tmp_path / "generator", "stabilityai/some-checkpoint")
+    assert resolve_generator(tmp_path / "generator") == "stabilityai/some-checkpoint"
+
+
+def test_probe_learns_and_round_trips(train_images, tmp_path):
+    probe, losses = train_probe(train_images, epochs=30, batch_size=16, channels=8, show_progress=False)
+    assert _mean(losses[-10:]) < 0.6 * _mean(losses[:10])
+    accuracy = probe_accuracy(probe, train_images)
+    assert accuracy["upper"] > 3 * 100 / len(COLOR_NAMES)  # well above chance
+    loaded = AttributeProbe.load(probe.save(tmp_path / "probe"))
+    assert predict_colours(loaded, train_images.pixels) == predict_colours(probe, train_images.pixels)
+
+
+def test_colour_mentions_are_bound_to_the_garment():
+    assert names_colour("a yellow and pink striped zip-up jacket", "yellow", UPPER_NOUNS)
+    assert names_colour("a hoodie that is grey", "gray", UPPER_NOUNS)
+    assert not names_colour("blue jeans and a red shirt", "blue", UPPER_NOUNS)
+    assert not names_colour("red shoes and blue jeans", "red", LOWER_NOUNS)
+    assert names_colour("a pair of blue denim jeans", "blue", LOWER_NOUNS)
+
+
+def test_prompted_colour_accuracy_counts_each_garment(train_images, tmp_path):
+    prompts = colour_prompts(train_images, limit=6)
+    assert prompts and all(p.upper or p.lower for p in prompts)
+    trained = train_generator(dataclasses.replace(TINY_GENERATOR, vae_steps=2, unet_steps=2), train_images,
+                              show_progress=False)
+    probe = AttributeProbe(HEIGHT, WIDTH, channels=4).eval()
+    result = prompted_color_accuracy(trained.pipeline, probe, prompts, guidance=2.0, steps=2)
+    assert result["upper_prompts"] == sum(p.upper is not None for p in prompts)
+    assert result["lower_prompts"] == sum(p.lower is not None for p in prompts)
+    assert 0 <= result["upper"] <= 100
+
+
+def _run_stage(project, generator_overrides):
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
+    params = deep_merge(params, {"generator": {**TINY_GENERATOR_PARAMS, **generator_overrides}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "stages.train_generator"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((project / "metrics" / "generator.json").read_text())
+
+
+def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
+    shutil.copytree(prepared, tmp_path / "data" / "prepared")
+    metrics = _run_stage(tmp_path, {"vae_steps": 2, "unet_steps": 2, "sample_steps": 2})
+    assert metrics["generator"]["vae_val_psnr_db"] > 0 and metrics["probe"]["val_accuracy"]["upper"] >= 0
+    assert metrics["generator"]["prompted_color_accuracy"]["upper_prompts"] > 0
+    assert (tmp_path / "models" / "generator" / "model_index.json").is_file()
+    assert AttributeProbe.load(tmp_path / "models" / "probe")
+    assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png"}
+
+    metrics = _run_stage(tmp_path, {"pretrained": "some/checkpoint"})
+    assert metrics["pretrained"] == "some/checkpoint" and "generator" not in metrics
+    assert resolve_generator(tmp_path / "models" / "generator") == "some/checkpoint"
+    assert not (tmp_path / "models" / "generator" / "model_index.json").exists()
+    assert [p.name for p in (tmp_path / "models" / "probe").iterdir()] == ["absent.json"]

@@ -1,0 +1,221 @@
+"""PDG image editing on a tiny random Stable-Diffusion-layout model saved to disk and loaded back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.pdg.alignment import align_word_swap, resample_matrix, tokens_in_span
+from pipeline.pdg.editing import EditRequest, edit_img2img, edit_p2p, edit_p2p_batch
+from pipeline.pdg.inversion import invert
+from pipeline.pdg.model import TINY_WORDS, back_to_crop, build_tiny_generator, fit_to_model, load_generator
+from pipeline.pdg.p2p import ControlSettings, PromptToPromptController
+from pipeline.pdg.sampling import denoise
+
+SOURCE = "a man in a red jacket and blue jeans"
+EDITED = "a man in a turquoise jacket and blue jeans"
+SPANS = [((11, 14), (11, 20))]  # "red" -> "turquoise"
+FAST = dict(num_steps=6, guidance=4.0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_generator(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def parts(model_dir):
+    return load_generator(model_dir)
+
+
+@pytest.fixture(scope="module")
+def person() -> Image.Image:
+    """A crop with a different aspect ratio than the model's, as real person crops have."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (40, 18, 3), dtype=np.uint8))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def test_load_generator_reads_the_saved_folder(parts):
+    assert parts.image_size == (16, 32)
+    assert parts.encode_prompts([SOURCE]).shape == (1, parts.tokenizer.model_max_length, 32)
+    assert parts.images_to_latents([Image.new("RGB", (16, 32))]).shape == (1, 4, 16, 8)
+
+
+def test_tiny_tokenizer_knows_its_words(parts):
+    for word in TINY_WORDS:
+        pieces = word.split("|")
+        assert parts.tokenizer.tokenize(word.replace("|", "")) == pieces[:-1] + [pieces[-1] + "</w>"]
+
+
+def test_tiny_tokenizer_gives_colours_unequal_token_counts(parts):
+    assert tokens_in_span(parts.tokenizer, SOURCE, SPANS[0][0]) == [5]
+    assert tokens_in_span(parts.tokenizer, EDITED, SPANS[0][1]) == [5, 6]
+
+
+def test_word_swap_alignment_with_more_edited_tokens(parts):
+    alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
+    assert alignment.source_tokens == [5]
+    assert alignment.edited_tokens == [5, 6]
+    mapper = alignment.mapper
+    assert torch.allclose(mapper.sum(1), torch.ones(len(mapper)))  # no attention is lost
+    for shared in range(5):  # <start> a man in a
+        assert mapper[shared, shared] == 1
+    assert mapper[5, 5] == mapper[5, 6] == 0.5  # "red" feeds both halves of "turquoise"
+    assert mapper[6, 7] == 1 and mapper[9, 10] == 1  # "jacket", "jeans" shift by one
+    assert mapper[14, 15] == mapper[15, 15] == 1  # the last two padding tokens share the final place
+
+
+def test_word_swap_alignment_with_fewer_edited_tokens_and_two_swaps(parts):
+    source = "a woman in a magenta shirt and turquoise pants"
+    edited = "a woman in a red shirt and green pants"
+    spans = [((13, 20), (13, 16)), ((31, 40), (27, 32))]
+    alignment = align_word_swap(parts.tokenizer, source, edited, spans)
+    assert alignment.source_tokens == [5, 6, 9, 10]
+    assert alignment.edited_tokens == [5, 8]
+    mapper = alignment.mapper
+    assert mapper[5, 5] == mapper[6, 5] == 1  # both halves of "magenta" go to "red"
+    assert mapper[7, 6] == mapper[8, 7] == 1  # "shirt and" shift back by one
+    assert mapper[11, 9] == 1  # "pants" shifts back by two
+    assert torch.allclose(mapper.sum(1), torch.ones(len(mapper)))
+    assert mapper[:, -2:].sum() == 0  # the edited prompt's last pads have no source
+
+
+def test_resample_matrix_spreads_intervals():
+    assert torch.allclose(resample_matrix(2, 3), torch.tensor([[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]]))
+
+
+def test_fit_to_model_round_trip(person):
+    fitted, box = fit_to_model(person, (16, 32))
+    assert fitted.size == (16, 32)
+    left, top, right, bottom = box
+    assert (right - left, bottom - top) == (14, 32)
+    assert np.all(pixels(fitted)[:, :left] == 127)  # padding outside the box
+    restored = back_to_crop(fitted, box, person.size)
+    assert restored.size == person.size
+    smooth = person.resize((9, 20)).resize(person.size)  # a crop without detail finer than the model sees
+    round_trip = back_to_crop(fit_to_model(smooth, (16, 32))[0], box, person.size)
+    assert np.abs(pixels(round_trip) - pixels(smooth)).mean() < 12
+
+
+def test_p2p_output_size_and_determinism(parts, person):
+    first = edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    second = edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    assert first.image.size == first.reconstruction.size == first.mask.size == person.size
+    assert np.array_equal(pixels(first.image), pixels(second.image))
+
+
+def test_img2img_output_size_and_seed(parts, person):
+    first = edit_img2img(parts, person, EDITED, strength=0.6, seed=1, **FAST)
+    again = edit_img2img(parts, person, EDITED, strength=0.6, seed=1, **FAST)
+    other = edit_img2img(parts, person, EDITED, strength=0.6, seed=2, **FAST)
+    assert first.image.size == person.size
+    assert np.array_equal(pixels(first.image), pixels(again.image))
+    assert not np.array_equal(pixels(first.image), pixels(other.image))
+
+
+def test_attention_control_changes_the_edit(parts, person):
+    controlled = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, **FAST)
+    plain = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, attention_control=False, **FAST)
+    assert np.abs(pixels(controlled.image) - pixels(plain.image)).mean() > 0.5
+    # the source branch is never controlled (explicit and fused attention kernels round differently)
+    assert np.abs(pixels(controlled.reconstruction) - pixels(plain.reconstruction)).max() <= 1
+
+
+def test_edit_restores_the_attention_processors(parts, person):
+    before = {name: type(p) for name, p in parts.unet.attn_processors.items()}
+    edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    assert {name: type(p) for name, p in parts.unet.attn_processors.items()} == before
+
+
+def test_batched_edits_match_single_edits(parts, person):
+    other = person.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    edits = [
+        EditRequest(person, SOURCE, EDITED, SPANS),
+        EditRequest(other, "a woman in a green shirt", "a woman in a magenta shirt", [((13, 18), (13, 20))]),
+    ]
+    batched = edit_p2p_batch(parts, edits, **FAST)
+    for edit, result in zip(edits, batched):
+        single = edit_p2p(parts, edit.image, edit.source_caption, edit.edited_caption, edit.edit_spans, **FAST)
+        assert np.abs(pixels(single.image) - pixels(result.image)).max() <= 2
+
+
+def test_local_blend_mask_follows_the_changed_words_attention(parts):
+    alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
+    settings = ControlSettings(cross_replace_steps=0, self_replace_steps=0, blend_threshold=0.3)
+    controller = PromptToPromptController([alignment], settings, latent_size=(16, 8))
+    tokens = parts.tokenizer.model_max_length
+    for height, width in [(16, 8), (8, 4)]:  # two UNet levels
+        probabilities = torch.full((2, 2, height * width, tokens), 1 / tokens)
+        region = torch.zeros(height, width, dtype=torch.bool)
+        region[height // 4 : height // 2, :] = True  # the garment's rows
+        probabilities[:, :, region.flatten(), 5] = 1.0  # "red" and "turqu" are attended to there
+        controller.edit_probabilities(probabilities, is_cross=True)
+    mask = controller.local_blend_mask()[0, 0]
+    assert mask.shape == (16, 8)
+    rows = mask.mean(1)
+    assert rows[4:8].eq(1).all() and rows[:2].eq(0).all() and rows[11:].eq(0).all()
+
+
+def test_local_blend_keeps_the_source_latents_outside_the_mask(parts):
+    alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
+    settings = ControlSettings(cross_replace_steps=0, self_replace_steps=0, blend_start_step=2)
+    mask = torch.zeros(1, 1, 16, 8)
+    mask[..., 3:9, 2:6] = 1
+    controller = PromptToPromptController([alignment, alignment], settings, (16, 8), mask_override=mask)
+    latents = torch.randn(4, 4, 16, 8)  # [source 1, edit 1, source 2, edit 2]
+    controller.begin_step(1)
+    assert torch.equal(controller.blend(latents), latents)  # blending has not started yet
+    controller.begin_step(2)
+    blended = controller.blend(latents)
+    inside = mask.bool().expand(4, 4, 16, 8)
+    assert torch.equal(blended[0::2], latents[0::2])
+    assert torch.equal(blended[1::2][~inside[1::2]], latents[0::2][~inside[0::2]])
+    assert torch.equal(blended[1::2][inside[1::2]], latents[1::2][inside[1::2]])
+
+
+def test_local_blend_keeps_pixels_outside_the_mask(parts):
+    rng = np.random.default_rng(1)
+    source = Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))  # at model size: no padding
+    mask = torch.zeros(1, 1, 16, 8)
+    mask[..., :8, :] = 1  # the upper half may change
+    blended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, mask_override=mask, **FAST)
+    unblended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, blend_threshold=None, **FAST)
+    change = np.abs(pixels(blended.image) - pixels(blended.reconstruction)).mean(axis=(1, 2))
+    unblended_change = np.abs(pixels(unblended.image) - pixels(unblended.reconstruction)).mean(axis=(1, 2))
+    inside, outside = change[:12].mean(), change[20:].mean()  # rows away from the mask's edge
+    # the latents outside the mask end equal to the source's, but the decoder's convolutions and group
+    # norms let the inside change leak a little into every pixel
+    assert outside < 0.5 * inside
+    assert outside < 0.5 * unblended_change[20:].mean()
+    assert np.array_equal(np.asarray(blended.mask)[:16] > 127, np.ones((16, 16), dtype=bool))
+
+
+def test_ddim_inversion_is_exact_when_the_noise_ignores_the_latent(model_dir):
+    """With a latent-independent noise prediction DDIM inversion is exact, so any error is in the schedules."""
+    parts = load_generator(model_dir)
+    parts.unet.conv_out.weight.data.zero_()  # noise = the output bias, whatever the latent
+    latents = torch.randn(1, 4, 16, 8, generator=torch.Generator().manual_seed(0))
+    text = parts.encode_prompts([SOURCE])
+    inversion = invert(parts, latents, text, num_steps=10, guidance=1)
+    assert len(inversion.trajectory) == 11
+    reconstruction = denoise(parts, inversion.start_latents, text, text, num_steps=10, guidance=1)
+    assert torch.allclose(reconstruction, latents, atol=1e-4)
+
+
+def test_null_text_optimisation_reduces_the_reconstruction_error(parts):
+    latents = torch.randn(1, 4, 16, 8, generator=torch.Generator().manual_seed(0))
+    text = parts.encode_prompts([SOURCE])
+
+    def reconstruction_error(null_text_steps: int) -> float:
+        inversion = invert(parts, latents, text, num_steps=5, guidance=4.0, null_text_steps=null_text_steps)
+        nulls = inversion.null_embeddings or parts.encode_prompts([""])
+        reconstruction = denoise(parts, inversion.start_latents, text, nulls, num_steps=5, guidance=4.0)
+        return (reconstruction - latents).pow(2).mean().item()
+
+    assert reconstruction_error(10) < 0.8 * reconstruction_error(0)
