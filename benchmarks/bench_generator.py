@@ -45,7 +45,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=200, help="val captions naming a garment colour")
     parser.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generator.json"))
-    parser.add_argument("--save", default="", help="also save the trained pipeline, loss curves and samples here")
+    parser.add_argument("--save", default="", help="also save the pipeline, probe, loss curves and samples here")
     return parser.parse_args()
 
 
@@ -75,6 +75,7 @@ def main() -> None:
 
     if args.save:
         save_pipeline(trained.pipeline, Path(args.save) / "pipeline")
+        probe.save(Path(args.save) / "probe")
         plot_loss_curves(trained, Path(args.save) / "loss_curves.png")
         write_sample_grid(trained.pipeline, val, Path(args.save) / "samples.png", guidance=cfg.guidance,
                           steps=cfg.sample_steps, seed=cfg.seed)

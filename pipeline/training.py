@@ -79,11 +79,25 @@ class TrainOutputs:
 
 
 def training_fingerprint(params: Params, shards: list[str]) -> str:
-    """Identifies the run a saved state belongs to: a state of another run is never resumed."""
+    """Identifies the run a saved state belongs to: a state of another run is never resumed.
+
+    It covers the params, the shards' names and sizes, and the library's source code, so a
+    state saved by other code is not continued by this one.
+    """
     relevant = {k: dataclasses.asdict(getattr(params, k)) for k in ("model", "loss", "train")}
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
-    relevant["shards"] = [Path(s).name for s in shards]
+    relevant["shards"] = [[Path(s).name, Path(s).stat().st_size] for s in shards]
+    relevant["code"] = _source_digest()
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _source_digest() -> str:
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int):
@@ -156,9 +170,11 @@ class Trainer:
         state = self.outputs.state_dir
         progress_file = state / PROGRESS_FILE
         saved = Progress(**json.loads(progress_file.read_text())) if progress_file.is_file() else None
-        if saved is None or saved.fingerprint != self.progress.fingerprint:
+        if saved is None or saved.fingerprint != self.progress.fingerprint or saved.epoch >= self.cfg.epochs:
             if saved is not None:
-                log.info("saved state in %s is from another configuration: starting afresh", state)
+                finished = saved.epoch >= self.cfg.epochs
+                log.info("saved state in %s is %s: starting afresh", state,
+                         "a finished run" if finished else "from another configuration")
             self._clear_outputs()
             return False
         self.accelerator.load_state(str(state))

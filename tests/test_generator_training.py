@@ -104,8 +104,8 @@ def test_vae_and_unet_losses_fall(train_images):
     tokenizer = train_caption_tokenizer([c for cs in train_images.captions for c in cs], max_length=32)
     caption_ids, empty_ids = tokenize_captions(tokenizer, train_images.captions)
     latents = encode_latents(vae, train_images.pixels)
-    assert latents[0].shape == (64, 4, HEIGHT // 2, WIDTH // 2)  # every image and its mirror image
-    scale = set_latent_scale(vae, latents[0])
+    assert latents.shape == (64, 4, HEIGHT // 2, WIDTH // 2)  # every image and its mirror image
+    scale = set_latent_scale(vae, latents)
     unet, text_encoder = build_unet(TINY_GENERATOR), build_text_encoder(TINY_GENERATOR, tokenizer)
     unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scale, TINY_GENERATOR,
                              show_progress=False)

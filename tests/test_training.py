@@ -1,6 +1,7 @@
 """Training: resume after a kill, 1 vs 2 processes, non-finite losses, train and evaluate stages."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pipeline.config import params_from_dict
 from pipeline.data.canonical import list_shards
 from pipeline.data.loader import StreamPlan, global_batches
 from pipeline.data.prepare import prepare
+from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs, make_accelerator
 from tiny_project import TINY_PROFILE, deep_merge, dvc, make_tiny_project
 
 # A model and schedule small enough for a few seconds of CPU training.
@@ -70,13 +72,13 @@ def test_data_stream_is_split_exactly_across_processes(tmp_path):
 
 
 def test_training_learns_and_the_stages_write_their_outputs(tmp_path):
-    project = _project(tmp_path, {"train": {"epochs": 4}})
+    project = _project(tmp_path, {"train": {"epochs": 8, "lr": 0.003}})
     dvc(project, "repro", "evaluate@baseline")
     history = _history(project)
     losses = [loss for _, loss in history["losses"]]
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2  # the loss falls
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.15  # the loss falls
     summary = json.loads((project / "metrics" / "train_baseline.json").read_text())
-    assert summary["steps"] == 4 * 8 and 1 <= summary["best_epoch"] <= 4
+    assert summary["steps"] == 8 * 8 and 1 <= summary["best_epoch"] <= 8
     test = json.loads((project / "metrics" / "baseline.json").read_text())
     assert test["num_queries"] == 6 * 2 * 2 and test["num_gallery"] == 6 * 2
     assert test["R1"] <= test["R5"] <= test["R10"] and test["checkpoint_epoch"] == summary["best_epoch"]
@@ -123,14 +125,29 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     assert _history(two)["epochs"][-1]["val_R1"] == pytest.approx(_history(one)["epochs"][-1]["val_R1"])
 
 
-def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
-    # An enormous learning rate drives the weights to inf within a few steps.
-    project = _project(tmp_path, {"train": {"lr": 1e30, "grad_clip": 0.0, "warmup_fraction": 0.0}})
-    failed = _train(project, check=False)
-    assert failed.returncode == 1
-    assert "non-finite loss at epoch" in failed.stderr and "step" in failed.stderr
+class _NanAtStep:
+    """The real loss, except NaN at one global step."""
 
-    lenient = _project(tmp_path / "lenient", {"train": {"lr": 1e30, "grad_clip": 0.0, "warmup_fraction": 0.0,
-                                                        "nonfinite_loss": "skip"}})
-    _train(lenient)
-    assert _history(lenient)["skipped_batches"] > 0
+    def __init__(self, criterion, trainer, step):
+        self.criterion, self.trainer, self.step = criterion, trainer, step
+
+    def __call__(self, *args, **kwargs):
+        loss = self.criterion(*args, **kwargs)
+        return loss * float("nan") if self.trainer.progress.global_step == self.step else loss
+
+
+def _trainer(prepared, out_dir, **train):
+    params = params_from_dict(deep_merge(deep_merge(TINY_PROFILE, TINY_TRAINING), {"train": train}))
+    trainer = Trainer(params, prepared, TrainOutputs(out_dir), make_accelerator(params, cpu=True))
+    trainer.criterion = _NanAtStep(trainer.criterion, trainer, step=3)
+    return trainer
+
+
+def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):
+    prepare(params_from_dict(deep_merge(TINY_PROFILE, TINY_TRAINING)), tmp_path / "prepared")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 0 step 3 \(global step 3\)"):
+        _trainer(tmp_path / "prepared", tmp_path / "strict").fit()
+
+    progress = _trainer(tmp_path / "prepared", tmp_path / "lenient", nonfinite_loss="skip").fit()
+    assert progress.skipped_batches == 1 and progress.global_step == 16
+    assert len(progress.losses) == 15 and all(math.isfinite(loss) for _, loss in progress.losses)
