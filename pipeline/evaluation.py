@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from pipeline.data.canonical import iter_shard_samples, list_shards
-from pipeline.data.loader import IMAGE_EXTENSIONS
+from pipeline.data.canonical import image_member, iter_shard_samples, list_shards
 from pipeline.metrics import retrieval_metrics
 from pipeline.models.tokenization import tokenize
 
@@ -40,7 +39,7 @@ def load_retrieval_split(prepared_dir: str | Path, split: str) -> RetrievalSplit
     for sample in iter_shard_samples(shards):
         row = json.loads(sample["json"])
         keys.append(sample["__key__"])
-        images.append(next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample))
+        images.append(image_member(sample, f"{split} shards"))
         image_pids.append(row["person_id"])
         for caption in row["captions"]:
             captions.append(caption)

@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline.config import ConfigError, Params, load_params
+
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def stage_arguments(description: str, variants: tuple[str, ...] = ()) -> argparse.Namespace:
+def start_stage(description: str, variants: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Params]:
+    """Parse the arguments, set up logging and load the params; a bad params file exits with status 1."""
+    args = _stage_arguments(description, variants)
+    setup_logging()
+    try:
+        return args, load_params(args.params)
+    except ConfigError as err:
+        logging.getLogger("stages").error("%s", err)
+        raise SystemExit(1) from None
+
+
+def _stage_arguments(description: str, variants: tuple[str, ...] = ()) -> argparse.Namespace:
     """Parse the arguments every stage takes (where params live; the variant, for variant stages)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")

@@ -113,7 +113,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases, norms and the temperature."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

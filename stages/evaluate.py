@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, load_params
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.io import write_json_atomic
 from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
-from pipeline.runtime import setup_logging, stage_arguments
+from pipeline.runtime import start_stage
 from stages.train import VARIANTS
 
 PREPARED = Path("data/prepared")
@@ -38,13 +37,7 @@ def _retrieval_examples(data, similarity: torch.Tensor, path: Path, title: str) 
 
 
 def main() -> int:
-    args = stage_arguments(__doc__, VARIANTS)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-    except ConfigError as err:
-        log.error("%s", err)
-        return 1
+    args, params = start_stage(__doc__, VARIANTS)
     checkpoint = Path("models") / args.variant / "best"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)

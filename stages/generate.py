@@ -13,7 +13,6 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, load_params
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.generate import (
@@ -28,7 +27,7 @@ from pipeline.pdg.generate import (
 from pipeline.pdg.generator_training import resolve_generator
 from pipeline.pdg.model import load_generator
 from pipeline.plots import plot_generated_pairs
-from pipeline.runtime import setup_logging, stage_arguments
+from pipeline.runtime import start_stage
 
 PREPARED = Path("data/prepared")
 GENERATOR_DIR = Path("models/generator")
@@ -39,9 +38,8 @@ SHEET = Path("reports/pdg/sample_sheet.png")
 log = logging.getLogger("stages.generate")
 
 
-def _sample_sheet(plan, count: int) -> None:
+def _sample_sheet(plan, sources: dict[str, bytes], count: int) -> None:
     wanted = {job.key: job for job in plan.jobs[:count]}
-    sources = load_source_images(PREPARED, {job.source.key for job in wanted.values()})
     shards = sorted(str(p) for p in OUT_DIR.glob("pdg-*.tar"))
     rows = []
     for sample in iter_shard_samples(shards):
@@ -58,13 +56,7 @@ def _sample_sheet(plan, count: int) -> None:
 
 
 def main() -> int:
-    args = stage_arguments(__doc__)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-    except ConfigError as err:
-        log.error("%s", err)
-        return 1
+    _, params = start_stage(__doc__)
     cfg = params.pdg
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     generator = resolve_generator(GENERATOR_DIR)
@@ -92,7 +84,7 @@ def main() -> int:
             "samples_per_s": round(report.samples_per_s * world, 3),  # the main process's rate, times processes
             "shards_kept_from_earlier_run": report.shards_kept,
         })
-        _sample_sheet(plan, cfg.sheet_samples)
+        _sample_sheet(plan, images, cfg.sheet_samples)
     log.info("wrote %d shard(s) (%d kept) at %.2f samples/s", report.shards_written, report.shards_kept, report.samples_per_s)
     accelerator.end_training()
     return 0

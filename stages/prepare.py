@@ -7,7 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
 from pipeline.data.prepare import (
     DataProblemsError,
     prepare,
@@ -15,7 +14,7 @@ from pipeline.data.prepare import (
     write_prepared_contact_sheet,
 )
 from pipeline.data.validate import UnusableInput
-from pipeline.runtime import setup_logging, stage_arguments
+from pipeline.runtime import start_stage
 
 OUT_DIR = Path("data/prepared")
 METRICS = Path("metrics/data.json")
@@ -25,13 +24,11 @@ log = logging.getLogger("stages.prepare")
 
 
 def main() -> int:
-    args = stage_arguments(__doc__)
-    setup_logging()
+    _, params = start_stage(__doc__)
     try:
-        params = load_params(args.params)
         shutil.rmtree(OUT_DIR, ignore_errors=True)  # no stale shards from an earlier shard size
         result = prepare(params, OUT_DIR)
-    except (ConfigError, DataProblemsError, UnusableInput) as err:
+    except (DataProblemsError, UnusableInput) as err:
         log.error("%s", err)
         return 1
     write_data_metrics(result, METRICS)

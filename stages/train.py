@@ -6,10 +6,10 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.plots import plot_training_curves
-from pipeline.runtime import setup_logging, stage_arguments
+from pipeline.runtime import start_stage
 from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs, make_accelerator
 
 PREPARED = Path("data/prepared")
@@ -39,10 +39,8 @@ def _write_reports(progress, variant: str) -> None:
 
 
 def main() -> int:
-    args = stage_arguments(__doc__, VARIANTS)
-    setup_logging()
+    args, params = start_stage(__doc__, VARIANTS)
     try:
-        params = load_params(args.params)
         accelerator = make_accelerator(params)
         trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator)
         progress = trainer.fit()

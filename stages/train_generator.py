@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, GeneratorConfig, load_params
+from pipeline.config import GeneratorConfig
 from pipeline.io import write_json_atomic
 from pipeline.pdg.generator_training import (
     LabelledImages,
@@ -31,7 +31,7 @@ from pipeline.pdg.generator_training import (
     write_sample_grid,
 )
 from pipeline.pdg.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
-from pipeline.runtime import setup_logging, stage_arguments
+from pipeline.runtime import start_stage
 
 PREPARED = Path("data/prepared")
 GENERATOR_DIR = Path("models/generator")
@@ -44,13 +44,7 @@ log = logging.getLogger("stages.train_generator")
 
 
 def main() -> int:
-    args = stage_arguments(__doc__)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-    except ConfigError as err:
-        log.error("%s", err)
-        return 1
+    _, params = start_stage(__doc__)
     cfg = params.generator
     started = time.perf_counter()
     for folder in (GENERATOR_DIR, PROBE_DIR, REPORTS):

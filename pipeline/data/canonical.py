@@ -175,6 +175,17 @@ def _sample(record: ImageRecord, image_root: str | Path) -> dict[str, bytes]:
     }
 
 
+IMAGE_EXTENSIONS = ("png", "jpg", "webp")
+
+
+def image_member(sample: dict[str, bytes], where: str) -> bytes:
+    """The image bytes of a shard sample; `where` (the shard) names it in the error."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"{where}: sample {sample['__key__']} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
+
+
 def iter_shard_samples(paths: Iterable[str]) -> Iterator[dict[str, bytes]]:
     """Read samples back from tar shards (grouping members by key), in file order."""
     for path in paths:

@@ -21,11 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.augment import AugmentConfig, augmented_tensor
-from pipeline.data.canonical import iter_shard_samples
+from pipeline.data.canonical import image_member, iter_shard_samples
 from pipeline.models.preprocessing import ImagePreprocessor
-
-IMAGE_EXTENSIONS = ("png", "jpg", "webp")
-
 
 @dataclass(frozen=True)
 class RawPair:
@@ -61,13 +58,6 @@ class StreamPlan:
         return self.global_batch_size // self.world_size
 
 
-def _image_bytes(sample: dict, where: str) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return sample[ext]
-    raise ValueError(f"{where}: sample {sample['__key__']} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
-
-
 def _shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
     """A bounded-memory shuffle: a random element of a full buffer is emitted for each new one."""
     buffer = []
@@ -88,7 +78,7 @@ def raw_pairs(plan: StreamPlan) -> Iterator[RawPair]:
         for shard in shard_order:
             for sample in iter_shard_samples([shard]):
                 row = json.loads(sample["json"])
-                image = _image_bytes(sample, shard)
+                image = image_member(sample, shard)
                 for caption in row["captions"]:
                     yield sample["__key__"], image, caption, row["person_id"]
 

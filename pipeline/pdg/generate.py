@@ -25,8 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import PdgConfig
-from pipeline.data.canonical import ImageRecord, iter_shard_samples, list_shards, write_tar_atomic
-from pipeline.data.loader import IMAGE_EXTENSIONS
+from pipeline.data.canonical import ImageRecord, image_member, iter_shard_samples, list_shards, write_tar_atomic
 from pipeline.io import write_json_atomic
 from pipeline.text import find_color_phrases
 from pipeline.text.caption_edit import CaptionEdit, edit_captions
@@ -155,7 +154,7 @@ def load_source_images(prepared_dir: str | Path, keys: set[str]) -> dict[str, by
     images = {}
     for sample in iter_shard_samples(list_shards(prepared_dir, "train")):
         if sample["__key__"] in keys:
-            images[sample["__key__"]] = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+            images[sample["__key__"]] = image_member(sample, "train shards")
     missing = keys - set(images)
     if missing:
         raise FileNotFoundError(f"{len(missing)} source images are not in the train shards, e.g. {sorted(missing)[0]}")
