@@ -95,7 +95,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
     warmup_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))  # of all steps
     grad_clip: float = field(default=1.0, metadata=_range(0.0))  # 0 = off
-    mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16", "auto")})
+    # `dvc exp run -S` rewrites params.yaml without quotes, and YAML reads a bare `no` as false
+    mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16", "auto"), "false_means": "no"})
     num_workers: int = field(default=1, metadata=_range(0, 64))  # loader workers per process
     shuffle_buffer: int = field(default=2000, metadata=_range(1))
     checkpoint_every: int = field(default=100, metadata=_range(1))  # steps between saved states
@@ -116,16 +117,22 @@ class GeneratorConfig:
     upscaler: str = ""  # real profile: optional diffusers upscaler for low-resolution crops
     height: int = field(default=64, metadata=_range(16, 1024))
     width: int = field(default=32, metadata=_range(16, 1024))
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_steps: int = field(default=600, metadata=_range(1))
+    vae_channels: tuple[int, ...] = (32, 32, 64)
+    latent_channels: int = field(default=4, metadata=_range(1, 64))
+    vae_steps: int = field(default=800, metadata=_range(1))
     vae_batch_size: int = field(default=16, metadata=_range(1))
-    vae_lr: float = field(default=1e-3, metadata=_range(0.0, 1.0))
+    vae_lr: float = field(default=2e-3, metadata=_range(0.0, 1.0))
     unet_channels: tuple[int, ...] = (64, 128)
-    unet_steps: int = field(default=860, metadata=_range(1))
+    unet_steps: int = field(default=700, metadata=_range(1))
     unet_batch_size: int = field(default=64, metadata=_range(1))
     unet_lr: float = field(default=1e-3, metadata=_range(0.0, 1.0))
+    # minilm: the pretrained MiniLM (frozen; its prompt states computed once); clip: a small
+    # CLIPTextModel (text_width x text_layers) trained jointly with the UNet
+    text_encoder: str = field(default="minilm", metadata={"choices": ("minilm", "clip")})
+    prompt_tokens: int = field(default=64, metadata=_range(8, 512))  # minilm prompt length (padded)
     text_width: int = field(default=64, metadata=_range(16, 1024))
     text_layers: int = field(default=2, metadata=_range(1, 24))
+    global_text: bool = True  # the pooled prompt also joins the UNet's time embedding
     caption_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # for classifier-free guidance
     guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
     sample_steps: int = field(default=25, metadata=_range(1, 1000))
@@ -159,6 +166,74 @@ class PdgConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    """Which generated pairs the `filter` stage keeps; every criterion is reported on its own."""
+
+    enabled: bool = True  # false keeps every pair (still scored and reported): the "filter off" ablation
+    scorer: str = ""  # "" = the baseline dual encoder (models/baseline/best); else a CLIP folder or hub id
+    # consistency: s(generated image, edited caption) - s(generated image, source caption) >= margin ...
+    margin: float = field(default=0.02, metadata=_range(-2.0, 2.0))
+    # ... and s(generated image, edited caption) >= min_similarity (cosine)
+    min_similarity: float = field(default=0.1, metadata=_range(-1.0, 1.0))
+    # fidelity: mean absolute change (grey levels, 0-255) outside the edited region, at most this
+    max_outside_change: float = field(default=40.0, metadata=_range(0.0, 255.0))
+    # degenerate: a blank image (pixel std below this, grey levels) or a noisy one (share of
+    # high-frequency energy above this) is rejected
+    min_pixel_std: float = field(default=8.0, metadata=_range(0.0, 255.0))
+    max_noise_share: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    # near-duplicates: a kept image whose embedding is this similar to an earlier kept one from the
+    # same source is dropped
+    duplicate_similarity: float = field(default=0.995, metadata=_range(0.0, 1.0))
+    batch_size: int = field(default=128, metadata=_range(1))
+    sheet_samples: int = field(default=8, metadata=_range(0, 100))  # kept and rejected examples each
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Training texts of the kept proximity images (`caption` stage)."""
+
+    captioner: str = ""  # an image-to-text model folder or hub id (real profile); "" = none
+    captioner_max_tokens: int = field(default=40, metadata=_range(1, 512))
+    paraphrases: int = field(default=1, metadata=_range(0, 16))  # approximate-text variants per caption
+    paraphrase_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    batch_size: int = field(default=32, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Online PDG during training; each part is off at probability 0."""
+
+    # approximate text: with this probability a caption gets one operation (replace / delete / crop)
+    text_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    text_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))  # of its words
+    text_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # replace, delete, crop
+    embedding_neighbours: bool = True  # replacements also from MiniLM's word-embedding neighbours
+    # feature mixup: with this probability a batch is mixed at layer mixup_layer of both towers
+    mixup_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    mixup_layer: int = field(default=1, metadata=_range(0, 64))
+    mixup_alpha: float = field(default=0.4, metadata=_range(0.01, 100.0))
+
+    def __post_init__(self):
+        weights = self.text_weights
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ConfigError(f"params: 'online.text_weights' must be 3 non-negative weights (replace, delete, "
+                              f"crop) with a positive sum, got {list(weights)}")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One trained model: `train@<name>` reads the training shards in `data` (plus val from data/prepared)."""
+
+    data: str = "data/prepared"
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+
+
+def _default_variants() -> dict:
+    return {"baseline": VariantConfig()}
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -167,6 +242,14 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     pdg: PdgConfig = field(default_factory=PdgConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
+
+    def variant(self, name: str) -> VariantConfig:
+        if name not in self.variants:
+            raise ConfigError(f"params: no variant '{name}' under 'variants' (known: {', '.join(self.variants)})")
+        return self.variants[name]
 
 
 def _type_name(tp: Any) -> str:
@@ -183,11 +266,18 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
             return None
         tp = next(t for t in options if t is not type(None))
         origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"params: '{key}' must be a non-empty mapping, got {value!r}")
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _check_value(f"{key}.{k}", v, item_tp, {}) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"params: '{key}' must be a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return tuple(_check_value(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
+    if tp is str and value is False and "false_means" in meta:
+        value = meta["false_means"]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is not Any and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):

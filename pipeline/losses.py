@@ -149,3 +149,31 @@ class HardnessAwareContrastiveLoss(nn.Module):
             "positive_similarity": similarity[positives].mean().item(),
             "hardest_negative_similarity": hardest_negative[has_negative].mean().item(),
         }
+
+
+def mixed_pair_targets(
+    person_ids: torch.Tensor, permutation: torch.Tensor, lam: torch.Tensor, identity_positives: bool = True
+) -> torch.Tensor:
+    """Targets [B, B_global] for feature mixup, where image i and caption i of this rank's batch are
+    both `lam_i * sample_i + (1 - lam_i) * sample_perm(i)` (the same lam and partner in both towers).
+
+    A mixed image and a mixed caption match by the mass their components share:
+    affinity(i, j) = sum over components a of i and b of j of w_ia * w_jb * match(a, b), with
+    w_ii = lam_i, w_i,perm(i) = 1 - lam_i, and match = same person id (or the same pair). Rows are
+    normalised by the loss. `permutation` indexes this rank's batch; lam is [B]."""
+    batch_size = person_ids.shape[0]
+    offset = dist.get_rank() * batch_size if _is_distributed() else 0
+    all_ids = gather_with_grad(person_ids)
+    all_partners = gather_with_grad(permutation.to(person_ids.device) + offset)
+    all_lam = gather_with_grad(lam.float().to(person_ids.device))
+    total = all_ids.shape[0]
+    weights = torch.zeros(total, total, device=person_ids.device)
+    rows = torch.arange(total, device=person_ids.device)
+    weights[rows, rows] += all_lam
+    weights[rows, all_partners] += 1 - all_lam
+    if identity_positives:
+        match = (all_ids[:, None] == all_ids[None, :]).float()
+    else:
+        match = torch.eye(total, device=person_ids.device)
+    affinity = weights @ match @ weights.T
+    return affinity[offset : offset + batch_size]

@@ -118,3 +118,38 @@ def plot_generated_pairs(rows: list[dict], path: str | Path, title: str) -> None
     figure.suptitle(title)
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def plot_filter_examples(pairs: list, sources: dict[str, bytes], path: str | Path, per_group: int) -> None:
+    """Two blocks of rows, kept then rejected pairs (evenly spread, not cherry-picked): source and
+    generated image, the change, the scores and, for rejected ones, the failed criteria."""
+    kept = [p for p in pairs if p.kept]
+    rejected = [p for p in pairs if not p.kept]
+    rows = [(p, "kept") for p in _spread(kept, per_group)] + [(p, "rejected") for p in _spread(rejected, per_group)]
+    if not rows:
+        return
+    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 1.9 * len(rows)), squeeze=False,
+                                gridspec_kw={"width_ratios": [1, 1, 5]})
+    for (pair, verdict), axis_row in zip(rows, axes):
+        for axis, picture, name in zip(axis_row, (sources[pair.record["source_key"]], pair.members["png"]),
+                                       ("source", "generated")):
+            axis.imshow(Image.open(io.BytesIO(picture)).convert("RGB"))
+            axis.set_xticks([]), axis.set_yticks([])
+            axis.set_title(name, fontsize=7)
+        s = pair.scores
+        change = "; ".join(f"{c['phrase_before']} -> {c['phrase_after']}" for c in pair.record["changes"])
+        lines = [f"{verdict.upper()}" + (f" ({', '.join(pair.reasons)})" if pair.reasons else ""), change,
+                 f"sim edited {s['edited_similarity']:.3f}  source {s['source_similarity']:.3f}  margin {s['margin']:+.3f}",
+                 f"outside change {s['outside_change']:.1f}  std {s['pixel_std']:.1f}  noise {s['noise_share']:.2f}"]
+        axis_row[2].axis("off")
+        axis_row[2].text(0, 0.5, "\n".join(lines), fontsize=6.5, va="center",
+                         color="darkgreen" if verdict == "kept" else "darkred")
+    figure.suptitle("filter: kept and rejected proximity pairs")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _spread(items: list, count: int) -> list:
+    if len(items) <= count:
+        return items
+    return [items[i] for i in torch.linspace(0, len(items) - 1, count).long().tolist()]

@@ -12,21 +12,25 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def start_stage(description: str, variants: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Params]:
-    """Parse the arguments, set up logging and load the params; a bad params file exits with status 1."""
-    args = _stage_arguments(description, variants)
+def start_stage(description: str, with_variant: bool = False) -> tuple[argparse.Namespace, Params]:
+    """Parse the arguments, set up logging and load the params; a bad params file, or a variant
+    that params.yaml does not define, exits with status 1."""
+    args = _stage_arguments(description, with_variant)
     setup_logging()
     try:
-        return args, load_params(args.params)
+        params = load_params(args.params)
+        if with_variant:
+            params.variant(args.variant)
+        return args, params
     except ConfigError as err:
         logging.getLogger("stages").error("%s", err)
         raise SystemExit(1) from None
 
 
-def _stage_arguments(description: str, variants: tuple[str, ...] = ()) -> argparse.Namespace:
+def _stage_arguments(description: str, with_variant: bool) -> argparse.Namespace:
     """Parse the arguments every stage takes (where params live; the variant, for variant stages)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    if variants:
-        parser.add_argument("--variant", required=True, choices=variants)
+    if with_variant:
+        parser.add_argument("--variant", required=True, help="a name under 'variants' in params.yaml")
     return parser.parse_args()

@@ -20,20 +20,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, Params
+from pipeline.config import ConfigError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.io import write_json_atomic
-from pipeline.losses import HardnessAwareContrastiveLoss
-from pipeline.models import DualEncoder, build_model
+from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
+from pipeline.models import DualEncoder, build_model, minilm_path
+from pipeline.models.mixup import FeatureMix
 from pipeline.models.tokenization import tokenize
+from pipeline.text.approximate import ApproximateText, build_approximate_text
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +81,14 @@ class TrainOutputs:
         return self.out_dir / "last"
 
 
-def training_fingerprint(params: Params, shards: list[str]) -> str:
+def training_fingerprint(params: Params, shards: list[str], variant: VariantConfig | None = None) -> str:
     """Identifies the run a saved state belongs to: a state of another run is never resumed.
 
     It covers the params, the shards' names and sizes, and the library's source code, so a
     state saved by other code is not continued by this one.
     """
     relevant = {k: dataclasses.asdict(getattr(params, k)) for k in ("model", "loss", "train")}
+    relevant["variant"] = dataclasses.asdict(variant or VariantConfig())
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
     relevant["shards"] = [[Path(s).name, Path(s).stat().st_size] for s in shards]
     relevant["code"] = _source_digest()
@@ -130,16 +134,42 @@ def make_accelerator(params: Params, cpu: bool = False) -> Accelerator:
     return Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=_mixed_precision(params.train.mixed_precision))
 
 
+def _check_mixup_layer(online: OnlineConfig, model: DualEncoder) -> None:
+    if online.mixup_prob <= 0:
+        return
+    depth = min(len(model.image_tower.layers), len(model.text_tower.layers))
+    if online.mixup_layer >= depth:
+        raise ConfigError(f"params: 'online.mixup_layer' {online.mixup_layer} must be below {depth}, the number of "
+                          "layers of the shallower tower")
+
+
+def _approximate_text(online: OnlineConfig, captions) -> ApproximateText | None:
+    if online.text_prob <= 0:
+        return None
+    embedding_dir = minilm_path() if online.embedding_neighbours else None
+    return build_approximate_text(online.text_prob, online.text_fraction, tuple(online.text_weights), captions,
+                                  embedding_dir)
+
+
 class Trainer:
-    def __init__(self, params: Params, prepared_dir: str | Path, outputs: TrainOutputs, accelerator: Accelerator):
+    """Trains on the train shards of `variant.data` (default: `prepared_dir`), validates on the val
+    split of `prepared_dir`, and applies the variant's online PDG."""
+
+    def __init__(
+        self, params: Params, prepared_dir: str | Path, outputs: TrainOutputs, accelerator: Accelerator,
+        variant: VariantConfig | None = None,
+    ):
         self.params = params
         self.cfg = params.train
+        self.variant = variant or VariantConfig(data=str(prepared_dir))
+        self.online = self.variant.online
         self.outputs = outputs
         self.accelerator = accelerator
-        self.shards = list_shards(prepared_dir, "train")
+        train_dir = Path(self.variant.data)
+        self.shards = list_shards(train_dir, "train")
         if not self.shards:
-            raise FileNotFoundError(f"no train shards under {Path(prepared_dir) / 'shards'}")
-        train_rows = read_manifest(manifest_path(prepared_dir, "train"))
+            raise FileNotFoundError(f"no train shards under {train_dir / 'shards'}")
+        train_rows = read_manifest(manifest_path(train_dir, "train"))
         self.steps_per_epoch = count_pairs(train_rows) // self.cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"params: 'train.batch_size' {self.cfg.batch_size} exceeds the {count_pairs(train_rows)} training pairs")
@@ -158,7 +188,9 @@ class Trainer:
         accelerator.register_for_checkpointing(scheduler)
         self.criterion = HardnessAwareContrastiveLoss.from_config(params.loss)
         self.val_data = load_retrieval_split(prepared_dir, "val")
-        self.progress = Progress(fingerprint=training_fingerprint(params, self.shards))
+        self.progress = Progress(fingerprint=training_fingerprint(params, self.shards, self.variant))
+        self.approximate_text = _approximate_text(self.online, (c for row in train_rows for c in row.captions))
+        _check_mixup_layer(self.online, model)
 
     @property
     def unwrapped(self) -> DualEncoder:
@@ -227,16 +259,37 @@ class Trainer:
         def tokenize_captions(captions):
             return tokenize(model.tokenizer, captions, max_length)
 
-        dataset = ContrastivePairs(self._plan(epoch, start_step), model.image_preprocessor, tokenize_captions)
+        dataset = ContrastivePairs(self._plan(epoch, start_step), model.image_preprocessor, tokenize_captions,
+                                   self.approximate_text)
         return pair_loader(dataset, self.cfg.num_workers)
+
+    def _feature_mix(self, batch_size: int) -> FeatureMix | None:
+        """This batch's mixup (or None): lam_i ~ Beta(alpha, alpha) per pair and a random partner,
+        drawn from (seed, global step, rank) so that a resumed run mixes as an uninterrupted one."""
+        if self.online.mixup_prob <= 0:
+            return None
+        # Every rank takes the same decision: the mixed targets are gathered collectively.
+        if np.random.default_rng((self.cfg.seed, self.progress.global_step)).random() >= self.online.mixup_prob:
+            return None
+        rng = np.random.default_rng((self.cfg.seed, self.progress.global_step, self.accelerator.process_index))
+        lam = torch.from_numpy(rng.beta(self.online.mixup_alpha, self.online.mixup_alpha, batch_size)).float()
+        permutation = torch.from_numpy(rng.permutation(batch_size))
+        device = self.accelerator.device
+        return FeatureMix(self.online.mixup_layer, permutation.to(device), lam.to(device))
 
     def _step(self, batch: dict) -> float | None:
         device = self.accelerator.device
+        person_ids = batch["person_ids"].to(device)
+        mix = self._feature_mix(len(person_ids))
         with self.accelerator.autocast():
             image_emb, text_emb = self.model(
-                batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                mix=mix,
             )
-        loss = self.criterion(image_emb, text_emb, batch["person_ids"].to(device), self.unwrapped.temperature())
+        targets = None
+        if mix is not None:
+            targets = mixed_pair_targets(person_ids, mix.permutation, mix.lam, self.params.loss.identity_positives)
+        loss = self.criterion(image_emb, text_emb, person_ids, self.unwrapped.temperature(), targets)
         if not torch.isfinite(self.accelerator.reduce(loss.detach(), "sum")):
             return self._nonfinite(batch["step"])
         self.accelerator.backward(loss)

@@ -15,7 +15,6 @@ from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
 from pipeline.runtime import start_stage
-from stages.train import VARIANTS
 
 PREPARED = Path("data/prepared")
 EXAMPLE_QUERIES = 6
@@ -37,8 +36,11 @@ def _retrieval_examples(data, similarity: torch.Tensor, path: Path, title: str) 
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, VARIANTS)
+    args, params = start_stage(__doc__, with_variant=True)
     checkpoint = Path("models") / args.variant / "best"
+    if not (checkpoint / "training.json").is_file():
+        log.error("no trained model in %s: run `dvc repro train@%s` first", checkpoint, args.variant)
+        return 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)
     epoch = json.loads((checkpoint / "training.json").read_text())["epoch"]

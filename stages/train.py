@@ -1,4 +1,8 @@
-"""DVC stage `train@<variant>`: train the dual encoder; writes models/<variant>/{best,last,state}."""
+"""DVC stage `train@<variant>`: train the dual encoder; writes models/<variant>/{best,last,state}.
+
+The variant (params.yaml `variants.<name>`) names the folder of training shards (data/prepared
+for the baseline; original plus proximity pairs for pdg) and its online PDG; validation always
+uses data/prepared's val split."""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from pipeline.runtime import start_stage
 from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs, make_accelerator
 
 PREPARED = Path("data/prepared")
-VARIANTS = ("baseline",)
 
 log = logging.getLogger("stages.train")
 
@@ -39,10 +42,11 @@ def _write_reports(progress, variant: str) -> None:
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, VARIANTS)
+    args, params = start_stage(__doc__, with_variant=True)
     try:
         accelerator = make_accelerator(params)
-        trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator)
+        trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator,
+                          params.variant(args.variant))
         progress = trainer.fit()
     except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
         log.error("%s", err)

@@ -55,3 +55,10 @@ def test_bad_files_are_named(tmp_path):
     broken.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(broken)
+
+
+def test_an_unquoted_no_from_dvc_exp_run_still_means_no_mixed_precision():
+    # `dvc exp run -S ...` rewrites params.yaml and drops the quotes around "no"; YAML reads false
+    assert params_from_dict({"train": {"mixed_precision": False}}).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        params_from_dict({"train": {"mixed_precision": True}})

@@ -46,13 +46,19 @@ from pipeline.pdg.probe import (
     prompted_color_accuracy,
     train_probe,
 )
+from PIL import Image
+from transformers import BertModel
+
+from pipeline.models import minilm_path
+from pipeline.pdg.editing import EditRequest, edit_p2p_batch
+from pipeline.pdg.model import load_generator
 from tiny_project import REPO, TINY_PROFILE, deep_merge
 
 HEIGHT, WIDTH = 32, 16
 TINY_GENERATOR_PARAMS = {
     "height": HEIGHT, "width": WIDTH, "vae_channels": [8, 16], "vae_steps": 100, "vae_batch_size": 8,
     "vae_lr": 3e-3, "unet_channels": [16, 32], "unet_steps": 60, "unet_batch_size": 16, "unet_lr": 2e-3,
-    "text_width": 16, "text_layers": 1, "sample_steps": 3,
+    "text_encoder": "clip", "text_width": 16, "text_layers": 1, "sample_steps": 3, "latent_channels": 4,
 }
 TINY_GENERATOR = params_from_dict({"generator": TINY_GENERATOR_PARAMS}).generator
 
@@ -107,6 +113,7 @@ def test_vae_and_unet_losses_fall(train_images):
     assert latents.shape == (64, 4, HEIGHT // 2, WIDTH // 2)  # every image and its mirror image
     scale = set_latent_scale(vae, latents)
     unet, text_encoder = build_unet(TINY_GENERATOR), build_text_encoder(TINY_GENERATOR, tokenizer)
+    assert unet.config.addition_embed_type == "text"  # the pooled prompt joins the time embedding
     unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scale, TINY_GENERATOR,
                              show_progress=False)
     assert all(torch.isfinite(torch.tensor([loss for _, loss in unet_losses])))
@@ -127,6 +134,24 @@ def test_trained_generator_saves_loads_and_samples(train_images, tmp_path):
     plot_loss_curves(trained, tmp_path / "curves.png")
     plot_sample_grid(train_images.pixels[:2], images[:, None], ["a", "b"], tmp_path / "grid.png", "samples")
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_the_minilm_text_encoder_is_frozen_and_the_pipeline_loads_and_edits(train_images, tmp_path):
+    cfg = dataclasses.replace(TINY_GENERATOR, vae_steps=2, unet_steps=4, text_encoder="minilm", prompt_tokens=24)
+    before = {k: v.clone() for k, v in BertModel.from_pretrained(minilm_path()).state_dict().items()}
+    trained = train_generator(cfg, train_images, show_progress=False)
+    encoder = trained.pipeline.text_encoder
+    assert isinstance(encoder, BertModel) and trained.pipeline.unet.config.cross_attention_dim == 384
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # frozen
+    folder = save_pipeline(trained.pipeline, tmp_path / "generator")
+    parts = load_generator(folder)
+    assert parts.tokenizer.model_max_length == 24
+    request = EditRequest(Image.new("RGB", (WIDTH, HEIGHT), (200, 20, 20)), "a man in a red shirt",
+                          "a man in a turquoise shirt", [((11, 14), (11, 20))])
+    (result,) = edit_p2p_batch(parts, [request], num_steps=2, guidance=4.0, cross_replace_fraction=0.8,
+                               self_replace_fraction=0.4, blend_threshold=0.3, blend_start_fraction=0.2, reweight=2.0,
+                               null_text_steps=0)
+    assert result.image.size == (WIDTH, HEIGHT)
 
 
 def test_a_pretrained_checkpoint_is_pointed_at_not_copied(tmp_path):

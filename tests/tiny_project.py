@@ -27,15 +27,20 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def make_tiny_project(dest: Path, overrides: dict | None = None) -> Path:
-    """Copy code, dvc.yaml and the tiny params into `dest` and initialise DVC there (no git)."""
+def make_tiny_project(dest: Path, overrides: dict | None = None, git: bool = False) -> Path:
+    """Copy code, dvc.yaml and the tiny params into `dest` and initialise DVC there (in a git
+    repository when `git`, as `dvc exp` needs one)."""
     for name in ("pipeline", "stages"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
     params = deep_merge(params, overrides or {})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc(dest, "init", "--no-scm", "-q")
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+        dvc(dest, "init", "-q")
+    else:
+        dvc(dest, "init", "--no-scm", "-q")
     dvc(dest, "config", "core.analytics", "false")
     return dest
 

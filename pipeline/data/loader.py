@@ -101,10 +101,14 @@ def global_batches(plan: StreamPlan) -> Iterator[tuple[int, list[RawPair]]]:
 class ContrastivePairs(IterableDataset):
     """Yields this process's collated slice of each global batch (workers take batches in turn)."""
 
-    def __init__(self, plan: StreamPlan, preprocessor: ImagePreprocessor, tokenize: Callable[[list[str]], dict]):
+    def __init__(
+        self, plan: StreamPlan, preprocessor: ImagePreprocessor, tokenize: Callable[[list[str]], dict],
+        caption_transform: Callable[[str, np.random.Generator], str] | None = None,
+    ):
         self.plan = plan
         self.preprocessor = preprocessor
         self.tokenize = tokenize
+        self.caption_transform = caption_transform  # e.g. approximate text; seeded per pair
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -116,7 +120,7 @@ class ContrastivePairs(IterableDataset):
 
     def collate(self, step: int, pairs: list[RawPair]) -> dict:
         images = torch.stack([self._image(p) for p in pairs])
-        tokens = self.tokenize([p.caption for p in pairs])
+        tokens = self.tokenize([self._caption(p) for p in pairs])
         return {
             "step": step,
             "pixel_values": images,
@@ -124,6 +128,11 @@ class ContrastivePairs(IterableDataset):
             "attention_mask": tokens["attention_mask"],
             "person_ids": torch.tensor([p.person_id for p in pairs], dtype=torch.long),
         }
+
+    def _caption(self, pair: RawPair) -> str:
+        if self.caption_transform is None:
+            return pair.caption
+        return self.caption_transform(pair.caption, np.random.default_rng((self.plan.seed, self.plan.epoch, pair.index, 1)))
 
     def _image(self, pair: RawPair) -> torch.Tensor:
         image = Image.open(io.BytesIO(pair.image_bytes))

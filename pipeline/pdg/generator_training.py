@@ -16,6 +16,7 @@ import logging
 import math
 import textwrap
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,15 @@ from diffusers import (
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    AutoTokenizer,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from pipeline.config import GeneratorConfig
 from pipeline.data.canonical import iter_shard_samples, list_shards
@@ -46,7 +55,6 @@ SCHEDULE = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
 }
-LATENT_CHANNELS = 4
 KL_WEIGHT = 1e-4  # per latent element: keeps the latents bounded without blurring the reconstructions
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 1.0
@@ -97,23 +105,39 @@ def build_vae(cfg: GeneratorConfig) -> AutoencoderKL:
     levels = len(cfg.vae_channels)
     return AutoencoderKL(
         block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, latent_channels=LATENT_CHANNELS,
+        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, latent_channels=cfg.latent_channels,
         norm_num_groups=_groups(cfg.vae_channels), sample_size=max(cfg.height, cfg.width),
         mid_block_add_attention=False,  # attention over the whole image costs much and buys little here
     )
 
 
-def build_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
-    """Cross-attention only at the lowest resolution: attention at full resolution was ~7x slower a step."""
+def build_unet(cfg: GeneratorConfig, text_dim: int | None = None) -> UNet2DConditionModel:
+    """Cross-attention only at the lowest resolution: attention at full resolution was ~7x slower a step.
+    With `global_text`, an attention-pooled prompt embedding is added to the time embedding too
+    (diffusers' addition_embed_type "text"), so the prompt reaches every residual block."""
     levels = len(cfg.unet_channels)
     scale = 2 ** (len(cfg.vae_channels) - 1)
     return UNet2DConditionModel(
-        sample_size=(cfg.height // scale, cfg.width // scale), in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS, block_out_channels=cfg.unet_channels, layers_per_block=1,
+        sample_size=(cfg.height // scale, cfg.width // scale), in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels, block_out_channels=cfg.unet_channels, layers_per_block=1,
         down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-        cross_attention_dim=cfg.text_width, attention_head_dim=8, norm_num_groups=_groups(cfg.unet_channels),
+        cross_attention_dim=text_dim or cfg.text_width, attention_head_dim=8,
+        norm_num_groups=_groups(cfg.unet_channels), addition_embed_type="text" if cfg.global_text else None,
+        addition_embed_type_num_heads=max(1, (text_dim or cfg.text_width) // 16),
     )
+
+
+def build_text_side(cfg: GeneratorConfig, captions: Iterable[str]) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, bool]:
+    """(tokenizer, text encoder, whether it trains): the frozen pretrained MiniLM, or a small CLIP text
+    model with a tokenizer learned on the captions."""
+    if cfg.text_encoder == "minilm":
+        from pipeline.models import minilm_path
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=cfg.prompt_tokens)
+        return tokenizer, BertModel.from_pretrained(minilm_path()).eval(), False
+    tokenizer = train_caption_tokenizer(captions)
+    return tokenizer, build_text_encoder(cfg, tokenizer), True
 
 
 def build_text_encoder(cfg: GeneratorConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
@@ -198,42 +222,56 @@ def _token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+@torch.no_grad()
+def prompt_states(text_encoder: PreTrainedModel, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The frozen encoder's last hidden states for token ids (..., tokens), computed once."""
+    flat = ids.reshape(-1, ids.shape[-1])
+    states = torch.cat([text_encoder(chunk)[0] for chunk in flat.split(batch_size)])
+    return states.view(*ids.shape, -1)
+
+
 def train_unet(
     unet: UNet2DConditionModel,
-    text_encoder: CLIPTextModel,
+    text_encoder: PreTrainedModel,
     latents: torch.Tensor,
     caption_ids: torch.Tensor,
     empty_ids: torch.Tensor,
     scaling_factor: float,
     cfg: GeneratorConfig,
     *,
+    train_text_encoder: bool = True,
     show_progress: bool = True,
 ) -> list[tuple[int, float]]:
-    """Epsilon prediction on the posterior means; the text encoder trains jointly.
+    """Epsilon prediction on the posterior means; the text encoder trains jointly, or is frozen and
+    its prompt states are computed once (then a step costs the UNet alone).
 
     `latents` holds each image and, after them, its mirror image; `caption_ids` is
     (images, captions per image, tokens).
     """
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     noise_scheduler = DDPMScheduler(**_ddpm_schedule())
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    frozen = None if train_text_encoder else (prompt_states(text_encoder, caption_ids), prompt_states(text_encoder, empty_ids[None])[0])
+    parameters = [*unet.parameters(), *(text_encoder.parameters() if train_text_encoder else ())]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * cfg.unet_steps), cfg.unet_steps)
     images, per_image = caption_ids.shape[:2]
-    unet.train(), text_encoder.train()
+    unet.train(), text_encoder.train(train_text_encoder)
     losses = []
     progress = tqdm(range(cfg.unet_steps), desc="unet", disable=not show_progress)
     for step in progress:
         index = _batch_indices(len(latents), cfg.unet_batch_size, generator)
         clean = latents[index] * scaling_factor
         choice = torch.randint(per_image, (len(index),), generator=generator)
-        ids = caption_ids[index % images, choice]
         dropped = torch.rand(len(index), generator=generator) < cfg.caption_dropout
-        ids = torch.where(dropped[:, None], empty_ids[None], ids)
+        if frozen is None:
+            ids = torch.where(dropped[:, None], empty_ids[None], caption_ids[index % images, choice])
+            states = text_encoder(ids)[0]
+        else:
+            states = torch.where(dropped[:, None, None], frozen[1][None], frozen[0][index % images, choice])
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
         loss = F.mse_loss(prediction, noise)
         _optimise(loss, optimizer, schedule, parameters)
         losses.append((step, loss.item()))
@@ -286,15 +324,15 @@ def train_generator(cfg: GeneratorConfig, train: LabelledImages, *, show_progres
     seconds["vae"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    tokenizer = train_caption_tokenizer(c for captions in train.captions for c in captions)
+    tokenizer, text_encoder, train_text = build_text_side(cfg, (c for captions in train.captions for c in captions))
     caption_ids, empty_ids = tokenize_captions(tokenizer, train.captions)
     latents = encode_latents(vae, train.pixels)
     scaling_factor = set_latent_scale(vae, latents)
-    text_encoder, unet = build_text_encoder(cfg, tokenizer), build_unet(cfg)
+    unet = build_unet(cfg, text_encoder.config.hidden_size)
     log.info("vae %.2fM, unet %.2fM, text encoder %.2fM parameters, vocabulary %d, latent scale %.3f",
              _millions(vae), _millions(unet), _millions(text_encoder), len(tokenizer), scaling_factor)
     unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scaling_factor, cfg,
-                             show_progress=show_progress)
+                             train_text_encoder=train_text, show_progress=show_progress)
     seconds["unet"] = time.perf_counter() - started
     pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet)
     return TrainedGenerator(pipeline, vae_losses, unet_losses, seconds)

@@ -1,0 +1,169 @@
+"""The PDG gain and its ablation: test metrics of the dual encoder trained with and without
+proximity data, per seed, with mean and standard deviation.
+
+Every run happens in its own copy of the project, with the stage code exactly as `dvc repro`
+runs it, reusing this checkout's outputs where the row does not change them (data/prepared,
+models/baseline, models/generator, data/pdg/*). Rows:
+
+  baseline       original pairs only (train@baseline)
+  pdg            original + filtered proximity pairs + approximate text + feature mixup (train@pdg)
+  offline        proximity pairs only, no online PDG
+  offline+text   proximity pairs + approximate text
+  offline+mixup  proximity pairs + feature mixup
+  filter-off     pdg, every generated pair kept (filter, caption rerun)
+  img2img        pdg with SDEdit instead of Prompt-to-Prompt (generate, filter, caption rerun)
+  samples-1, samples-4   pdg with pdg.num_samples 1 / 4 (generate, filter, caption rerun)
+
+Run from the repository root after `dvc repro`:
+
+    python benchmarks/bench_pdg_gain.py --rows baseline pdg --seeds 0 1 2
+    python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
+
+Results accumulate in benchmarks/results/pdg_gain.json (a rerun replaces only its rows and
+seeds); a Markdown table of everything recorded so far is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+NO_TEXT = {"text_prob": 0.0}
+NO_MIXUP = {"mixup_prob": 0.0}
+ROWS: dict[str, dict] = {
+    # params overrides, stages to rerun before training (their outputs are not linked in)
+    "baseline": {"variant": "baseline"},
+    "pdg": {"variant": "pdg"},
+    "offline": {"variant": "pdg", "online": {**NO_TEXT, **NO_MIXUP}},
+    "offline+text": {"variant": "pdg", "online": NO_MIXUP},
+    "offline+mixup": {"variant": "pdg", "online": NO_TEXT},
+    "filter-off": {"variant": "pdg", "params": {"filter": {"enabled": False}}, "stages": ["filter", "caption"]},
+    "img2img": {"variant": "pdg", "params": {"pdg": {"method": "img2img"}}, "stages": ["generate", "filter", "caption"]},
+    "samples-1": {"variant": "pdg", "params": {"pdg": {"num_samples": 1}}, "stages": ["generate", "filter", "caption"]},
+    "samples-4": {"variant": "pdg", "params": {"pdg": {"num_samples": 4}}, "stages": ["generate", "filter", "caption"]},
+}
+# what each stage writes: not linked from this checkout when the row reruns the stage
+STAGE_OUTPUTS = {"generate": "data/pdg/raw", "filter": "data/pdg/filtered", "caption": "data/pdg/train"}
+LINKED = ("data/prepared", "data/pdg/raw", "data/pdg/filtered", "data/pdg/train", "models/generator")
+
+
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def _run(project: Path, *command: str) -> float:
+    start = time.perf_counter()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", *command], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed in {project}:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def make_project(row: str, seed: int, workdir: Path) -> Path:
+    spec = ROWS[row]
+    project = workdir / f"{row}-seed{seed}"
+    shutil.copytree(REPO / "pipeline", project / "pipeline")
+    shutil.copytree(REPO / "stages", project / "stages")
+    rerun = {STAGE_OUTPUTS[s] for s in spec.get("stages", [])}
+    for relative in LINKED:
+        if relative not in rerun and (REPO / relative).exists():
+            (project / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(REPO / relative, project / relative)
+    if spec["variant"] != "baseline":  # the filter scores with the baseline of `dvc repro`, whatever the seed
+        (project / "models").mkdir(exist_ok=True)
+        os.symlink(REPO / "models" / "baseline", project / "models" / "baseline")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = _deep_merge(params, spec.get("params", {}))
+    params["train"]["seed"] = seed
+    if "online" in spec:
+        params["variants"]["pdg"]["online"] = {**params["variants"]["pdg"].get("online", {}), **spec["online"]}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+def run(row: str, seed: int, workdir: Path) -> dict:
+    spec = ROWS[row]
+    project = make_project(row, seed, workdir)
+    seconds = {}
+    for stage in spec.get("stages", []):
+        seconds[stage] = _run(project, f"stages.{stage}")
+    variant = spec["variant"]
+    seconds["train"] = _run(project, "stages.train", "--variant", variant)
+    seconds["evaluate"] = _run(project, "stages.evaluate", "--variant", variant)
+    metrics = json.loads((project / "metrics" / f"{variant}.json").read_text())
+    training = json.loads((project / "metrics" / f"train_{variant}.json").read_text())
+    extra = {}
+    for name in ("filter", "caption", "generate"):
+        path = project / "metrics" / f"{name}.json"
+        if path.is_file():
+            extra[name] = json.loads(path.read_text())
+    return {"row": row, "seed": seed, **{k: metrics[k] for k in METRICS}, "best_epoch": training["best_epoch"],
+            "best_val_R1": training["best_val_R1"], "steps": training["steps"], "seconds": seconds, **extra}
+
+
+def summary(runs: list[dict]) -> dict:
+    rows = {}
+    for name in ROWS:
+        mine = [r for r in runs if r["row"] == name]
+        if not mine:
+            continue
+        rows[name] = {"seeds": sorted(r["seed"] for r in mine)}
+        for key in (*METRICS, "best_val_R1"):
+            values = [r[key] for r in mine]
+            rows[name][key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return rows
+
+
+def markdown(rows: dict) -> str:
+    lines = ["| row | seeds | test R1 | R5 | R10 | mAP | mINP | val R1 |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        cells = [f"{row[k]['mean']:.2f} ± {row[k]['std']:.2f}" if len(row["seeds"]) > 1 else f"{row[k]['mean']:.2f}"
+                 for k in (*METRICS, "best_val_R1")]
+        lines.append(f"| {name} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    if "baseline" in rows and "pdg" in rows:
+        gain = rows["pdg"]["R1"]["mean"] - rows["baseline"]["R1"]["mean"]
+        lines.append(f"\nPDG gain, test R1: {gain:+.2f} points")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=["baseline", "pdg"], choices=list(ROWS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pdg_gain.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    recorded = json.loads(out.read_text())["runs"] if out.is_file() else []
+    with tempfile.TemporaryDirectory() as workdir:
+        for row in args.rows:
+            for seed in args.seeds:
+                result = run(row, seed, Path(workdir))
+                recorded = [r for r in recorded if (r["row"], r["seed"]) != (row, seed)] + [result]
+                report = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
+                          "runs": recorded, "summary": summary(recorded)}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(report, indent=2) + "\n")
+                print(json.dumps({k: result[k] for k in ("row", "seed", *METRICS, "best_val_R1")}), flush=True)
+    print(markdown(summary(recorded)))
+
+
+if __name__ == "__main__":
+    main()

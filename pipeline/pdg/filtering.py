@@ -1,0 +1,286 @@
+"""Scores generated proximity pairs and keeps the good ones (`filter` stage).
+
+Every pair gets four scores, each against its own param:
+- consistency, under a scorer (the baseline dual encoder, or a CLIP): the generated image must
+  match its edited caption better than the source caption, by `margin`, and the edited caption
+  with at least `min_similarity`;
+- fidelity: the mean absolute pixel change (0-255) between the generated and the source image
+  over the least-changed (1 - EDIT_AREA) of the pixels, so the edited garment itself is left out
+  whatever the method (no mask needed);
+- not degenerate: pixel standard deviation (blank images) and the share of the image's energy in
+  its finest details (pure noise);
+- near-duplicates: among kept pairs from the same source image, one whose image embedding is at
+  least `duplicate_similarity` like an earlier kept one is dropped; so are exact pixel duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.config import FilterConfig
+from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
+
+log = logging.getLogger(__name__)
+
+EDIT_AREA = 0.3  # share of a crop a garment colour edit may cover; the rest must stay as it was
+REASONS = ("consistency_margin", "consistency_similarity", "fidelity", "blank", "noise", "duplicate")
+SHARD_NAME = "pdg-%06d.tar"
+
+
+class Scorer(Protocol):
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+class DualEncoderScorer:
+    """The project's own dual encoder (L2-normalised embeddings)."""
+
+    def __init__(self, model, device: torch.device | str = "cpu"):
+        from pipeline.models.tokenization import tokenize
+
+        self.model, self.device, self._tokenize = model.eval().to(device), torch.device(device), tokenize
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.model.image_preprocessor(image) for image in images]).to(self.device)
+        return self.model.encode_image(pixels).float().cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self._tokenize(self.model.tokenizer, list(texts), self.model.config.max_text_length)
+        return self.model.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float().cpu()
+
+
+class ClipScorer:
+    """A CLIP checkpoint (folder or hub id) with its tokenizer and image processor."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu"):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(path).eval().to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        max_length = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        features = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                attention_mask=tokens["attention_mask"].to(self.device))
+        return F.normalize(_features(features).float(), dim=-1).cpu()
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 may return a model output instead of a tensor from get_*_features."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_scorer(scorer: str, baseline_dir: str | Path, device: torch.device | str = "cpu") -> Scorer:
+    if scorer:
+        return ClipScorer(scorer, device)
+    from pipeline.models import DualEncoder
+
+    return DualEncoderScorer(DualEncoder.from_pretrained(baseline_dir, device=device), device)
+
+
+# ------------------------------------------------------------------ pixel statistics
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def pixel_std(image: Image.Image) -> float:
+    return float(_array(image).std())
+
+
+def noise_share(image: Image.Image) -> float:
+    """Share of the variance left after a 3x3 box blur: near 0 for smooth images, ~0.9 for white noise."""
+    pixels = _array(image).mean(axis=2)
+    padded = np.pad(pixels, 1, mode="edge")
+    blurred = sum(padded[dy : dy + pixels.shape[0], dx : dx + pixels.shape[1]] for dy in range(3) for dx in range(3)) / 9
+    total = ((pixels - pixels.mean()) ** 2).mean()
+    return float(((pixels - blurred) ** 2).mean() / total) if total > 1e-6 else 0.0
+
+
+def outside_change(generated: Image.Image, source: Image.Image, edit_area: float = EDIT_AREA) -> float:
+    """Mean |generated - source| (0-255, RGB averaged) over the least-changed (1 - edit_area) pixels."""
+    source = source.convert("RGB").resize(generated.size, Image.Resampling.BICUBIC)
+    change = np.abs(_array(generated) - _array(source)).mean(axis=2).ravel()
+    keep = max(1, int(round((1 - edit_area) * change.size)))
+    return float(np.partition(change, keep - 1)[:keep].mean())
+
+
+# ------------------------------------------------------------------ scoring and decisions
+
+
+@dataclass
+class ScoredPair:
+    key: str
+    record: dict
+    members: dict[str, bytes]
+    scores: dict[str, float]
+    embedding: torch.Tensor  # the generated image's, for near-duplicate removal
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> bool:
+        return not self.reasons
+
+
+def score_batch(samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer) -> list[ScoredPair]:
+    records = [json.loads(s["json"]) for s in samples]
+    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples]
+    originals = [Image.open(io.BytesIO(sources[r["source_key"]])).convert("RGB") for r in records]
+    image_emb = scorer.embed_images(images)
+    edited_emb = scorer.embed_texts([r["edited_caption"] for r in records])
+    source_emb = scorer.embed_texts([r["source_caption"] for r in records])
+    edited_sim = (image_emb * edited_emb).sum(-1).tolist()
+    source_sim = (image_emb * source_emb).sum(-1).tolist()
+    pairs = []
+    for i, (sample, record) in enumerate(zip(samples, records)):
+        scores = {
+            "edited_similarity": edited_sim[i],
+            "source_similarity": source_sim[i],
+            "margin": edited_sim[i] - source_sim[i],
+            "outside_change": outside_change(images[i], originals[i]),
+            "pixel_std": pixel_std(images[i]),
+            "noise_share": noise_share(images[i]),
+        }
+        pairs.append(ScoredPair(sample["__key__"], record, sample, scores, image_emb[i]))
+    return pairs
+
+
+def judge(pair: ScoredPair, cfg: FilterConfig) -> list[str]:
+    """Every criterion the pair fails (duplicates are judged afterwards, among kept pairs)."""
+    s = pair.scores
+    failed = []
+    if s["margin"] < cfg.margin:
+        failed.append("consistency_margin")
+    if s["edited_similarity"] < cfg.min_similarity:
+        failed.append("consistency_similarity")
+    if s["outside_change"] > cfg.max_outside_change:
+        failed.append("fidelity")
+    if s["pixel_std"] < cfg.min_pixel_std:
+        failed.append("blank")
+    if s["noise_share"] > cfg.max_noise_share:
+        failed.append("noise")
+    return failed
+
+
+def mark_duplicates(pairs: list[ScoredPair], threshold: float) -> None:
+    """Among kept pairs, in order: exact pixel copies anywhere, and near copies of the same source."""
+    seen_pixels: set[str] = set()
+    kept_by_source: dict[str, list[torch.Tensor]] = {}
+    for pair in pairs:
+        if not pair.kept:
+            continue
+        digest = hashlib.sha256(pair.members["png"]).hexdigest()
+        earlier = kept_by_source.setdefault(pair.record["source_key"], [])
+        closest = max((float(pair.embedding @ e) for e in earlier), default=-1.0)
+        pair.scores["closest_kept_similarity"] = closest
+        if digest in seen_pixels or closest >= threshold:
+            pair.reasons.append("duplicate")
+            continue
+        seen_pixels.add(digest)
+        earlier.append(pair.embedding)
+
+
+@dataclass
+class FilterReport:
+    pairs_in: int
+    kept: int
+    rejected: int
+    failed_by_reason: dict[str, int]
+    rejected_by_first_reason: dict[str, int]
+    enabled: bool
+    score_means: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {
+            "pairs_in": self.pairs_in, "kept": self.kept, "rejected": self.rejected,
+            "acceptance_rate": round(self.kept / self.pairs_in, 4) if self.pairs_in else 0.0,
+            "filter_enabled": self.enabled,
+            "failed_by_reason": self.failed_by_reason,
+            "rejected_by_first_reason": self.rejected_by_first_reason,
+            "score_means": {k: round(v, 4) for k, v in self.score_means.items()},
+        }
+
+
+def filter_pairs(
+    raw_shards: list[str], sources: dict[str, bytes], scorer: Scorer, cfg: FilterConfig, show_progress: bool = True
+) -> list[ScoredPair]:
+    """Scores and judges every generated pair, in shard order."""
+    pairs: list[ScoredPair] = []
+    batch: list[dict[str, bytes]] = []
+    bar = tqdm(desc="filter", unit="pair", disable=not show_progress)
+    for sample in _samples(raw_shards):
+        batch.append(sample)
+        if len(batch) == cfg.batch_size:
+            pairs += score_batch(batch, sources, scorer)
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        pairs += score_batch(batch, sources, scorer)
+        bar.update(len(batch))
+    bar.close()
+    for pair in pairs:
+        pair.reasons = judge(pair, cfg)
+    mark_duplicates(pairs, cfg.duplicate_similarity)
+    return pairs
+
+
+def referenced_sources(shards: list[str]) -> set[str]:
+    """Keys of the source images the generated samples were made from."""
+    return {json.loads(sample["json"])["source_key"] for sample in _samples(shards)}
+
+
+def _samples(shards: list[str]) -> Iterator[dict[str, bytes]]:
+    for sample in iter_shard_samples(shards):
+        if "png" not in sample or "json" not in sample:
+            raise ValueError(f"generated sample {sample['__key__']} lacks its png or json member")
+        yield sample
+
+
+def summarise(pairs: list[ScoredPair], enabled: bool) -> FilterReport:
+    failed = Counter(reason for pair in pairs for reason in pair.reasons)
+    first = Counter(pair.reasons[0] for pair in pairs if pair.reasons)
+    rejected = sum(1 for pair in pairs if pair.reasons) if enabled else 0
+    means = {name: float(np.mean([p.scores[name] for p in pairs])) for name in
+             ("edited_similarity", "source_similarity", "margin", "outside_change", "pixel_std", "noise_share")} if pairs else {}
+    return FilterReport(len(pairs), len(pairs) - rejected, rejected, {r: failed.get(r, 0) for r in REASONS},
+                        {r: first.get(r, 0) for r in REASONS}, enabled, means)
+
+
+def write_kept(pairs: list[ScoredPair], out_dir: str | Path, shard_size: int, enabled: bool = True) -> int:
+    """Kept pairs (every pair when the filter is off) as shards; each json gains its scores."""
+    chosen = [p for p in pairs if p.kept or not enabled]
+    for index, start in enumerate(range(0, len(chosen), shard_size)):
+        write_tar_atomic(Path(out_dir) / (SHARD_NAME % index), (_with_scores(p) for p in chosen[start : start + shard_size]))
+    return len(chosen)
+
+
+def _with_scores(pair: ScoredPair) -> dict[str, bytes]:
+    record = {**pair.record, "filter_scores": {k: round(v, 5) for k, v in pair.scores.items()}, "filter_failed": pair.reasons}
+    return {**pair.members, "json": json.dumps(record, sort_keys=True).encode()}

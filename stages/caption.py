@@ -1,0 +1,50 @@
+"""DVC stage `caption`: training texts and identities for the kept proximity images.
+
+Reads data/pdg/filtered and data/prepared (train) and writes data/pdg/train: the original
+training shards, the proximity shards and one manifest of both; `train@pdg` trains on it.
+Counts go to metrics/caption.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.data.canonical import list_shards, manifest_path, read_manifest
+from pipeline.io import write_json_atomic
+from pipeline.pdg.captioning import ImageCaptioner, proximity_records, read_kept, write_training_set
+from pipeline.runtime import start_stage
+
+PREPARED = Path("data/prepared")
+FILTERED = Path("data/pdg/filtered")
+OUT_DIR = Path("data/pdg/train")
+METRICS = Path("metrics/caption.json")
+
+log = logging.getLogger("stages.caption")
+
+
+def main() -> int:
+    _, params = start_stage(__doc__)
+    cfg = params.caption
+    if not FILTERED.is_dir():
+        log.error("no %s: run `dvc repro filter` first", FILTERED)
+        return 1
+    kept = read_kept(sorted(str(p) for p in FILTERED.glob("pdg-*.tar")))
+    original = read_manifest(manifest_path(PREPARED, "train"))
+    first_id = max(row.person_id for row in original) + 1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    captioner = ImageCaptioner(cfg.captioner, cfg.captioner_max_tokens, device) if cfg.captioner else None
+    rows = proximity_records(kept, first_id, cfg, captioner)
+    counts = write_training_set(PREPARED, kept, rows, OUT_DIR, params.data.shard_size)
+    counts["shards"] = len(list_shards(OUT_DIR, "train"))
+    counts["captioner"] = cfg.captioner or None
+    write_json_atomic(METRICS, counts)
+    log.info("training set in %s: %s", OUT_DIR, counts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""DVC stage `filter`: score every generated pair in data/pdg/raw and keep the good ones.
+
+Writes the kept pairs to data/pdg/filtered (their json gains the scores), metrics/filter.json
+(pairs in, kept, failures per reason, acceptance rate) and reports/filter/examples.png (kept and
+rejected pairs with their scores). The scorer is the baseline dual encoder, or the CLIP named by
+`filter.scorer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.io import write_json_atomic
+from pipeline.pdg.filtering import filter_pairs, load_scorer, referenced_sources, summarise, write_kept
+from pipeline.pdg.generate import load_source_images
+from pipeline.plots import plot_filter_examples
+from pipeline.runtime import start_stage
+
+PREPARED = Path("data/prepared")
+RAW = Path("data/pdg/raw")
+OUT_DIR = Path("data/pdg/filtered")
+BASELINE = Path("models/baseline/best")
+METRICS = Path("metrics/filter.json")
+SHEET = Path("reports/filter/examples.png")
+
+log = logging.getLogger("stages.filter")
+
+
+def main() -> int:
+    _, params = start_stage(__doc__)
+    cfg = params.filter
+    shards = sorted(str(p) for p in RAW.glob("pdg-*.tar"))
+    if not shards:
+        log.error("no generated shards in %s: run `dvc repro generate` first", RAW)
+        return 1
+    if not cfg.scorer and not (BASELINE / "training.json").is_file():
+        log.error("no baseline model in %s to score with: run `dvc repro train@baseline`", BASELINE)
+        return 1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = load_scorer(cfg.scorer, BASELINE, device)
+    sources = load_source_images(PREPARED, referenced_sources(shards))
+    pairs = filter_pairs(shards, sources, scorer, cfg)
+    shutil.rmtree(OUT_DIR, ignore_errors=True)
+    written = write_kept(pairs, OUT_DIR, params.pdg.shard_size, cfg.enabled)
+    report = summarise(pairs, cfg.enabled).to_json()
+    write_json_atomic(METRICS, report)
+    plot_filter_examples(pairs, sources, SHEET, cfg.sheet_samples)
+    log.info("kept %d of %d pairs: %s", written, len(pairs), report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The filter and caption stages' libraries: scores, decisions, duplicates, identities, texts, output."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import CaptionConfig, FilterConfig, params_from_dict
+from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest, write_tar_atomic
+from pipeline.data.prepare import prepare
+from pipeline.pdg.captioning import (
+    ImageCaptioner,
+    assign_identities,
+    paraphrases,
+    proximity_records,
+    write_training_set,
+)
+from pipeline.pdg.filtering import (
+    ClipScorer,
+    filter_pairs,
+    noise_share,
+    outside_change,
+    pixel_std,
+    summarise,
+    write_kept,
+)
+from tiny_project import TINY_PROFILE
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _person(colour=(200, 30, 30)) -> np.ndarray:
+    """A 64x32 crop: grey background, a coloured torso block, dark legs."""
+    image = np.full((64, 32, 3), 120, dtype=np.float32)
+    image[14:34, 8:24] = colour
+    image[34:58, 10:22] = (40, 40, 60)
+    return image
+
+
+def test_pixel_statistics_separate_blank_noise_and_edits():
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(_person().astype(np.uint8))
+    edited = Image.fromarray(_person((30, 200, 30)).astype(np.uint8))
+    assert pixel_std(Image.new("RGB", (32, 64), (128, 128, 128))) == 0.0
+    assert pixel_std(source) > 20
+    assert noise_share(Image.fromarray(rng.integers(0, 256, (64, 32, 3)).astype(np.uint8))) > 0.7
+    assert noise_share(source) < 0.15
+    # the torso (320 of 2048 pixels) is inside the 30% allowed to change: nothing outside moved
+    assert outside_change(edited, source) == 0.0
+    shifted = Image.fromarray(np.clip(_person((30, 200, 30)) + 20, 0, 255).astype(np.uint8))
+    assert outside_change(shifted, source) == pytest.approx(20.0)
+
+
+class _ColourScorer:
+    """Embeds an image by its torso colour and a caption by the colour word it names."""
+
+    colours = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+
+    def embed_images(self, images):
+        rows = [np.asarray(image, dtype=np.float32)[14:34, 8:24].mean(axis=(0, 1)) for image in images]
+        return torch.nn.functional.normalize(torch.tensor(np.array(rows)) + 1e-3, dim=-1)
+
+    def embed_texts(self, texts):
+        rows = [next(v for k, v in self.colours.items() if k in t) for t in texts]
+        return torch.tensor(rows)
+
+
+def _generated_shard(tmp_path):
+    """Five generated pairs from one red source: a good edit, its near copy, a wrong colour, a blank
+    image and noise."""
+    rng = np.random.default_rng(1)
+    good = _person((30, 200, 30))
+    images = {"good": good, "copy": good + 0.4, "wrong": _person((200, 30, 30)),
+              "blank": np.full((64, 32, 3), 90.0), "noise": rng.integers(0, 256, (64, 32, 3))}
+    samples = []
+    for key, array in images.items():
+        record = {"source_key": "src", "source_person_id": 3, "source_caption": "a man in a red shirt",
+                  "edited_caption": "a man in a green shirt", "method": "p2p",
+                  "changes": [{"phrase_before": "red shirt", "phrase_after": "green shirt", "new_color": "green"}]}
+        samples.append({"__key__": key, "png": _png(array), "json": json.dumps(record).encode()})
+    write_tar_atomic(tmp_path / "pdg-000000.tar", samples)
+    return [str(tmp_path / "pdg-000000.tar")], {"src": _png(_person())}
+
+
+def test_filter_rejects_each_bad_pair_for_its_reason_and_reports_counts(tmp_path):
+    shards, sources = _generated_shard(tmp_path)
+    cfg = FilterConfig(margin=0.05, min_similarity=0.5, duplicate_similarity=0.999, batch_size=2)
+    pairs = filter_pairs(shards, sources, _ColourScorer(), cfg, show_progress=False)
+    verdict = {p.key: p.reasons for p in pairs}
+    assert verdict["good"] == [] and verdict["copy"] == ["duplicate"]
+    assert "consistency_margin" in verdict["wrong"] and "consistency_similarity" in verdict["wrong"]
+    assert "blank" in verdict["blank"] and "noise" in verdict["noise"]
+    report = summarise(pairs, enabled=True).to_json()
+    assert report["pairs_in"] == 5 and report["kept"] == 1 and report["acceptance_rate"] == 0.2
+    assert report["failed_by_reason"]["duplicate"] == 1 and report["failed_by_reason"]["blank"] == 1
+    assert write_kept(pairs, tmp_path / "kept", shard_size=4) == 1
+    (kept,) = iter_shard_samples(sorted(str(p) for p in (tmp_path / "kept").glob("pdg-*.tar")))
+    assert kept["__key__"] == "good" and json.loads(kept["json"])["filter_scores"]["margin"] > 0.05
+    assert summarise(pairs, enabled=False).kept == 5
+    assert write_kept(pairs, tmp_path / "all", shard_size=4, enabled=False) == 5
+
+
+def test_a_clip_checkpoint_scores_pairs(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pipeline.pdg.caption_tokenizer import train_caption_tokenizer
+
+    tokenizer = train_caption_tokenizer(["a man in a red shirt", "a man in a green shirt"])
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    scorer = ClipScorer(str(tmp_path / "clip"))
+    shards, sources = _generated_shard(tmp_path)
+    pairs = filter_pairs(shards, sources, scorer, FilterConfig(margin=-2, min_similarity=-1), show_progress=False)
+    assert len(pairs) == 5 and all(-1 <= p.scores["edited_similarity"] <= 1 for p in pairs)
+    assert len({round(p.scores["edited_similarity"], 6) for p in pairs}) > 1  # images differ, so do scores
+
+
+def _kept_sample(key, person, phrase, colour, caption="A man in a red shirt and blue jeans walking."):
+    record = {"source_person_id": person, "edited_caption": caption.replace("red", colour), "method": "p2p",
+              "changes": [{"phrase_before": phrase, "phrase_after": f"{colour} shirt", "new_color": colour}]}
+    return {"__key__": key, "png": _png(_person()), "json": json.dumps(record).encode()}
+
+
+def test_one_edit_of_one_person_is_one_new_identity():
+    samples = [_kept_sample("a", 1, "red shirt", "green"), _kept_sample("b", 1, "red shirt", "green"),
+               _kept_sample("c", 1, "red shirt", "blue"), _kept_sample("d", 2, "red shirt", "green")]
+    ids = assign_identities([json.loads(s["json"]) for s in samples], first_id=100)
+    assert ids == [100, 100, 101, 102]
+
+
+def test_paraphrases_are_distinct_and_reproducible():
+    caption = "A man walking toward the camera in a green shirt and blue jeans, carrying a black bag."
+    first = paraphrases(caption, 3, 0.2, seed=0, key="k")
+    assert len(first) == 3 and len(set(first)) == 3 and caption not in first
+    assert first == paraphrases(caption, 3, 0.2, seed=0, key="k")
+    assert paraphrases(caption, 0, 0.2, seed=0, key="k") == []
+
+
+def _tiny_captioner(folder):
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "man", "woman", "red", "green", "shirt", "pants"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = BlipConfig(
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        text_config={**small, "vocab_size": len(words), "encoder_hidden_size": 16, "bos_token_id": 2, "eos_token_id": 3,
+                     "sep_token_id": 3, "pad_token_id": 0, "max_position_embeddings": 32},
+    )
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return ImageCaptioner(str(folder), max_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prepared")
+    prepare(params_from_dict(TINY_PROFILE), folder)
+    return folder
+
+
+def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared, tmp_path):
+    captioner = _tiny_captioner(tmp_path / "blip")
+    samples = [_kept_sample("pdg-a", 1, "red shirt", "green"), _kept_sample("pdg-b", 1, "red shirt", "green"),
+               _kept_sample("pdg-c", 2, "red shirt", "pink")]
+    original = read_manifest(manifest_path(prepared, "train"))
+    first_id = max(r.person_id for r in original) + 1
+    rows = proximity_records(samples, first_id, CaptionConfig(paraphrases=2), captioner)
+    assert [r.person_id for r in rows] == [first_id, first_id, first_id + 1]
+    for row in rows:
+        edited = json.loads(next(s for s in samples if s["__key__"] == row.key)["json"])["edited_caption"]
+        assert row.captions[0] == edited and len(row.captions) == 4  # edited, 2 paraphrases, machine caption
+        assert row.captions[-1] and all(w in "a man woman red green shirt pants".split() for w in row.captions[-1].split())
+    counts = write_training_set(prepared, samples, rows, tmp_path / "train", shard_size=2)
+    assert counts == {"original_images": len(original), "proximity_images": 3, "proximity_identities": 2,
+                      "proximity_captions": 12}
+    manifest = read_manifest(manifest_path(tmp_path / "train", "train"))
+    assert [r.key for r in manifest] == [r.key for r in original] + ["pdg-a", "pdg-b", "pdg-c"]
+    read_back = {s["__key__"]: json.loads(s["json"]) for s in iter_shard_samples(list_shards(tmp_path / "train", "train"))}
+    assert len(read_back) == len(original) + 3 and read_back["pdg-c"]["person_id"] == first_id + 1
