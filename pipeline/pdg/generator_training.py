@@ -1,9 +1,10 @@
 """Trains the embedded generator: a small latent diffusion model in Stable Diffusion's layout.
 
 Two phases on the CPU: first the `AutoencoderKL` (reconstruction from the posterior mean + a small
-KL term), then the `UNet2DConditionModel` and the `CLIPTextModel` jointly on the frozen autoencoder's
-posterior means
-(epsilon prediction, captions dropped to "" at `caption_dropout` for classifier-free guidance).
+KL term), then the `UNet2DConditionModel` on the frozen autoencoder's posterior means (epsilon
+prediction, captions dropped to "" at `caption_dropout` for classifier-free guidance), conditioned
+on the frozen pretrained MiniLM (its prompt states computed once) or on a small `CLIPTextModel`
+trained jointly (`generator.text_encoder`).
 The result is saved as a `StableDiffusionPipeline` folder, so it loads with the same
 `from_pretrained` call as a real Stable Diffusion checkpoint.
 """
