@@ -16,6 +16,7 @@ import torch
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.captioning import ImageCaptioner, proximity_records, read_kept, write_training_set
+from pipeline.pdg.generate import pdg_shards
 from pipeline.runtime import start_stage
 
 PREPARED = Path("data/prepared")
@@ -32,13 +33,17 @@ def main() -> int:
     if not FILTERED.is_dir():
         log.error("no %s: run `dvc repro filter` first", FILTERED)
         return 1
-    kept = read_kept(sorted(str(p) for p in FILTERED.glob("pdg-*.tar")))
+    kept = read_kept(pdg_shards(FILTERED))
     original = read_manifest(manifest_path(PREPARED, "train"))
     first_id = max(row.person_id for row in original) + 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    captioner = ImageCaptioner(cfg.captioner, cfg.captioner_max_tokens, device) if cfg.captioner else None
+    try:
+        captioner = ImageCaptioner(cfg.captioner, cfg.captioner_max_tokens, device) if cfg.captioner else None
+    except (OSError, ValueError) as err:
+        log.error("params: 'caption.captioner' %r could not be loaded as an image-to-text model: %s", cfg.captioner, err)
+        return 1
     rows = proximity_records(kept, first_id, cfg, captioner)
-    counts = write_training_set(PREPARED, kept, rows, OUT_DIR, params.data.shard_size)
+    counts = write_training_set(PREPARED, original, kept, rows, OUT_DIR, params.data.shard_size)
     counts["shards"] = len(list_shards(OUT_DIR, "train"))
     counts["captioner"] = cfg.captioner or None
     write_json_atomic(METRICS, counts)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from pipeline.io import write_json_atomic
-from pipeline.pdg.filtering import filter_pairs, load_scorer, referenced_sources, summarise, write_kept
-from pipeline.pdg.generate import load_source_images
+from pipeline.pdg.filtering import filter_pairs, load_scorer, read_generated, referenced_sources, summarise, write_kept
+from pipeline.pdg.generate import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
 from pipeline.runtime import start_stage
 
@@ -34,7 +34,7 @@ log = logging.getLogger("stages.filter")
 def main() -> int:
     _, params = start_stage(__doc__)
     cfg = params.filter
-    shards = sorted(str(p) for p in RAW.glob("pdg-*.tar"))
+    shards = pdg_shards(RAW)
     if not shards:
         log.error("no generated shards in %s: run `dvc repro generate` first", RAW)
         return 1
@@ -42,9 +42,14 @@ def main() -> int:
         log.error("no baseline model in %s to score with: run `dvc repro train@baseline`", BASELINE)
         return 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = load_scorer(cfg.scorer, BASELINE, device)
-    sources = load_source_images(PREPARED, referenced_sources(shards))
-    pairs = filter_pairs(shards, sources, scorer, cfg)
+    try:
+        scorer = load_scorer(cfg.scorer, BASELINE, device)
+    except (OSError, ValueError) as err:
+        log.error("params: 'filter.scorer' %r could not be loaded as a CLIP model: %s", cfg.scorer, err)
+        return 1
+    samples = read_generated(shards)
+    sources = load_source_images(PREPARED, referenced_sources(samples))
+    pairs = filter_pairs(samples, sources, scorer, cfg)
     shutil.rmtree(OUT_DIR, ignore_errors=True)
     written = write_kept(pairs, OUT_DIR, params.pdg.shard_size, cfg.enabled)
     report = summarise(pairs, cfg.enabled).to_json()

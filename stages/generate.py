@@ -20,6 +20,7 @@ from pipeline.pdg.generate import (
     generation_fingerprint,
     load_source_images,
     make_editor,
+    pdg_shards,
     plan_generation,
     prepare_output,
     run_generation,
@@ -40,7 +41,7 @@ log = logging.getLogger("stages.generate")
 
 def _sample_sheet(plan, sources: dict[str, bytes], count: int) -> None:
     wanted = {job.key: job for job in plan.jobs[:count]}
-    shards = sorted(str(p) for p in OUT_DIR.glob("pdg-*.tar"))
+    shards = pdg_shards(OUT_DIR)
     rows = []
     for sample in iter_shard_samples(shards):
         job = wanted.get(sample["__key__"])

@@ -24,6 +24,7 @@ from pipeline.pdg.filtering import (
     noise_share,
     outside_change,
     pixel_std,
+    read_generated,
     summarise,
     write_kept,
 )
@@ -92,7 +93,7 @@ def _generated_shard(tmp_path):
 def test_filter_rejects_each_bad_pair_for_its_reason_and_reports_counts(tmp_path):
     shards, sources = _generated_shard(tmp_path)
     cfg = FilterConfig(margin=0.05, min_similarity=0.5, duplicate_similarity=0.999, batch_size=2)
-    pairs = filter_pairs(shards, sources, _ColourScorer(), cfg, show_progress=False)
+    pairs = filter_pairs(read_generated(shards), sources, _ColourScorer(), cfg, show_progress=False)
     verdict = {p.key: p.reasons for p in pairs}
     assert verdict["good"] == [] and verdict["copy"] == ["duplicate"]
     assert "consistency_margin" in verdict["wrong"] and "consistency_similarity" in verdict["wrong"]
@@ -126,7 +127,8 @@ def test_a_clip_checkpoint_scores_pairs(tmp_path):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
     scorer = ClipScorer(str(tmp_path / "clip"))
     shards, sources = _generated_shard(tmp_path)
-    pairs = filter_pairs(shards, sources, scorer, FilterConfig(margin=-2, min_similarity=-1), show_progress=False)
+    pairs = filter_pairs(read_generated(shards), sources, scorer, FilterConfig(margin=-2, min_similarity=-1),
+                         show_progress=False)
     assert len(pairs) == 5 and all(-1 <= p.scores["edited_similarity"] <= 1 for p in pairs)
     assert len({round(p.scores["edited_similarity"], 6) for p in pairs}) > 1  # images differ, so do scores
 
@@ -189,7 +191,7 @@ def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared
         edited = json.loads(next(s for s in samples if s["__key__"] == row.key)["json"])["edited_caption"]
         assert row.captions[0] == edited and len(row.captions) == 4  # edited, 2 paraphrases, machine caption
         assert row.captions[-1] and all(w in "a man woman red green shirt pants".split() for w in row.captions[-1].split())
-    counts = write_training_set(prepared, samples, rows, tmp_path / "train", shard_size=2)
+    counts = write_training_set(prepared, original, samples, rows, tmp_path / "train", shard_size=2)
     assert counts == {"original_images": len(original), "proximity_images": 3, "proximity_identities": 2,
                       "proximity_captions": 12}
     manifest = read_manifest(manifest_path(tmp_path / "train", "train"))

@@ -29,7 +29,6 @@ from pipeline.data.canonical import (
     iter_shard_samples,
     list_shards,
     manifest_path,
-    read_manifest,
     record_to_json,
     shard_pattern,
     write_manifest,
@@ -94,6 +93,7 @@ def proximity_records(
 ) -> list[ImageRecord]:
     """One manifest row per kept sample, texts and identity assigned."""
     records = [json.loads(s["json"]) for s in samples]
+    perturb = perturb or ApproximateText(1.0, cfg.paraphrase_fraction, neighbours=lexicon_neighbours())
     machine_captions = _machine_captions(samples, captioner, cfg.batch_size)
     rows = []
     for sample, record, person_id, machine in zip(samples, records, assign_identities(records, first_id), machine_captions):
@@ -121,10 +121,11 @@ def _machine_captions(samples: Sequence[dict[str, bytes]], captioner: ImageCapti
 
 
 def write_training_set(
-    prepared_dir: str | Path, proximity: Sequence[dict[str, bytes]], rows: Sequence[ImageRecord],
-    out_dir: str | Path, shard_size: int,
+    prepared_dir: str | Path, original_rows: Sequence[ImageRecord], proximity: Sequence[dict[str, bytes]],
+    rows: Sequence[ImageRecord], out_dir: str | Path, shard_size: int,
 ) -> dict[str, int]:
-    """The original train shards and rows, then the proximity shards and rows, in `out_dir`."""
+    """The original train shards and rows (`original_rows`: prepared_dir's train manifest), then the
+    proximity shards and rows, in `out_dir`."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -135,7 +136,6 @@ def write_training_set(
     for number, start in enumerate(range(0, len(proximity), shard_size), start=len(originals)):
         chunk = proximity[start : start + shard_size]
         write_tar_atomic(shard_pattern(out_dir, "train") % number, (_training_sample(s, by_key[s["__key__"]]) for s in chunk))
-    original_rows = read_manifest(manifest_path(prepared_dir, "train"))
     write_manifest([*original_rows, *rows], manifest_path(out_dir, "train"))
     return {"original_images": len(original_rows), "proximity_images": len(rows),
             "proximity_identities": len({row.person_id for row in rows}),

@@ -20,7 +20,7 @@ import io
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
+from pipeline.pdg.generate import SHARD_NAME
 
 log = logging.getLogger(__name__)
 
 EDIT_AREA = 0.3  # share of a crop a garment colour edit may cover; the rest must stay as it was
 REASONS = ("consistency_margin", "consistency_similarity", "fidelity", "blank", "noise", "duplicate")
-SHARD_NAME = "pdg-%06d.tar"
 
 
 class Scorer(Protocol):
@@ -229,38 +229,31 @@ class FilterReport:
 
 
 def filter_pairs(
-    raw_shards: list[str], sources: dict[str, bytes], scorer: Scorer, cfg: FilterConfig, show_progress: bool = True
+    samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer, cfg: FilterConfig,
+    show_progress: bool = True,
 ) -> list[ScoredPair]:
-    """Scores and judges every generated pair, in shard order."""
+    """Scores and judges every generated pair (from `read_generated`), in order."""
     pairs: list[ScoredPair] = []
-    batch: list[dict[str, bytes]] = []
-    bar = tqdm(desc="filter", unit="pair", disable=not show_progress)
-    for sample in _samples(raw_shards):
-        batch.append(sample)
-        if len(batch) == cfg.batch_size:
-            pairs += score_batch(batch, sources, scorer)
-            bar.update(len(batch))
-            batch = []
-    if batch:
-        pairs += score_batch(batch, sources, scorer)
-        bar.update(len(batch))
-    bar.close()
+    for start in tqdm(range(0, len(samples), cfg.batch_size), desc="filter", unit="batch", disable=not show_progress):
+        pairs += score_batch(samples[start : start + cfg.batch_size], sources, scorer)
     for pair in pairs:
         pair.reasons = judge(pair, cfg)
     mark_duplicates(pairs, cfg.duplicate_similarity)
     return pairs
 
 
-def referenced_sources(shards: list[str]) -> set[str]:
+def referenced_sources(samples: list[dict[str, bytes]]) -> set[str]:
     """Keys of the source images the generated samples were made from."""
-    return {json.loads(sample["json"])["source_key"] for sample in _samples(shards)}
+    return {json.loads(sample["json"])["source_key"] for sample in samples}
 
 
-def _samples(shards: list[str]) -> Iterator[dict[str, bytes]]:
-    for sample in iter_shard_samples(shards):
+def read_generated(shards: list[str]) -> list[dict[str, bytes]]:
+    """Every generated sample of the shards; a sample without its png or json stops with its key."""
+    samples = list(iter_shard_samples(shards))
+    for sample in samples:
         if "png" not in sample or "json" not in sample:
             raise ValueError(f"generated sample {sample['__key__']} lacks its png or json member")
-        yield sample
+    return samples
 
 
 def summarise(pairs: list[ScoredPair], enabled: bool) -> FilterReport:

@@ -33,7 +33,12 @@ from pipeline.text.caption_edit import CaptionEdit, edit_captions
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "generation.json"
-SHARD_NAME = "pdg-%06d.tar"
+SHARD_NAME = "pdg-%06d.tar"  # PDG shards (raw and filtered)
+
+
+def pdg_shards(folder: str | Path) -> list[str]:
+    """The PDG shards of a folder, in order."""
+    return sorted(str(path) for path in Path(folder).glob("pdg-*.tar"))
 
 
 @dataclass(frozen=True)
