@@ -119,20 +119,23 @@ class GeneratorConfig:
     width: int = field(default=32, metadata=_range(16, 1024))
     vae_channels: tuple[int, ...] = (32, 32, 64)
     latent_channels: int = field(default=4, metadata=_range(1, 64))
-    vae_steps: int = field(default=800, metadata=_range(1))
+    vae_steps: int = field(default=2400, metadata=_range(1))
     vae_batch_size: int = field(default=16, metadata=_range(1))
+    vae_crop_fraction: float = field(default=0.5, metadata=_range(0.1, 1.0))  # train on random crops this size
     vae_lr: float = field(default=2e-3, metadata=_range(0.0, 1.0))
-    unet_channels: tuple[int, ...] = (64, 128)
-    unet_steps: int = field(default=700, metadata=_range(1))
-    unet_batch_size: int = field(default=64, metadata=_range(1))
+    unet_channels: tuple[int, ...] = (48, 96)
+    unet_steps: int = field(default=1300, metadata=_range(1))
+    unet_batch_size: int = field(default=32, metadata=_range(1))
     unet_lr: float = field(default=1e-3, metadata=_range(0.0, 1.0))
+    high_noise_fraction: float = field(default=0.75, metadata=_range(0.0, 1.0))  # of timesteps from the noisier half
+    ema_decay: float = field(default=0.995, metadata=_range(0.0, 1.0))  # 0: save the last weights
     # minilm: the pretrained MiniLM (frozen; its prompt states computed once); clip: a small
     # CLIPTextModel (text_width x text_layers) trained jointly with the UNet
     text_encoder: str = field(default="minilm", metadata={"choices": ("minilm", "clip")})
-    prompt_tokens: int = field(default=64, metadata=_range(8, 512))  # minilm prompt length (padded)
+    prompt_tokens: int = field(default=48, metadata=_range(8, 512))  # minilm prompt length (padded)
     text_width: int = field(default=64, metadata=_range(16, 1024))
     text_layers: int = field(default=2, metadata=_range(1, 24))
-    global_text: bool = True  # the pooled prompt also joins the UNet's time embedding
+    global_text: bool = False  # the pooled prompt also joins the UNet's time embedding
     caption_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # for classifier-free guidance
     guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
     sample_steps: int = field(default=25, metadata=_range(1, 1000))

@@ -17,6 +17,9 @@ from pipeline.data.prepare import prepare
 from pipeline.data.synthpedes import COLOR_NAMES
 from pipeline.pdg.caption_tokenizer import colour_words, train_caption_tokenizer
 from pipeline.pdg.generator_training import (
+    ParameterAverage,
+    _groups,
+    _random_crop,
     build_text_encoder,
     build_vae,
     build_unet,
@@ -26,6 +29,7 @@ from pipeline.pdg.generator_training import (
     plot_loss_curves,
     plot_sample_grid,
     reconstruction_psnr,
+    sample_timesteps,
     resolve_generator,
     save_pipeline,
     set_latent_scale,
@@ -113,11 +117,68 @@ def test_vae_and_unet_losses_fall(train_images):
     assert latents.shape == (64, 4, HEIGHT // 2, WIDTH // 2)  # every image and its mirror image
     scale = set_latent_scale(vae, latents)
     unet, text_encoder = build_unet(TINY_GENERATOR), build_text_encoder(TINY_GENERATOR, tokenizer)
-    assert unet.config.addition_embed_type == "text"  # the pooled prompt joins the time embedding
+    assert unet.config.addition_embed_type is None  # no pooled prompt in the time embedding by default
     unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scale, TINY_GENERATOR,
                              show_progress=False)
     assert all(torch.isfinite(torch.tensor([loss for _, loss in unet_losses])))
     assert _mean(unet_losses[-10:]) < 0.8 * _mean(unet_losses[:10])
+
+
+def test_vae_on_crops_and_the_unet_with_biased_timesteps_and_averaging_learn(train_images):
+    cfg = dataclasses.replace(TINY_GENERATOR, vae_crop_fraction=0.5, high_noise_fraction=0.8, ema_decay=0.9,
+                              global_text=True)
+    torch.manual_seed(0)
+    vae = build_vae(cfg)
+    vae_losses = train_vae(vae, train_images.pixels, cfg, show_progress=False)
+    assert _mean(vae_losses[-8:]) < 0.7 * _mean(vae_losses[:8])
+    assert reconstruction_psnr(vae, train_images.pixels) > 12  # trained on half-size crops, decodes whole images
+    tokenizer = train_caption_tokenizer([c for cs in train_images.captions for c in cs], max_length=32)
+    caption_ids, empty_ids = tokenize_captions(tokenizer, train_images.captions)
+    latents = encode_latents(vae, train_images.pixels)
+    unet, text_encoder = build_unet(cfg), build_text_encoder(cfg, tokenizer)
+    assert unet.config.addition_embed_type == "text"  # the pooled prompt joins the time embedding
+    losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, set_latent_scale(vae, latents), cfg,
+                        show_progress=False)
+    assert _mean(losses[-10:]) < 0.8 * _mean(losses[:10])
+
+
+def test_random_crops_are_windows_at_the_latent_multiple():
+    batch = torch.arange(2 * 3 * 64 * 32, dtype=torch.float32).view(2, 3, 64, 32)
+    crop = _random_crop(batch, 0.5, 4, torch.Generator().manual_seed(1))
+    assert crop.shape == (2, 3, 32, 16)
+    top, left = divmod(int(crop[0, 0, 0, 0]), 32)
+    assert torch.equal(crop, batch[..., top : top + 32, left : left + 16])
+    assert _random_crop(batch, 0.3, 4, torch.Generator()).shape[-2:] == (20, 8)  # 19.2 -> 20, 9.6 -> 8
+    assert _random_crop(batch, 1.0, 4, torch.Generator()) is batch
+
+
+def test_timesteps_come_from_the_noisier_half_at_the_given_share():
+    generator = torch.Generator().manual_seed(0)
+    assert sample_timesteps(500, 1000, 1.0, generator).min() >= 500
+    assert sample_timesteps(500, 1000, 0.0, generator).max() < 500
+    share = (sample_timesteps(20000, 1000, 0.75, generator) >= 500).float().mean().item()
+    assert abs(share - 0.75) < 0.02
+    uniform = sample_timesteps(20000, 1000, 0.5, generator)
+    assert abs(uniform.float().mean().item() - 499.5) < 8 and uniform.max() == 999
+
+
+def test_parameter_average_follows_the_warmed_up_decay():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    average = ParameterAverage([weight], decay=0.9)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    average.update([weight], step=0)  # decay min(0.9, 1/10) = 0.1: 0 + 0.9 * (1 - 0)
+    assert torch.allclose(average.averages[0], torch.full((2,), 0.9))
+    average.update([weight], step=100)  # decay 0.9: 0.9 + 0.1 * (1 - 0.9)
+    assert torch.allclose(average.averages[0], torch.full((2,), 0.91))
+    average.copy_to([weight])
+    assert torch.allclose(weight.detach(), torch.full((2,), 0.91))
+
+
+def test_group_norm_groups_keep_at_least_four_channels():
+    assert _groups((32, 32, 64)) == 8 and _groups((64, 128)) == 16 and _groups((48, 96)) == 12
+    assert _groups((8, 16)) == 2 and _groups((3,)) == 1
+    assert build_vae(dataclasses.replace(TINY_GENERATOR, vae_channels=(8, 16))).encoder.conv_norm_out.num_groups == 2
 
 
 def test_trained_generator_saves_loads_and_samples(train_images, tmp_path):

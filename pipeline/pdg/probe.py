@@ -100,12 +100,13 @@ def train_probe(
 ) -> tuple[AttributeProbe, list[tuple[int, float]]]:
     """Cross-entropy on both heads, on augmented images so that it tolerates the generator's soft
     images; returns the probe (in eval mode) and (step, loss) per step.
-    `size` (height, width) lets the probe look at smaller images than given: 4x cheaper at half size."""
+    `size` (height, width) is what the probe looks at; by default half the images' size: garment
+    colours need no detail, and it trains 4x faster."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(images) / batch_size)
     upper, lower = colour_labels(images.attributes)
-    height, width = size or images.pixels.shape[-2:]
+    height, width = size or (max(8, images.pixels.shape[-2] // 2), max(8, images.pixels.shape[-1] // 2))
     probe = AttributeProbe(height, width, channels)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
