@@ -20,7 +20,8 @@ Run from the repository root after `dvc repro`:
     python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
 
 Results accumulate in benchmarks/results/pdg_gain.json (a rerun replaces only its rows and
-seeds); a Markdown table of everything recorded so far is printed.
+seeds; proximity rows made with another generator, by dvc.lock's md5 of models/generator, are
+dropped); a Markdown table of everything recorded so far is printed.
 """
 
 from __future__ import annotations
@@ -99,6 +100,21 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
     return project
 
 
+def generator_fingerprint() -> str:
+    """The md5 that dvc.lock records for models/generator: proximity rows made with another
+    generator are not averaged with the current ones."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    return next(out["md5"] for out in lock["stages"]["train_generator"]["outs"] if out["path"] == "models/generator")
+
+
+def current_runs(recorded: list[dict], fingerprint: str) -> list[dict]:
+    """The recorded runs still valid: baseline runs, and proximity runs of this generator."""
+    kept = [r for r in recorded if ROWS[r["row"]]["variant"] == "baseline" or r.get("generator") == fingerprint]
+    if len(kept) < len(recorded):
+        print(f"dropping {len(recorded) - len(kept)} recorded run(s) made with another generator", flush=True)
+    return kept
+
+
 def run(row: str, seed: int, workdir: Path) -> dict:
     spec = ROWS[row]
     project = make_project(row, seed, workdir)
@@ -115,7 +131,8 @@ def run(row: str, seed: int, workdir: Path) -> dict:
         path = project / "metrics" / f"{name}.json"
         if path.is_file():
             extra[name] = json.loads(path.read_text())
-    return {"row": row, "seed": seed, **{k: metrics[k] for k in METRICS}, "best_epoch": training["best_epoch"],
+    generator = {"generator": generator_fingerprint()} if variant == "pdg" else {}
+    return {"row": row, "seed": seed, **generator, **{k: metrics[k] for k in METRICS}, "best_epoch": training["best_epoch"],
             "best_val_R1": training["best_val_R1"], "steps": training["steps"], "seconds": seconds, **extra}
 
 
@@ -151,7 +168,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pdg_gain.json"))
     args = parser.parse_args()
     out = Path(args.out)
-    recorded = json.loads(out.read_text())["runs"] if out.is_file() else []
+    recorded = current_runs(json.loads(out.read_text())["runs"] if out.is_file() else [], generator_fingerprint())
     with tempfile.TemporaryDirectory() as workdir:
         for row in args.rows:
             for seed in args.seeds:
