@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A bad params file: the message names the key."""
 
 
+class FieldError(ConfigError):
+    """A bad value found where only the key's tail is known (a cross-field check, a check against
+    the model); whoever knows the rest of the path puts it in front with `under`."""
+
+    def __init__(self, relative_key: str, problem: str):
+        self.relative_key, self.problem = relative_key, problem
+        super().__init__(f"params: '{relative_key}' {problem}")
+
+    def under(self, prefix: str) -> "FieldError":
+        return FieldError(f"{prefix}.{self.relative_key}" if prefix else self.relative_key, self.problem)
+
+
 def _range(lo: float | None = None, hi: float | None = None, **extra: Any) -> dict:
     return {"min": lo, "max": hi, **extra}
 
@@ -220,8 +232,8 @@ class OnlineConfig:
     def __post_init__(self):
         weights = self.text_weights
         if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError(f"params: 'online.text_weights' must be 3 non-negative weights (replace, delete, "
-                              f"crop) with a positive sum, got {list(weights)}")
+            raise FieldError("text_weights", "must be 3 non-negative weights (replace, delete, crop) with a "
+                             f"positive sum, got {list(weights)}")
 
 
 @dataclass(frozen=True)
@@ -310,7 +322,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
         values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata))
-    return cls(**values)
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise err.under(prefix) from None
 
 
 def params_from_dict(raw: dict) -> Params:

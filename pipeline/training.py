@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, OnlineConfig, Params, VariantConfig
+from pipeline.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
@@ -139,8 +139,8 @@ def _check_mixup_layer(online: OnlineConfig, model: DualEncoder) -> None:
         return
     depth = min(len(model.image_tower.layers), len(model.text_tower.layers))
     if online.mixup_layer >= depth:
-        raise ConfigError(f"params: 'online.mixup_layer' {online.mixup_layer} must be below {depth}, the number of "
-                          "layers of the shallower tower")
+        raise FieldError("online.mixup_layer", f"{online.mixup_layer} must be below {depth}, the number of "
+                         "layers of the shallower tower")
 
 
 def _approximate_text(online: OnlineConfig, captions) -> ApproximateText | None:

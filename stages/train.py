@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, FieldError
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import start_stage
@@ -45,8 +45,11 @@ def main() -> int:
     args, params = start_stage(__doc__, with_variant=True)
     try:
         accelerator = make_accelerator(params)
-        trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator,
-                          params.variant(args.variant))
+        try:
+            trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator,
+                              params.variant(args.variant))
+        except FieldError as err:  # a check on the variant's settings: name them in full
+            raise err.under(f"variants.{args.variant}") from None
         progress = trainer.fit()
     except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
         log.error("%s", err)

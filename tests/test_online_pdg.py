@@ -1,10 +1,12 @@
 """Online PDG: approximate text generation and feature-level mixup with mixed contrastive targets."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, params_from_dict
+from pipeline.config import ConfigError, FieldError, params_from_dict
 from pipeline.data.prepare import prepare
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import minilm_path
@@ -77,7 +79,7 @@ def test_embedding_neighbours_are_the_closest_changeable_words():
 
 
 def test_online_text_weights_are_validated():
-    with pytest.raises(ConfigError, match="online.text_weights"):
+    with pytest.raises(ConfigError, match=r"'variants\.pdg\.online\.text_weights' must be 3"):
         params_from_dict({"variants": {"pdg": {"online": {"text_weights": [1.0, 1.0]}}}})
     with pytest.raises(ConfigError, match="unknown key 'variants.pdg.online.mix'"):
         params_from_dict({"variants": {"pdg": {"online": {"mix": 1}}}})
@@ -125,6 +127,17 @@ def _fit(params, folder, out_dir, variant):
     variant = params.variants[variant].__class__(data=str(folder), online=params.variants[variant].online)
     trainer = Trainer(params, folder, TrainOutputs(out_dir), make_accelerator(params, cpu=True), variant)
     return trainer.fit()
+
+
+def test_a_mixup_layer_beyond_the_towers_names_its_whole_key(tiny_params, tmp_path):
+    params, folder = tiny_params
+    online = dataclasses.replace(params.variants["pdg"].online, mixup_layer=params.model.layers)
+    variant = dataclasses.replace(params.variants["pdg"], data=str(folder), online=online)
+    with pytest.raises(FieldError) as caught:
+        Trainer(params, folder, TrainOutputs(tmp_path), make_accelerator(params, cpu=True), variant)
+    assert str(caught.value.under("variants.pdg")) == (
+        f"params: 'variants.pdg.online.mixup_layer' {params.model.layers} must be below {params.model.layers}, "
+        "the number of layers of the shallower tower")
 
 
 def test_training_with_online_pdg_learns_and_is_deterministic(tiny_params, tmp_path):
