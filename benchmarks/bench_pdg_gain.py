@@ -103,8 +103,13 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
 def generator_fingerprint() -> str:
     """The md5 that dvc.lock records for models/generator: proximity rows made with another
     generator are not averaged with the current ones."""
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
-    return next(out["md5"] for out in lock["stages"]["train_generator"]["outs"] if out["path"] == "models/generator")
+    lock_path = REPO / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else {}
+    outs = lock.get("stages", {}).get("train_generator", {}).get("outs", [])
+    md5 = next((out["md5"] for out in outs if out["path"] == "models/generator"), None)
+    if md5 is None:
+        raise SystemExit(f"{lock_path} records no models/generator: run `dvc repro` first")
+    return md5
 
 
 def current_runs(recorded: list[dict], fingerprint: str) -> list[dict]:
