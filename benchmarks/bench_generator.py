@@ -6,6 +6,12 @@ scales. Run from the repository root after `dvc repro prepare`:
 
     python benchmarks/bench_generator.py --guidance 2 4 6
 
+UNet experiments can reuse a trained autoencoder and probe (here the committed ones), so that
+only the UNet trains and every row reads its samples with the same probe:
+
+    python benchmarks/bench_generator.py --autoencoder models/generator --probe models/probe \
+        --set minilm_layers=3 --guidance 4 7 --out benchmarks/results/generator_minilm3.json
+
 Writes benchmarks/results/generator.json (or --out).
 """
 
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from diffusers import AutoencoderKL
 
 from pipeline.config import load_params, params_from_dict
 from pipeline.io import write_json_atomic
@@ -32,7 +39,7 @@ from pipeline.pdg.generator_training import (
     train_generator,
     write_sample_grid,
 )
-from pipeline.pdg.probe import colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
+from pipeline.pdg.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +53,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--prepared", default=str(REPO / "data" / "prepared"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generator.json"))
     parser.add_argument("--save", default="", help="also save the pipeline, probe, loss curves and samples here")
+    parser.add_argument("--autoencoder", default="", help="a saved generator folder whose autoencoder is reused (not trained)")
+    parser.add_argument("--probe", default="", help="a saved probe folder (models/probe) instead of training one")
     return parser.parse_args()
 
 
@@ -54,6 +63,17 @@ def generator_config(args: argparse.Namespace):
     overrides = dict(item.split("=", 1) for item in args.set)
     section = {**dataclasses.asdict(params.generator), **{k: yaml.safe_load(v) for k, v in overrides.items()}}
     return params_from_dict({"generator": section}).generator
+
+
+def reused_autoencoder(folder: str, cfg) -> AutoencoderKL | None:
+    """The autoencoder of a saved generator, checked against the generator params it must fit."""
+    if not folder:
+        return None
+    vae = AutoencoderKL.from_pretrained(Path(folder) / "vae").eval()
+    if vae.config.latent_channels != cfg.latent_channels or list(vae.config.block_out_channels) != list(cfg.vae_channels):
+        sys.exit(f"{folder}/vae has {vae.config.latent_channels} latent channels and levels "
+                 f"{vae.config.block_out_channels}; the params say {cfg.latent_channels} and {cfg.vae_channels}")
+    return vae
 
 
 def main() -> None:
@@ -65,10 +85,10 @@ def main() -> None:
     seconds = {"load": time.perf_counter() - started}
 
     started = time.perf_counter()
-    probe, _ = train_probe(train, seed=cfg.seed)
+    probe = AttributeProbe.load(args.probe) if args.probe else train_probe(train, seed=cfg.seed)[0]
     seconds["probe"] = time.perf_counter() - started
 
-    trained = train_generator(cfg, train)
+    trained = train_generator(cfg, train, vae=reused_autoencoder(args.autoencoder, cfg))
     seconds.update(trained.seconds)
     psnr = {"train": reconstruction_psnr(trained.pipeline.vae, train.pixels[:400]),
             "val": reconstruction_psnr(trained.pipeline.vae, val.pixels)}
@@ -96,6 +116,7 @@ def main() -> None:
         "generator": dataclasses.asdict(cfg),
         "seconds": seconds,
         "train_seconds": trained.seconds["vae"] + trained.seconds["unet"],
+        "reused": {"autoencoder": args.autoencoder, "probe": args.probe},
         "final_loss": {"vae": _tail_mean(trained.vae_losses), "unet": _tail_mean(trained.unet_losses)},
         "vae_psnr_db": psnr,
         "probe_val_accuracy": probe_accuracy(probe, val),
@@ -105,9 +126,9 @@ def main() -> None:
     print(yaml.safe_dump(report, sort_keys=False))
 
 
-def _tail_mean(losses: list[tuple[int, float]], window: int = 50) -> float:
+def _tail_mean(losses: list[tuple[int, float]], window: int = 50) -> float | None:
     tail = [loss for _, loss in losses[-window:]]
-    return sum(tail) / len(tail)
+    return sum(tail) / len(tail) if tail else None
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class GeneratorConfig:
     # CLIPTextModel (text_width x text_layers) trained jointly with the UNet
     text_encoder: str = field(default="minilm", metadata={"choices": ("minilm", "clip")})
     prompt_tokens: int = field(default=48, metadata=_range(8, 512))  # minilm prompt length (padded)
+    minilm_layers: int = field(default=3, metadata=_range(1, 6))  # the UNet reads the states of MiniLM layer 3 of 6
     text_width: int = field(default=64, metadata=_range(16, 1024))
     text_layers: int = field(default=2, metadata=_range(1, 24))
     global_text: bool = False  # the pooled prompt also joins the UNet's time embedding

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 from pipeline.config import ConfigError, Params, load_params
 
 
@@ -34,3 +36,9 @@ def _stage_arguments(description: str, with_variant: bool) -> argparse.Namespace
     if with_variant:
         parser.add_argument("--variant", required=True, help="a name under 'variants' in params.yaml")
     return parser.parse_args()
+
+
+def inference_device() -> torch.device:
+    """Where the stages that only run models (evaluate, filter, caption) put them: the GPU when
+    there is one. Training and generation place themselves through Accelerate instead."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,13 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.captioning import ImageCaptioner, proximity_records, read_kept, write_training_set
 from pipeline.pdg.generate import pdg_shards
-from pipeline.runtime import start_stage
+from pipeline.runtime import inference_device, start_stage
 
 PREPARED = Path("data/prepared")
 FILTERED = Path("data/pdg/filtered")
@@ -36,7 +34,7 @@ def main() -> int:
     kept = read_kept(pdg_shards(FILTERED))
     original = read_manifest(manifest_path(PREPARED, "train"))
     first_id = max(row.person_id for row in original) + 1
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = inference_device()
     try:
         captioner = ImageCaptioner(cfg.captioner, cfg.captioner_max_tokens, device) if cfg.captioner else None
     except (OSError, ValueError) as err:

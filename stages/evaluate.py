@@ -14,7 +14,7 @@ from pipeline.io import write_json_atomic
 from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
-from pipeline.runtime import start_stage
+from pipeline.runtime import inference_device, start_stage
 
 PREPARED = Path("data/prepared")
 EXAMPLE_QUERIES = 6
@@ -41,7 +41,7 @@ def main() -> int:
     if not (checkpoint / "training.json").is_file():
         log.error("no trained model in %s: run `dvc repro train@%s` first", checkpoint, args.variant)
         return 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)
     epoch = json.loads((checkpoint / "training.json").read_text())["epoch"]
     data = load_retrieval_split(PREPARED, "test")

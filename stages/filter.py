@@ -13,13 +13,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from pipeline.io import write_json_atomic
 from pipeline.pdg.filtering import filter_pairs, load_scorer, read_generated, referenced_sources, summarise, write_kept
 from pipeline.pdg.generate import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
-from pipeline.runtime import start_stage
+from pipeline.runtime import inference_device, start_stage
 
 PREPARED = Path("data/prepared")
 RAW = Path("data/pdg/raw")
@@ -41,7 +39,7 @@ def main() -> int:
     if not cfg.scorer and not (BASELINE / "training.json").is_file():
         log.error("no baseline model in %s to score with: run `dvc repro train@baseline`", BASELINE)
         return 1
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = inference_device()
     try:
         scorer = load_scorer(cfg.scorer, BASELINE, device)
     except (OSError, ValueError) as err:

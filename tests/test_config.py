@@ -40,6 +40,7 @@ def test_int_is_accepted_for_float():
         ({"data": {"val_fraction": 0.9}}, "'data.val_fraction' must be in [0.0, 0.5]"),
         ({"data": {"source": "market1501"}}, "'data.source' must be one of"),
         ({"data": ["source"]}, "'data' must be a mapping"),
+        ({"generator": {"minilm_layers": 7}}, "'generator.minilm_layers' must be in [1, 6]"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):

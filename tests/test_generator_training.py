@@ -198,8 +198,10 @@ def test_trained_generator_saves_loads_and_samples(train_images, tmp_path):
 
 
 def test_the_minilm_text_encoder_is_frozen_and_the_pipeline_loads_and_edits(train_images, tmp_path):
-    cfg = dataclasses.replace(TINY_GENERATOR, vae_steps=2, unet_steps=4, text_encoder="minilm", prompt_tokens=24)
-    before = {k: v.clone() for k, v in BertModel.from_pretrained(minilm_path()).state_dict().items()}
+    cfg = dataclasses.replace(TINY_GENERATOR, vae_steps=2, unet_steps=4, text_encoder="minilm", prompt_tokens=24,
+                              minilm_layers=2)
+    full = BertModel.from_pretrained(minilm_path()).eval()
+    before = {k: v.clone() for k, v in full.state_dict().items()}
     trained = train_generator(cfg, train_images, show_progress=False)
     encoder = trained.pipeline.text_encoder
     assert isinstance(encoder, BertModel) and trained.pipeline.unet.config.cross_attention_dim == 384
@@ -207,6 +209,13 @@ def test_the_minilm_text_encoder_is_frozen_and_the_pipeline_loads_and_edits(trai
     folder = save_pipeline(trained.pipeline, tmp_path / "generator")
     parts = load_generator(folder)
     assert parts.tokenizer.model_max_length == 24
+    # the saved encoder is MiniLM's first two layers: its output is the full model's second hidden states
+    ids = parts.tokenizer(["a man in a red shirt and blue jeans"], return_tensors="pt").input_ids
+    assert parts.text_encoder.config.num_hidden_layers == 2
+    with torch.no_grad():
+        expected = full(ids, output_hidden_states=True).hidden_states[2]
+        assert torch.allclose(parts.text_encoder(ids)[0], expected, atol=1e-5)
+        assert not torch.allclose(full(ids)[0], expected, atol=1e-2)
     request = EditRequest(Image.new("RGB", (WIDTH, HEIGHT), (200, 20, 20)), "a man in a red shirt",
                           "a man in a turquoise shirt", [((11, 14), (11, 20))])
     (result,) = edit_p2p_batch(parts, [request], num_steps=2, guidance=4.0, cross_replace_fraction=0.8,

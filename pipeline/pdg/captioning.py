@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.config import CaptionConfig
@@ -71,7 +72,7 @@ def paraphrases(caption: str, count: int, fraction: float, seed: int, key: str,
 class ImageCaptioner:
     """An image-to-text model (folder or hub id) loaded with the Auto classes (BLIP, GIT, ...)."""
 
-    def __init__(self, path: str, max_tokens: int, device: str = "cpu"):
+    def __init__(self, path: str, max_tokens: int, device: torch.device | str = "cpu"):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(path)

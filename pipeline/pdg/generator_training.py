@@ -34,6 +34,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     BertModel,
     CLIPTextConfig,
@@ -44,6 +45,7 @@ from transformers import (
 )
 
 from pipeline.config import GeneratorConfig
+from pipeline.models import minilm_path
 from pipeline.data.canonical import iter_shard_samples, list_shards
 from pipeline.plots import plt, save_figure
 
@@ -136,12 +138,22 @@ def build_text_side(cfg: GeneratorConfig, captions: Iterable[str]) -> tuple[PreT
     """(tokenizer, text encoder, whether it trains): the frozen pretrained MiniLM, or a small CLIP text
     model with a tokenizer learned on the captions."""
     if cfg.text_encoder == "minilm":
-        from pipeline.models import minilm_path
-
         tokenizer = AutoTokenizer.from_pretrained(minilm_path(), model_max_length=cfg.prompt_tokens)
-        return tokenizer, BertModel.from_pretrained(minilm_path()).eval(), False
+        return tokenizer, truncated_minilm(cfg.minilm_layers), False
     tokenizer = train_caption_tokenizer(captions)
     return tokenizer, build_text_encoder(cfg, tokenizer), True
+
+
+def truncated_minilm(layers: int) -> BertModel:
+    """The pretrained MiniLM keeping only its first `layers` Transformer layers, so that its output
+    is that layer's hidden states and the saved pipeline computes them with a plain `BertModel`.
+    Why not the last layer: there, a garment noun's state no longer says which colour it has
+    (a linear read-out of the trousers' colour from "trousers" falls from 100% at layers 1-5 to 87%
+    at layer 6), and a UNet conditioned on it painted the trousers in the top's colour (README)."""
+    available = AutoConfig.from_pretrained(minilm_path()).num_hidden_layers
+    if not 1 <= layers <= available:
+        raise ValueError(f"generator.minilm_layers must be in [1, {available}] (MiniLM has {available} layers), got {layers}")
+    return BertModel.from_pretrained(minilm_path(), num_hidden_layers=layers).eval()
 
 
 def build_text_encoder(cfg: GeneratorConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
@@ -375,13 +387,18 @@ def assemble_pipeline(
     )
 
 
-def train_generator(cfg: GeneratorConfig, train: LabelledImages, *, show_progress: bool = True) -> TrainedGenerator:
-    """Both phases on `train` (already at cfg.height x cfg.width); returns the assembled pipeline."""
+def train_generator(
+    cfg: GeneratorConfig, train: LabelledImages, *, vae: AutoencoderKL | None = None, show_progress: bool = True
+) -> TrainedGenerator:
+    """Both phases on `train` (already at cfg.height x cfg.width); returns the assembled pipeline.
+    Given a trained `vae`, only the UNet trains (for experiments on the UNet and its conditioning)."""
     torch.manual_seed(cfg.seed)
     seconds = {}
     started = time.perf_counter()
-    vae = build_vae(cfg)
-    vae_losses = train_vae(vae, train.pixels, cfg, show_progress=show_progress)
+    vae_losses = []
+    if vae is None:
+        vae = build_vae(cfg)
+        vae_losses = train_vae(vae, train.pixels, cfg, show_progress=show_progress)
     seconds["vae"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -451,6 +468,9 @@ def plot_loss_curves(trained: TrainedGenerator, path: str | Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for axis, losses, title in ((axes[0], trained.vae_losses, "autoencoder (L1 + KL)"),
                                 (axes[1], trained.unet_losses, "UNet (noise MSE)")):
+        if not losses:  # a reused, already trained autoencoder
+            axis.set(title=f"{title}: not trained here")
+            continue
         steps, values = zip(*losses)
         window = max(1, len(values) // 20)
         smooth = torch.tensor(values).unfold(0, window, 1).mean(1).tolist()
