@@ -40,6 +40,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.io import write_json_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 NO_TEXT = {"text_prob": 0.0}
@@ -181,8 +183,7 @@ def main() -> None:
                 recorded = [r for r in recorded if (r["row"], r["seed"]) != (row, seed)] + [result]
                 report = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
                           "runs": recorded, "summary": summary(recorded)}
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(report, indent=2) + "\n")
+                write_json_atomic(out, report)  # after every run: a stopped benchmark keeps what it measured
                 print(json.dumps({k: result[k] for k in ("row", "seed", *METRICS, "best_val_R1")}), flush=True)
     print(markdown(summary(recorded)))
 
