@@ -25,10 +25,11 @@ import torch
 from pipeline.data.canonical import iter_shard_samples, list_shards
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.io import write_json_atomic
-from pipeline.models import DualEncoder
+from pipeline.models import CONFIG_NAME, DualEncoder
 from pipeline.pdg.probe import LOWER_NOUNS, UPPER_NOUNS, names_colour
 
 REPO = Path(__file__).resolve().parents[1]
+GARMENT_NOUNS = (("upper", UPPER_NOUNS), ("lower", LOWER_NOUNS))
 ATTRIBUTES = ("upper_color", "lower_color", "upper_type", "lower_type", "shoe_color", "bag_type", "bag_color",
               "headwear_type", "hair_color", "gender")
 
@@ -41,53 +42,30 @@ def test_attributes(prepared: Path) -> list[dict[str, str]]:
     return [json.loads(row["attributes"]) for row in rows]
 
 
-def named_colour_missed(caption: str, truth: dict[str, str], retrieved: dict[str, str]) -> dict[str, bool]:
-    """Per garment: the caption names its colour and the retrieved person wears another one."""
+def names_garment_colour(data, attributes: list[dict[str, str]]) -> dict[str, torch.Tensor]:
+    """Per garment, per query: whether the caption names the colour its person wears there."""
     return {
-        garment: names_colour(caption, truth[f"{garment}_color"], nouns)
-        and retrieved[f"{garment}_color"] != truth[f"{garment}_color"]
-        for garment, nouns in (("upper", UPPER_NOUNS), ("lower", LOWER_NOUNS))
+        garment: torch.tensor([names_colour(caption.lower(), attributes[owner][f"{garment}_color"], nouns)
+                               for caption, owner in zip(data.captions, data.caption_image_index)])
+        for garment, nouns in GARMENT_NOUNS
     }
 
 
-def confusions(similarity: torch.Tensor, data, attributes: list[dict[str, str]]) -> dict:
-    top = similarity.argmax(1).tolist()  # ties go to the lower gallery index, as in the metrics
-    wrong = [q for q, g in enumerate(top) if data.image_pids[g] != data.caption_pids[q]]
-    differs = {name: 0 for name in ATTRIBUTES}
-    missed = {"upper": 0, "lower": 0, "either": 0}
-    for query in wrong:
-        truth, retrieved = attributes[data.caption_image_index[query]], attributes[top[query]]
-        for name in ATTRIBUTES:
-            differs[name] += truth.get(name) != retrieved.get(name)
-        garments = named_colour_missed(data.captions[query].lower(), truth, retrieved)
-        missed["upper"] += garments["upper"]
-        missed["lower"] += garments["lower"]
-        missed["either"] += garments["upper"] or garments["lower"]
-    share = lambda count: round(100.0 * count / max(1, len(wrong)), 1)  # noqa: E731
-    return {
-        "queries": len(top),
-        "rank1_mistakes": len(wrong),
-        "attribute_differs_pct": {name: share(count) for name, count in differs.items()},
-        "named_colour_missed_pct": {name: share(count) for name, count in missed.items()},
-    }
+def attribute_codes(attributes: list[dict[str, str]], name: str) -> torch.Tensor:
+    """One integer per gallery image for an attribute's value (missing values are a value too)."""
+    values = [str(row.get(name)) for row in attributes]
+    vocabulary = {value: code for code, value in enumerate(sorted(set(values)))}
+    return torch.tensor([vocabulary[value] for value in values])
 
 
-def chance(data, attributes: list[dict[str, str]]) -> dict:
-    """The same shares for a gallery image of another person drawn at random (all pairs)."""
-    owners = torch.tensor(data.caption_image_index)
-    other = data.caption_pids[:, None] != data.image_pids[None, :]  # (queries, gallery)
-    def differs(name: str) -> torch.Tensor:
-        values = [row.get(name) for row in attributes]
-        codes = torch.tensor([sorted(set(map(str, values))).index(str(v)) for v in values])
-        return codes[owners][:, None] != codes[None, :]
-    share = lambda mask: round(100.0 * (mask & other).sum().item() / other.sum().item(), 1)  # noqa: E731
-    missed = {}
-    for garment, nouns in (("upper", UPPER_NOUNS), ("lower", LOWER_NOUNS)):
-        named = torch.tensor([names_colour(c.lower(), attributes[o][f"{garment}_color"], nouns)
-                              for c, o in zip(data.captions, data.caption_image_index)])
-        missed[garment] = named[:, None] & differs(f"{garment}_color")
+def shares(differs: dict[str, torch.Tensor], named: dict[str, torch.Tensor], pairs: torch.Tensor) -> dict:
+    """Percentages over the (query, gallery image) pairs selected by `pairs`: per attribute, where
+    it differs; per garment (and either), where a colour the caption names differs."""
+    def share(mask: torch.Tensor) -> float:
+        return round(100.0 * (mask & pairs).sum().item() / max(1, pairs.sum().item()), 1)
+    missed = {garment: named[garment][:, None] & differs[f"{garment}_color"] for garment, _ in GARMENT_NOUNS}
     return {
-        "attribute_differs_pct": {name: share(differs(name)) for name in ATTRIBUTES},
+        "attribute_differs_pct": {name: share(mask) for name, mask in differs.items()},
         "named_colour_missed_pct": {"upper": share(missed["upper"]), "lower": share(missed["lower"]),
                                     "either": share(missed["upper"] | missed["lower"])},
     }
@@ -101,12 +79,25 @@ def main() -> None:
     args = parser.parse_args()
     data = load_retrieval_split(args.prepared, "test")
     attributes = test_attributes(Path(args.prepared))
+    owners = torch.tensor(data.caption_image_index)
+    # (queries, gallery): does the gallery image differ from the query's own image in each attribute
+    differs = {}
+    for name in ATTRIBUTES:
+        codes = attribute_codes(attributes, name)
+        differs[name] = codes[owners][:, None] != codes[None, :]
+    named = names_garment_colour(data, attributes)
     results = {}
     for folder in args.models:
+        if not (Path(folder) / CONFIG_NAME).is_file():
+            raise SystemExit(f"--models {folder}: no saved dual encoder there (expected {folder}/{CONFIG_NAME})")
         model = DualEncoder.from_pretrained(folder).eval()
         _, similarity = evaluate_retrieval(model, data, 256, torch.device("cpu"))
-        results[folder] = confusions(similarity, data, attributes)
-    reference = chance(data, attributes)
+        top = similarity.argmax(1)  # the first of tied maxima: ties go to the lower gallery index, as in the metrics
+        mistakes = data.image_pids[top] != data.caption_pids
+        top_pairs = torch.zeros_like(differs["gender"]).scatter_(1, top[:, None], True) & mistakes[:, None]
+        results[folder] = {"queries": len(top), "rank1_mistakes": int(mistakes.sum()),
+                           **shares(differs, named, top_pairs)}
+    reference = shares(differs, named, data.caption_pids[:, None] != data.image_pids[None, :])
     write_json_atomic(args.out, {"date": date.today().isoformat(), "command": "python benchmarks/bench_confusions.py "
                                  + " ".join(["--models", *args.models]), "models": results,
                                  "random_other_person": reference})

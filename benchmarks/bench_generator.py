@@ -39,7 +39,14 @@ from pipeline.pdg.generator_training import (
     train_generator,
     write_sample_grid,
 )
-from pipeline.pdg.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
+from pipeline.pdg.probe import (
+    WEIGHTS_FILE,
+    AttributeProbe,
+    colour_prompts,
+    probe_accuracy,
+    prompted_color_accuracy,
+    train_probe,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +76,8 @@ def reused_autoencoder(folder: str, cfg) -> AutoencoderKL | None:
     """The autoencoder of a saved generator, checked against the generator params it must fit."""
     if not folder:
         return None
+    if not (Path(folder) / "vae" / "config.json").is_file():
+        sys.exit(f"--autoencoder {folder}: no saved generator there (expected {folder}/vae/config.json)")
     vae = AutoencoderKL.from_pretrained(Path(folder) / "vae").eval()
     if vae.config.latent_channels != cfg.latent_channels or list(vae.config.block_out_channels) != list(cfg.vae_channels):
         sys.exit(f"{folder}/vae has {vae.config.latent_channels} latent channels and levels "
@@ -76,19 +85,26 @@ def reused_autoencoder(folder: str, cfg) -> AutoencoderKL | None:
     return vae
 
 
+def saved_probe(folder: str) -> AttributeProbe:
+    if not (Path(folder) / WEIGHTS_FILE).is_file():
+        sys.exit(f"--probe {folder}: no saved probe there (expected {folder}/{WEIGHTS_FILE})")
+    return AttributeProbe.load(folder)
+
+
 def main() -> None:
     args = arguments()
     cfg = generator_config(args)
+    reused_vae = reused_autoencoder(args.autoencoder, cfg)  # a bad folder stops before any work
     started = time.perf_counter()
     train = load_images(args.prepared, "train", cfg.height, cfg.width)
     val = load_images(args.prepared, "val", cfg.height, cfg.width)
     seconds = {"load": time.perf_counter() - started}
 
     started = time.perf_counter()
-    probe = AttributeProbe.load(args.probe) if args.probe else train_probe(train, seed=cfg.seed)[0]
+    probe = saved_probe(args.probe) if args.probe else train_probe(train, seed=cfg.seed)[0]
     seconds["probe"] = time.perf_counter() - started
 
-    trained = train_generator(cfg, train, vae=reused_autoencoder(args.autoencoder, cfg))
+    trained = train_generator(cfg, train, vae=reused_vae)
     seconds.update(trained.seconds)
     psnr = {"train": reconstruction_psnr(trained.pipeline.vae, train.pixels[:400]),
             "val": reconstruction_psnr(trained.pipeline.vae, val.pixels)}

@@ -122,7 +122,7 @@ def current_runs(recorded: list[dict], fingerprint: str) -> list[dict]:
     return kept
 
 
-def run(row: str, seed: int, workdir: Path) -> dict:
+def run(row: str, seed: int, workdir: Path, generator: str) -> dict:
     spec = ROWS[row]
     project = make_project(row, seed, workdir)
     seconds = {}
@@ -138,8 +138,8 @@ def run(row: str, seed: int, workdir: Path) -> dict:
         path = project / "metrics" / f"{name}.json"
         if path.is_file():
             extra[name] = json.loads(path.read_text())
-    generator = {"generator": generator_fingerprint()} if variant == "pdg" else {}
-    return {"row": row, "seed": seed, **generator, **{k: metrics[k] for k in METRICS}, "best_epoch": training["best_epoch"],
+    made_with = {"generator": generator} if variant == "pdg" else {}
+    return {"row": row, "seed": seed, **made_with, **{k: metrics[k] for k in METRICS}, "best_epoch": training["best_epoch"],
             "best_val_R1": training["best_val_R1"], "steps": training["steps"], "seconds": seconds, **extra}
 
 
@@ -175,11 +175,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pdg_gain.json"))
     args = parser.parse_args()
     out = Path(args.out)
-    recorded = current_runs(json.loads(out.read_text())["runs"] if out.is_file() else [], generator_fingerprint())
+    generator = generator_fingerprint()  # read once: every run of this invocation uses this generator
+    recorded = current_runs(json.loads(out.read_text())["runs"] if out.is_file() else [], generator)
     with tempfile.TemporaryDirectory() as workdir:
         for row in args.rows:
             for seed in args.seeds:
-                result = run(row, seed, Path(workdir))
+                result = run(row, seed, Path(workdir), generator)
                 recorded = [r for r in recorded if (r["row"], r["seed"]) != (row, seed)] + [result]
                 report = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
                           "runs": recorded, "summary": summary(recorded)}

@@ -45,8 +45,8 @@ from transformers import (
 )
 
 from pipeline.config import GeneratorConfig
-from pipeline.models import minilm_path
 from pipeline.data.canonical import iter_shard_samples, list_shards
+from pipeline.models import minilm_path
 from pipeline.plots import plt, save_figure
 
 from .caption_tokenizer import train_caption_tokenizer
@@ -148,8 +148,9 @@ def truncated_minilm(layers: int) -> BertModel:
     """The pretrained MiniLM keeping only its first `layers` Transformer layers, so that its output
     is that layer's hidden states and the saved pipeline computes them with a plain `BertModel`.
     Why not the last layer: there, a garment noun's state no longer says which colour it has
-    (a linear read-out of the trousers' colour from "trousers" falls from 100% at layers 1-5 to 87%
-    at layer 6), and a UNet conditioned on it painted the trousers in the top's colour (README)."""
+    (a linear read-out of the trousers' colour from "trousers" falls from 100% at layers 1-5 to 83%
+    at layer 6: benchmarks/bench_minilm_binding.py), and a UNet conditioned on it painted the
+    trousers in the top's colour (README)."""
     available = AutoConfig.from_pretrained(minilm_path()).num_hidden_layers
     if not 1 <= layers <= available:
         raise ValueError(f"generator.minilm_layers must be in [1, {available}] (MiniLM has {available} layers), got {layers}")
