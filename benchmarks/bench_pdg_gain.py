@@ -13,11 +13,16 @@ models/baseline, models/generator, data/pdg/*). Rows:
   filter-off     pdg, every generated pair kept (filter, caption rerun)
   img2img        pdg with SDEdit instead of Prompt-to-Prompt (generate, filter, caption rerun)
   samples-1, samples-4   pdg with pdg.num_samples 1 / 4 (generate, filter, caption rerun)
+  source-batch   pdg, each proximity pair in the batch of its source image (batch_with_source)
+  text+source-batch      proximity pairs + approximate text, in the batch of their source
+  text-only      approximate text on the original pairs, no proximity pairs (what the text alone gives)
 
 Run from the repository root after `dvc repro`:
 
     python benchmarks/bench_pdg_gain.py --rows baseline pdg --seeds 0 1 2
     python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
+
+`--workdir DIR` keeps each run's project (models included) in DIR/<row>-seed<N>.
 
 Results accumulate in benchmarks/results/pdg_gain.json (a rerun replaces only its rows and
 seeds; proximity rows made with another generator, by dvc.lock's md5 of models/generator, are
@@ -46,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 NO_TEXT = {"text_prob": 0.0}
 NO_MIXUP = {"mixup_prob": 0.0}
+SOURCE_BATCH = {"variants": {"pdg": {"batch_with_source": True}}}
 ROWS: dict[str, dict] = {
     # params overrides, stages to rerun before training (their outputs are not linked in)
     "baseline": {"variant": "baseline"},
@@ -57,6 +63,9 @@ ROWS: dict[str, dict] = {
     "img2img": {"variant": "pdg", "params": {"pdg": {"method": "img2img"}}, "stages": ["generate", "filter", "caption"]},
     "samples-1": {"variant": "pdg", "params": {"pdg": {"num_samples": 1}}, "stages": ["generate", "filter", "caption"]},
     "samples-4": {"variant": "pdg", "params": {"pdg": {"num_samples": 4}}, "stages": ["generate", "filter", "caption"]},
+    "source-batch": {"variant": "pdg", "params": SOURCE_BATCH},
+    "text+source-batch": {"variant": "pdg", "online": NO_MIXUP, "params": SOURCE_BATCH},
+    "text-only": {"variant": "pdg", "online": NO_MIXUP, "params": {"variants": {"pdg": {"data": "data/prepared"}}}},
 }
 # what each stage writes: not linked from this checkout when the row reruns the stage
 STAGE_OUTPUTS = {"generate": "data/pdg/raw", "filter": "data/pdg/filtered", "caption": "data/pdg/train"}
@@ -83,6 +92,7 @@ def _run(project: Path, *command: str) -> float:
 def make_project(row: str, seed: int, workdir: Path) -> Path:
     spec = ROWS[row]
     project = workdir / f"{row}-seed{seed}"
+    shutil.rmtree(project, ignore_errors=True)  # a kept project of an earlier run
     shutil.copytree(REPO / "pipeline", project / "pipeline")
     shutil.copytree(REPO / "stages", project / "stages")
     rerun = {STAGE_OUTPUTS[s] for s in spec.get("stages", [])}
@@ -173,11 +183,15 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["baseline", "pdg"], choices=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pdg_gain.json"))
+    parser.add_argument("--workdir", help="keep each run's project here (default: a temporary folder)")
     args = parser.parse_args()
     out = Path(args.out)
     generator = generator_fingerprint()  # read once: every run of this invocation uses this generator
     recorded = current_runs(json.loads(out.read_text())["runs"] if out.is_file() else [], generator)
-    with tempfile.TemporaryDirectory() as workdir:
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = args.workdir or scratch
         for row in args.rows:
             for seed in args.seeds:
                 result = run(row, seed, Path(workdir), generator)

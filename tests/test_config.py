@@ -41,6 +41,7 @@ def test_int_is_accepted_for_float():
         ({"data": {"source": "market1501"}}, "'data.source' must be one of"),
         ({"data": ["source"]}, "'data' must be a mapping"),
         ({"generator": {"minilm_layers": 7}}, "'generator.minilm_layers' must be in [1, 6]"),
+        ({"variants": {"pdg": {"batch_with_source": "yes"}}}, "'variants.pdg.batch_with_source' must be bool"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):

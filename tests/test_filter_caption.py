@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.config import CaptionConfig, FilterConfig, params_from_dict
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest, write_tar_atomic
+from pipeline.data.loader import StreamPlan, proximity_by_source, raw_pairs
 from pipeline.data.prepare import prepare
 from pipeline.pdg.captioning import (
     ImageCaptioner,
@@ -133,8 +134,8 @@ def test_a_clip_checkpoint_scores_pairs(tmp_path):
     assert len({round(p.scores["edited_similarity"], 6) for p in pairs}) > 1  # images differ, so do scores
 
 
-def _kept_sample(key, person, phrase, colour, caption="A man in a red shirt and blue jeans walking."):
-    record = {"source_person_id": person, "edited_caption": caption.replace("red", colour), "method": "p2p",
+def _kept_sample(key, person, phrase, colour, caption="A man in a red shirt and blue jeans walking.", source="src"):
+    record = {"source_key": source, "source_person_id": person, "edited_caption": caption.replace("red", colour), "method": "p2p",
               "changes": [{"phrase_before": phrase, "phrase_after": f"{colour} shirt", "new_color": colour}]}
     return {"__key__": key, "png": _png(_person()), "json": json.dumps(record).encode()}
 
@@ -181,9 +182,10 @@ def prepared(tmp_path_factory):
 
 def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared, tmp_path):
     captioner = _tiny_captioner(tmp_path / "blip")
-    samples = [_kept_sample("pdg-a", 1, "red shirt", "green"), _kept_sample("pdg-b", 1, "red shirt", "green"),
-               _kept_sample("pdg-c", 2, "red shirt", "pink")]
     original = read_manifest(manifest_path(prepared, "train"))
+    samples = [_kept_sample("pdg-a", 1, "red shirt", "green", source=original[0].key),
+               _kept_sample("pdg-b", 1, "red shirt", "green", source=original[0].key),
+               _kept_sample("pdg-c", 2, "red shirt", "pink", source=original[5].key)]
     first_id = max(r.person_id for r in original) + 1
     rows = proximity_records(samples, first_id, CaptionConfig(paraphrases=2), captioner)
     assert [r.person_id for r in rows] == [first_id, first_id, first_id + 1]
@@ -198,3 +200,35 @@ def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared
     assert [r.key for r in manifest] == [r.key for r in original] + ["pdg-a", "pdg-b", "pdg-c"]
     read_back = {s["__key__"]: json.loads(s["json"]) for s in iter_shard_samples(list_shards(tmp_path / "train", "train"))}
     assert len(read_back) == len(original) + 3 and read_back["pdg-c"]["person_id"] == first_id + 1
+    assert read_back["pdg-c"]["source_key"] == original[5].key  # for the loader's batch_with_source
+    assert "source_key" not in read_back[original[0].key]
+
+
+def test_proximity_pairs_share_the_batch_of_their_source(prepared, tmp_path):
+    original = read_manifest(manifest_path(prepared, "train"))
+    samples = [_kept_sample("pdg-a", 1, "red shirt", "green", source=original[0].key),
+               _kept_sample("pdg-b", 1, "red shirt", "blue", source=original[0].key),
+               _kept_sample("pdg-c", 2, "red shirt", "pink", source=original[9].key),
+               _kept_sample("pdg-orphan", 3, "red shirt", "pink", source="not-a-training-image")]
+    rows = proximity_records(samples, 1000, CaptionConfig(paraphrases=1))
+    write_training_set(prepared, original, samples, rows, tmp_path / "train", shard_size=4)
+    shards = tuple(list_shards(tmp_path / "train", "train"))
+    assert set(proximity_by_source(shards)) == {original[0].key, original[9].key}
+
+    def stream(together, seed):
+        return [(p.key, p.caption) for p in raw_pairs(StreamPlan(shards, 8, seed=seed, shuffle_buffer=16,
+                                                                  batch_with_source=together))]
+
+    for seed in range(3):
+        alone, together = stream(False, seed), stream(True, seed)
+        assert sorted(together) == sorted(alone)  # the same pairs, each once
+        keys = [key for key, _ in together]
+        for source, children in ((original[0].key, ["pdg-a", "pdg-b"]), (original[9].key, ["pdg-c"])):
+            start = keys.index(source)  # the source's 2 captions, then 2 texts per proximity image
+            assert keys[start : start + 2 + 2 * len(children)] == [source] * 2 + [c for c in children for _ in (0, 1)]
+        assert keys.count("pdg-orphan") == 2
+    gaps = []  # without it, a proximity image lands far from its source
+    for seed in range(3):
+        keys = [key for key, _ in stream(False, seed)]
+        gaps.append(abs(keys.index("pdg-a") - keys.index(original[0].key)))
+    assert max(gaps) > 8

@@ -144,8 +144,11 @@ def write_training_set(
 
 
 def _training_sample(sample: dict[str, bytes], row: ImageRecord) -> dict[str, bytes]:
-    return {"__key__": row.key, "png": sample["png"],
-            "json": json.dumps(record_to_json(row), sort_keys=True).encode("utf-8")}
+    """The canonical row plus the key of the training image it was edited from (see the loader's
+    `batch_with_source`)."""
+    source_key = json.loads(sample["json"])["source_key"]
+    fields = {**record_to_json(row), "source_key": source_key}
+    return {"__key__": row.key, "png": sample["png"], "json": json.dumps(fields, sort_keys=True).encode("utf-8")}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
