@@ -23,7 +23,7 @@ import torch
 
 from pipeline.evaluation import embed_retrieval_split, load_retrieval_split
 from pipeline.io import write_json_atomic
-from pipeline.models import CONFIG_NAME, DualEncoder
+from pipeline.models import DualEncoder
 from pipeline.models.tokenization import tokenize
 from pipeline.pdg.probe import LOWER_NOUNS, UPPER_NOUNS
 from pipeline.text.caption_edit import edit_captions
@@ -77,8 +77,6 @@ def main() -> None:
     owners = torch.tensor([data.caption_image_index[i] for i in editable])
     results = {}
     for folder in args.models:
-        if not (Path(folder) / CONFIG_NAME).is_file():
-            raise SystemExit(f"--models {folder}: no saved dual encoder there (expected {folder}/{CONFIG_NAME})")
         model = DualEncoder.from_pretrained(folder).eval()
         text_emb, image_emb = embed_retrieval_split(model, data, 256, torch.device("cpu"))
         own_images = image_emb[owners]
@@ -99,4 +97,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as error:  # e.g. a --models folder without a saved dual encoder: one line, no traceback
+        raise SystemExit(f"error: {error}")

@@ -22,6 +22,8 @@ Run from the repository root after `dvc repro`:
     python benchmarks/bench_pdg_gain.py --rows baseline pdg --seeds 0 1 2
     python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
 
+`--out FILE` records elsewhere (the replication on a second machine went to
+benchmarks/results/pdg_gain_amx.json; every run records the machine it ran on);
 `--workdir DIR` keeps each run's project (models included) in DIR/<row>-seed<N>.
 
 Results accumulate in benchmarks/results/pdg_gain.json (a rerun replaces only its rows and
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -112,6 +115,21 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
     return project
 
 
+def machine() -> dict:
+    """The CPU the runs were made on: float results differ between CPU kernel families
+    (same seed, same code), so a recorded table is only reproduced on a like machine."""
+    import torch
+
+    flags = model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        model = model or (value.strip() if key.strip() == "model name" else "")
+        flags = flags or (value if key.strip() == "flags" else "")
+    return {"cpu": model or platform.processor(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": "amx_tile" in flags.split(), "torch": torch.__version__}
+
+
 def generator_fingerprint() -> str:
     """The md5 that dvc.lock records for models/generator: proximity rows made with another
     generator are not averaged with the current ones."""
@@ -187,6 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     generator = generator_fingerprint()  # read once: every run of this invocation uses this generator
+    host = machine()
     recorded = current_runs(json.loads(out.read_text())["runs"] if out.is_file() else [], generator)
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -194,7 +213,7 @@ def main() -> None:
         workdir = args.workdir or scratch
         for row in args.rows:
             for seed in args.seeds:
-                result = run(row, seed, Path(workdir), generator)
+                result = {**run(row, seed, Path(workdir), generator), "machine": host}
                 recorded = [r for r in recorded if (r["row"], r["seed"]) != (row, seed)] + [result]
                 report = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
                           "runs": recorded, "summary": summary(recorded)}

@@ -199,6 +199,11 @@ def test_save_and_load_give_identical_embeddings_without_the_source_checkpoints(
     assert torch.equal(loaded.temperature(), model.temperature())
 
 
+def test_loading_a_folder_without_a_saved_model_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"expected {tmp_path / CONFIG_NAME}"):
+        DualEncoder.from_pretrained(tmp_path)
+
+
 def test_caption_tokenizer_is_deterministic_lowercase_bert_style():
     first = train_caption_tokenizer(CAPTIONS * 3, vocab_size=150)
     second = train_caption_tokenizer(list(CAPTIONS * 3), vocab_size=150)

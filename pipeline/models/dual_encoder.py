@@ -98,7 +98,10 @@ class DualEncoder(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
         """Rebuilds the saved architecture from its JSON alone (no original checkpoint paths)."""
         directory = Path(directory)
-        saved = json.loads((directory / CONFIG_NAME).read_text())
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory}: no saved dual encoder there (expected {config_path})")
+        saved = json.loads(config_path.read_text())
         config = ModelConfig(**saved["model"])
         vision_class, text_class, text_options = _tower_classes(config)
         model = cls(
