@@ -198,6 +198,22 @@ def markdown(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def recorded_runs(out: Path) -> list[dict]:
+    """The runs an earlier invocation wrote to --out; checked before any hour-long run starts."""
+    if not out.is_file():
+        return []
+    try:
+        runs = json.loads(out.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"--out {out}: not a results file of this benchmark (no readable 'runs': {error!r})")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and {"row", "seed"} <= r.keys() for r in runs):
+        raise SystemExit(f"--out {out}: 'runs' must be a list of records with 'row' and 'seed'")
+    unknown = sorted({str(r["row"]) for r in runs} - ROWS.keys())
+    if unknown:
+        raise SystemExit(f"--out {out}: runs of unknown rows {unknown} (rows: {', '.join(ROWS)})")
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=["baseline", "pdg"], choices=list(ROWS))
@@ -208,7 +224,7 @@ def main() -> None:
     out = Path(args.out)
     generator = generator_fingerprint()  # read once: every run of this invocation uses this generator
     host = machine()
-    recorded = current_runs(json.loads(out.read_text())["runs"] if out.is_file() else [], generator)
+    recorded = current_runs(recorded_runs(out), generator)
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
