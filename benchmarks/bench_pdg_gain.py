@@ -6,6 +6,8 @@ runs it, reusing this checkout's outputs where the row does not change them (dat
 models/baseline, models/generator, data/pdg/*). Rows:
 
   baseline       original pairs only (train@baseline)
+  baseline-pdg-steps     baseline trained as many optimiser steps as pdg (more epochs: proximity
+                 pairs lengthen pdg's epoch, so a gain must beat this row, not only `baseline`)
   pdg            original + filtered proximity pairs + approximate text + feature mixup (train@pdg)
   offline        proximity pairs only, no online PDG
   offline+text   proximity pairs + approximate text
@@ -21,6 +23,10 @@ Run from the repository root after `dvc repro`:
 
     python benchmarks/bench_pdg_gain.py --rows baseline pdg --seeds 0 1 2
     python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
+
+Scarce annotations (README): after `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40`,
+
+    python benchmarks/bench_pdg_gain.py --rows baseline pdg baseline-pdg-steps --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce.json
 
 `--out FILE` records elsewhere (the replication on a second machine went to
 benchmarks/results/pdg_gain_amx.json; every run records the machine it ran on);
@@ -48,6 +54,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.data.canonical import read_manifest
+from pipeline.data.loader import count_pairs
 from pipeline.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +68,7 @@ ROWS: dict[str, dict] = {
     "baseline": {"variant": "baseline"},
     # as many optimiser steps as samples-4 (13 x 75 = 975 against 10 x 95 = 950)
     "baseline-13-epochs": {"variant": "baseline", "params": {"train": {"epochs": 13}}},
+    "baseline-pdg-steps": {"variant": "baseline", "epochs_matching": "pdg"},
     "pdg": {"variant": "pdg"},
     "offline": {"variant": "pdg", "online": {**NO_TEXT, **NO_MIXUP}},
     "offline+text": {"variant": "pdg", "online": NO_MIXUP},
@@ -113,8 +122,22 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
     params["train"]["seed"] = seed
     if "online" in spec:
         params["variants"]["pdg"]["online"] = {**params["variants"]["pdg"].get("online", {}), **spec["online"]}
+    if "epochs_matching" in spec:
+        params["train"]["epochs"] = epochs_matching_steps(params, spec["epochs_matching"])
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return project
+
+
+def epochs_matching_steps(params: dict, variant: str) -> int:
+    """Baseline epochs giving the optimiser steps `variant` takes in its train.epochs (nearest)."""
+    batch = params["train"]["batch_size"]
+    steps_per_epoch = {}
+    for name in ("baseline", variant):
+        manifest = REPO / params["variants"][name]["data"] / "manifests" / "train.parquet"
+        if not manifest.is_file():
+            raise SystemExit(f"{manifest} is missing: run `dvc repro` first")
+        steps_per_epoch[name] = count_pairs(read_manifest(manifest)) // batch
+    return round(params["train"]["epochs"] * steps_per_epoch[variant] / steps_per_epoch["baseline"])
 
 
 def machine() -> dict:
