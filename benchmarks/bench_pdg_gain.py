@@ -54,9 +54,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.data.canonical import read_manifest
-from pipeline.data.loader import count_pairs
+from pipeline.config import ConfigError
+from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.io import write_json_atomic
+from pipeline.training import steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -130,14 +131,16 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
 
 def epochs_matching_steps(params: dict, variant: str) -> int:
     """Baseline epochs giving the optimiser steps `variant` takes in its train.epochs (nearest)."""
-    batch = params["train"]["batch_size"]
-    steps_per_epoch = {}
+    steps = {}
     for name in ("baseline", variant):
-        manifest = REPO / params["variants"][name]["data"] / "manifests" / "train.parquet"
+        manifest = manifest_path(REPO / params["variants"][name]["data"], "train")
         if not manifest.is_file():
             raise SystemExit(f"{manifest} is missing: run `dvc repro` first")
-        steps_per_epoch[name] = count_pairs(read_manifest(manifest)) // batch
-    return round(params["train"]["epochs"] * steps_per_epoch[variant] / steps_per_epoch["baseline"])
+        try:  # the trainer's own count, so the match is exact
+            steps[name] = steps_per_epoch(read_manifest(manifest), params["train"]["batch_size"])
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}")
+    return round(params["train"]["epochs"] * steps[variant] / steps["baseline"])
 
 
 def machine() -> dict:

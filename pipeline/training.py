@@ -151,6 +151,14 @@ def _approximate_text(online: OnlineConfig, captions) -> ApproximateText | None:
                                   embedding_dir)
 
 
+def steps_per_epoch(train_rows, batch_size: int) -> int:
+    """Optimiser steps in one epoch over these manifest rows (one step per full global batch of pairs)."""
+    steps = count_pairs(train_rows) // batch_size
+    if steps == 0:
+        raise ConfigError(f"params: 'train.batch_size' {batch_size} exceeds the {count_pairs(train_rows)} training pairs")
+    return steps
+
+
 class Trainer:
     """Trains on the train shards of `variant.data` (default: `prepared_dir`), validates on the val
     split of `prepared_dir`, and applies the variant's online PDG."""
@@ -170,9 +178,7 @@ class Trainer:
         if not self.shards:
             raise FileNotFoundError(f"no train shards under {train_dir / 'shards'}")
         train_rows = read_manifest(manifest_path(train_dir, "train"))
-        self.steps_per_epoch = count_pairs(train_rows) // self.cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"params: 'train.batch_size' {self.cfg.batch_size} exceeds the {count_pairs(train_rows)} training pairs")
+        self.steps_per_epoch = steps_per_epoch(train_rows, self.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
         set_seed(self.cfg.seed)
         model, _ = build_model(
