@@ -26,7 +26,7 @@ Run from the repository root after `dvc repro`:
 
 Scarce annotations (README): after `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40`,
 
-    python benchmarks/bench_pdg_gain.py --rows baseline pdg baseline-pdg-steps --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce.json
+    python benchmarks/bench_pdg_gain.py --rows baseline pdg baseline-pdg-steps offline offline+text offline+mixup text-only --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce.json
 
 `--out FILE` records elsewhere (the replication on a second machine went to
 benchmarks/results/pdg_gain_amx.json; every run records the machine it ran on);
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, Params, params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.training import steps_per_epoch
@@ -130,17 +130,22 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
 
 
 def epochs_matching_steps(params: dict, variant: str) -> int:
-    """Baseline epochs giving the optimiser steps `variant` takes in its train.epochs (nearest)."""
-    steps = {}
-    for name in ("baseline", variant):
-        manifest = manifest_path(REPO / params["variants"][name]["data"], "train")
-        if not manifest.is_file():
-            raise SystemExit(f"{manifest} is missing: run `dvc repro` first")
-        try:  # the trainer's own count, so the match is exact
-            steps[name] = steps_per_epoch(read_manifest(manifest), params["train"]["batch_size"])
-        except ConfigError as error:
-            raise SystemExit(f"error: {error}")
-    return round(params["train"]["epochs"] * steps[variant] / steps["baseline"])
+    """Baseline epochs giving the optimiser steps `variant` takes in its train.epochs (nearest).
+    The params are read as the stages read them (defaults, checks), and the steps counted by the
+    trainer's own function, so the match is exact."""
+    try:
+        typed = params_from_dict(params)
+        steps = {name: _steps_per_epoch(typed, name) for name in ("baseline", variant)}
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}")
+    return round(typed.train.epochs * steps[variant] / steps["baseline"])
+
+
+def _steps_per_epoch(params: Params, variant: str) -> int:
+    manifest = manifest_path(REPO / params.variant(variant).data, "train")
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest} is missing: run `dvc repro` first")
+    return steps_per_epoch(read_manifest(manifest), params.train.batch_size)
 
 
 def machine() -> dict:

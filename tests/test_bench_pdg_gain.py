@@ -131,3 +131,11 @@ def test_a_results_file_of_something_else_is_refused(bench, tmp_path):
     with pytest.raises(SystemExit, match="not a results file"):
         bench.recorded_runs(out)
     assert bench.recorded_runs(tmp_path / "absent.json") == []
+
+
+def test_matching_reads_params_as_the_stages_do(bench, repo, tmp_path):
+    params = _params(repo)
+    params["train"]["batch_sise"] = 64  # a typo: named, not a KeyError or a silent default
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit, match="unknown key 'train.batch_sise'"):
+        bench.make_project("baseline-pdg-steps", 0, tmp_path / "work")
