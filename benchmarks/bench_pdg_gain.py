@@ -18,6 +18,8 @@ models/baseline, models/generator, data/pdg/*). Rows:
   source-batch   pdg, each proximity pair in the batch of its source image (batch_with_source)
   text+source-batch      proximity pairs + approximate text, in the batch of their source
   text-only      approximate text on the original pairs, no proximity pairs (what the text alone gives)
+  text-only-pdg-steps    text-only trained as many optimiser steps as pdg (what the pairs add over the
+                 text is pdg minus this row)
 
 Run from the repository root after `dvc repro`:
 
@@ -27,6 +29,15 @@ Run from the repository root after `dvc repro`:
 Scarce annotations (README): after `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40`,
 
     python benchmarks/bench_pdg_gain.py --rows baseline pdg baseline-pdg-steps offline offline+text offline+mixup text-only --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce.json
+
+and with the default DAG's generator swapped in (README gives the recipe),
+
+    python benchmarks/bench_pdg_gain.py --rows pdg text-only-pdg-steps --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_default_generator.json
+
+or with a generator that also learned from 450 identities no encoder sees, after
+`dvc exp run -S synth.num_train_ids=150 -S train.epochs=40 -S synth.num_generator_ids=450`,
+
+    python benchmarks/bench_pdg_gain.py --rows pdg --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_generator_pool.json
 
 `--out FILE` records elsewhere (the replication on a second machine went to
 benchmarks/results/pdg_gain_amx.json; every run records the machine it ran on);
@@ -40,6 +51,7 @@ dropped); a Markdown table of everything recorded so far is printed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -81,6 +93,8 @@ ROWS: dict[str, dict] = {
     "source-batch": {"variant": "pdg", "params": SOURCE_BATCH},
     "text+source-batch": {"variant": "pdg", "online": NO_MIXUP, "params": SOURCE_BATCH},
     "text-only": {"variant": "pdg", "online": NO_MIXUP, "params": {"variants": {"pdg": {"data": "data/prepared"}}}},
+    "text-only-pdg-steps": {"variant": "pdg", "online": NO_MIXUP, "epochs_matching": "pdg",
+                            "params": {"variants": {"pdg": {"data": "data/prepared"}}}},
 }
 # what each stage writes: not linked from this checkout when the row reruns the stage
 STAGE_OUTPUTS = {"generate": "data/pdg/raw", "filter": "data/pdg/filtered", "caption": "data/pdg/train"}
@@ -118,27 +132,29 @@ def make_project(row: str, seed: int, workdir: Path) -> Path:
     if spec["variant"] != "baseline":  # the filter scores with the baseline of `dvc repro`, whatever the seed
         (project / "models").mkdir(exist_ok=True)
         os.symlink(REPO / "models" / "baseline", project / "models" / "baseline")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = _deep_merge(params, spec.get("params", {}))
+    checkout_params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = _deep_merge(copy.deepcopy(checkout_params), spec.get("params", {}))  # the row's edits stay its own
     params["train"]["seed"] = seed
     if "online" in spec:
         params["variants"]["pdg"]["online"] = {**params["variants"]["pdg"].get("online", {}), **spec["online"]}
     if "epochs_matching" in spec:
-        params["train"]["epochs"] = epochs_matching_steps(params, spec["epochs_matching"])
+        params["train"]["epochs"] = epochs_matching_steps(checkout_params, spec["epochs_matching"],
+                                                          params, spec["variant"])
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return project
 
 
-def epochs_matching_steps(params: dict, variant: str) -> int:
-    """Baseline epochs giving the optimiser steps `variant` takes in its train.epochs (nearest).
-    The params are read as the stages read them (defaults, checks), and the steps counted by the
-    trainer's own function, so the match is exact."""
+def epochs_matching_steps(checkout_params: dict, target: str, row_params: dict, row_variant: str) -> int:
+    """Epochs of `row_variant` (under the row's params) giving the optimiser steps that `target`
+    takes in the checkout's train.epochs (nearest). The params are read as the stages read them
+    (defaults, checks), and the steps counted by the trainer's own function, so the match is exact."""
     try:
-        typed = params_from_dict(params)
-        steps = {name: _steps_per_epoch(typed, name) for name in ("baseline", variant)}
+        checkout, row = params_from_dict(checkout_params), params_from_dict(row_params)
+        target_steps = checkout.train.epochs * _steps_per_epoch(checkout, target)
+        row_steps = _steps_per_epoch(row, row_variant)
     except ConfigError as error:
         raise SystemExit(f"error: {error}")
-    return round(typed.train.epochs * steps[variant] / steps["baseline"])
+    return round(target_steps / row_steps)
 
 
 def _steps_per_epoch(params: Params, variant: str) -> int:

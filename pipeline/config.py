@@ -57,6 +57,10 @@ class SynthConfig:
     num_train_ids: int = field(default=600, metadata=_range(1))
     num_val_ids: int = field(default=100, metadata=_range(1))
     num_test_ids: int = field(default=200, metadata=_range(1))
+    # Identities rendered for the PDG generator only (its pretraining data): never annotated, never
+    # seen by the dual encoder, distinct from every train/val/test identity. 0 = the generator
+    # learns from the training split alone.
+    num_generator_ids: int = field(default=0, metadata=_range(0))
     images_per_id: int = field(default=4, metadata=_range(1, 64))
     captions_per_image: int = field(default=2, metadata=_range(1, 8))
     height: int = field(default=128, metadata=_range(128, 1024))
@@ -262,6 +266,16 @@ class Params:
     filter: FilterConfig = field(default_factory=FilterConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
+
+    def __post_init__(self):
+        # the generator pool is rendered SynthPedes people for the embedded generator: with another
+        # source, or a pretrained generator that trains on nothing, it would be silently ignored
+        if self.synth.num_generator_ids and self.data.source != "synthpedes":
+            raise ConfigError(f"params: 'synth.num_generator_ids' renders SynthPedes identities, but data.source is "
+                              f"'{self.data.source}': set it to 0 (a real profile's generator is generator.pretrained)")
+        if self.synth.num_generator_ids and self.generator.pretrained:
+            raise ConfigError("params: 'synth.num_generator_ids' is training data for the embedded generator, but "
+                              "generator.pretrained is set (it trains nothing): set only one of them")
 
     def variant(self, name: str) -> VariantConfig:
         if name not in self.variants:

@@ -1,9 +1,11 @@
 """DVC stage `train_generator`: the text-to-image model of proximity data generation, and its probe.
 
 Embedded profile (generator.pretrained == ""): trains the small latent diffusion model on the
-prepared training split and saves it as a StableDiffusionPipeline folder in models/generator;
-trains the attribute probe (models/probe, when the data carries colour labels) and measures with
-it how often generated images show the prompted garment colours. Real profile
+prepared training split, plus the synth.num_generator_ids SynthPedes identities rendered for it
+alone (its "pretraining" data, as Stable Diffusion's is in the paper), and saves it as a
+StableDiffusionPipeline folder in models/generator; trains the attribute probe (models/probe, when
+the data carries colour labels, on the training split only) and measures with it how often
+generated images show the prompted garment colours. Real profile
 (generator.pretrained set): trains nothing and reads no data; models/generator holds only
 pretrained.json naming the checkpoint, which `pipeline.pdg.generator_training.resolve_generator`
 hands to the next stage, so that changing the checkpoint reruns what depends on it; models/probe
@@ -18,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import GeneratorConfig
+from pipeline.config import GeneratorConfig, SynthConfig
+from pipeline.data.synthpedes import render_generator_pool
 from pipeline.io import write_json_atomic
 from pipeline.pdg.generator_training import (
     LabelledImages,
+    labelled_images,
     load_images,
     plot_loss_curves,
     reconstruction_psnr,
@@ -50,7 +54,7 @@ def main() -> int:
     for folder in (GENERATOR_DIR, PROBE_DIR, REPORTS):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    metrics = point_at_pretrained(cfg.pretrained) if cfg.pretrained else train_embedded(cfg)
+    metrics = point_at_pretrained(cfg.pretrained) if cfg.pretrained else train_embedded(cfg, params.synth)
     metrics["stage_seconds"] = time.perf_counter() - started
     write_json_atomic(METRICS, metrics)
     log.info("metrics: %s", metrics)
@@ -64,11 +68,24 @@ def point_at_pretrained(pretrained: str) -> dict:
     return {"pretrained": pretrained}
 
 
-def train_embedded(cfg: GeneratorConfig) -> dict:
+def train_embedded(cfg: GeneratorConfig, synth: SynthConfig) -> dict:
     train = load_images(PREPARED, "train", cfg.height, cfg.width)
     val = load_images(PREPARED, "val", cfg.height, cfg.width)
-    probe, probe_metrics = fit_probe(train, val, cfg)
-    return {"pretrained": "", "probe": probe_metrics, "generator": fit_generator(train, val, cfg, probe)}
+    probe, probe_metrics = fit_probe(train, val, cfg)  # the measuring instrument: annotated images only
+    pool = generator_pool(synth, cfg)
+    generator = fit_generator(train + pool, val, cfg, probe)
+    return {"pretrained": "", "probe": probe_metrics,
+            "generator": {"train_images": len(train), "pool_images": len(pool), **generator}}
+
+
+def generator_pool(synth: SynthConfig, cfg: GeneratorConfig) -> LabelledImages:
+    """The images of synth.num_generator_ids identities no encoder sees (none when it is 0)."""
+    if synth.num_generator_ids:
+        log.info("rendering %d identities for the generator only", synth.num_generator_ids)
+    pool = labelled_images(render_generator_pool(synth), cfg.height, cfg.width)
+    if synth.num_generator_ids:
+        log.info("generator pool: %d images", len(pool))
+    return pool
 
 
 def fit_probe(train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig) -> tuple[AttributeProbe | None, dict]:

@@ -86,6 +86,14 @@ def test_baseline_epochs_match_pdg_steps(bench, repo, tmp_path):
     assert _params(bench.make_project("baseline-pdg-steps", 0, tmp_path / "work"))["train"]["epochs"] == 15
 
 
+def test_text_only_epochs_match_pdg_steps_on_the_original_pairs(bench, repo, tmp_path):
+    # pdg's 10 epochs are 60 steps; text-only trains pdg's recipe on data/prepared's 4 steps an epoch
+    params = _params(bench.make_project("text-only-pdg-steps", 0, tmp_path / "work"))
+    assert params["variants"]["pdg"]["data"] == "data/prepared" and params["train"]["epochs"] == 15
+    assert params["variants"]["pdg"]["online"]["mixup_prob"] == 0.0
+    assert _params(repo)["variants"]["pdg"]["data"] == "data/pdg/train"  # the checkout's params untouched
+
+
 def test_matching_without_a_manifest_names_it(bench, repo, tmp_path):
     manifest_path(repo / "data" / "pdg" / "train", "train").unlink()
     with pytest.raises(SystemExit, match="data/pdg/train.*missing"):

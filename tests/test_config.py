@@ -42,6 +42,10 @@ def test_int_is_accepted_for_float():
         ({"data": ["source"]}, "'data' must be a mapping"),
         ({"generator": {"minilm_layers": 7}}, "'generator.minilm_layers' must be in [1, 6]"),
         ({"variants": {"pdg": {"batch_with_source": "yes"}}}, "'variants.pdg.batch_with_source' must be bool"),
+        ({"synth": {"num_generator_ids": -1}}, "'synth.num_generator_ids' must be in [0, None]"),
+        ({"data": {"source": "cuhk-pedes"}, "synth": {"num_generator_ids": 5}},
+         "'synth.num_generator_ids' renders SynthPedes identities, but data.source is 'cuhk-pedes'"),
+        ({"synth": {"num_generator_ids": 5}, "generator": {"pretrained": "some/sd"}}, "generator.pretrained is set"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):

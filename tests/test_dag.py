@@ -71,3 +71,16 @@ def test_exp_run_with_more_samples_regenerates_and_metrics_diff_shows_it(project
     assert after > before
     diff = dvc(project, "metrics", "diff").stdout
     assert "metrics/generate.json" in diff and "samples" in diff
+
+
+def test_a_generator_pool_retrains_the_generator_but_not_the_baseline(project):
+    baseline_weights = project / "models" / "baseline" / "best" / "model.safetensors"
+    baseline_time = baseline_weights.stat().st_mtime_ns
+    run = dvc(project, "exp", "run", "-S", "synth.num_generator_ids=3")
+    output = run.stdout + run.stderr
+    # prepare reruns (a synth param changed) and writes the same data/prepared: the pool is not in it
+    assert "Stage 'train@baseline' didn't change" in output and baseline_weights.stat().st_mtime_ns == baseline_time
+    generator = json.loads((project / "metrics" / "generator.json").read_text())["generator"]
+    assert (generator["pool_images"], generator["train_images"]) == (3 * 2, 16 * 2)
+    diff = dvc(project, "metrics", "diff").stdout
+    assert "metrics/generator.json" in diff and "pool_images" in diff

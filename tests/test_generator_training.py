@@ -258,9 +258,10 @@ def test_prompted_colour_accuracy_counts_each_garment(train_images, tmp_path):
     assert 0 <= result["upper"] <= 100
 
 
-def _run_stage(project, generator_overrides):
+def _run_stage(project, generator_overrides, generator_ids=0):
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
-    params = deep_merge(params, {"generator": {**TINY_GENERATOR_PARAMS, **generator_overrides}})
+    params = deep_merge(params, {"generator": {**TINY_GENERATOR_PARAMS, **generator_overrides},
+                                 "synth": {"num_generator_ids": generator_ids}})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "stages.train_generator"], cwd=project, env=env,
@@ -271,7 +272,8 @@ def _run_stage(project, generator_overrides):
 
 def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
     shutil.copytree(prepared, tmp_path / "data" / "prepared")
-    metrics = _run_stage(tmp_path, {"vae_steps": 2, "unet_steps": 2, "sample_steps": 2})
+    metrics = _run_stage(tmp_path, {"vae_steps": 2, "unet_steps": 2, "sample_steps": 2}, generator_ids=5)
+    assert (metrics["generator"]["train_images"], metrics["generator"]["pool_images"]) == (16 * 2, 5 * 2)
     assert metrics["generator"]["vae_val_psnr_db"] > 0 and metrics["probe"]["val_accuracy"]["upper"] >= 0
     assert metrics["generator"]["prompted_color_accuracy"]["upper_prompts"] > 0
     assert (tmp_path / "models" / "generator" / "model_index.json").is_file()

@@ -9,8 +9,22 @@ from PIL import Image
 
 from pipeline.config import SynthConfig
 from pipeline.data.contact_sheet import write_contact_sheet
-from pipeline.data.synthpedes import COLOR_NAMES, IDENTITY_KEYS, PALETTE, VIEW_PHRASES, render_synthpedes
-from pipeline.data.synthpedes.attributes import COLOR_KEYS, attribute_distance, sample_identity
+from pipeline.data.synthpedes import (
+    COLOR_NAMES,
+    IDENTITY_KEYS,
+    PALETTE,
+    VIEW_PHRASES,
+    render_generator_pool,
+    render_synthpedes,
+)
+from pipeline.data.synthpedes.attributes import (
+    COLOR_KEYS,
+    attribute_distance,
+    color_pair,
+    identity_key,
+    sample_identity,
+    sample_splits,
+)
 from pipeline.data.synthpedes.render import render_image
 
 TINY = SynthConfig(
@@ -87,6 +101,31 @@ def test_output_is_byte_identical_and_seed_dependent(rendered, tmp_path):
     other = render_synthpedes(SynthConfig(**{**TINY.__dict__, "seed": 1}), tmp_path / "other")
     first_image = "imgs/train/00000_00.png"
     assert _hashes(other)[first_image] != _hashes(rendered)[first_image]
+
+
+def test_the_generator_pool_is_new_people_and_leaves_the_splits_alone():
+    args = (TINY.num_train_ids, TINY.num_val_ids, TINY.num_test_ids, TINY.novel_combination_fraction, TINY.seed)
+    splits, with_pool = sample_splits(*args), sample_splits(*args, num_generator=30)
+    assert all(with_pool[s] == splits[s] for s in ("train", "val", "test")) and "generator" not in splits
+    pool = with_pool["generator"]
+    annotated = {identity_key(i) for s in ("train", "val", "test") for i in splits[s]}
+    assert len({identity_key(i) for i in pool} | annotated) == len(annotated) + 30
+    # the test split's novel colour pairs (never in training) stay novel to the generator too
+    novel = {color_pair(i) for i in splits["test"]} - {color_pair(i) for i in splits["train"]}
+    assert novel and not novel & {color_pair(i) for i in pool}
+
+
+def test_the_generator_pool_renders_in_memory_and_deterministically():
+    cfg = SynthConfig(**{**TINY.__dict__, "num_generator_ids": 3})
+    pool = list(render_generator_pool(cfg))
+    assert len(pool) == 3 * TINY.images_per_id
+    image, captions, attributes = pool[0]
+    assert image.size == (TINY.width, TINY.height) and len(captions) == TINY.captions_per_image
+    assert set(IDENTITY_KEYS) <= attributes.keys()
+    again = list(render_generator_pool(cfg))
+    assert [np.asarray(i).tobytes() for i, _, _ in again] == [np.asarray(i).tobytes() for i, _, _ in pool]
+    assert [c for _, c, _ in again] == [c for _, c, _ in pool]
+    assert list(render_generator_pool(TINY)) == []
 
 
 def test_caption_colours_are_true(records):

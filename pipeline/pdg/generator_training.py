@@ -76,6 +76,10 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def __add__(self, other: LabelledImages) -> LabelledImages:
+        return LabelledImages(torch.cat([self.pixels, other.pixels]), self.captions + other.captions,
+                              self.attributes + other.attributes)
+
 
 @dataclass
 class TrainedGenerator:
@@ -87,17 +91,32 @@ class TrainedGenerator:
 
 def load_images(prepared_dir: str | Path, split: str, height: int, width: int) -> LabelledImages:
     """Reads a split from its shards (self-contained: the source folder is not needed)."""
-    pixels, captions, attributes = [], [], []
-    for sample in iter_shard_samples(list_shards(prepared_dir, split)):
-        row = json.loads(sample["json"])
-        image_bytes = next(sample[ext] for ext in ("png", "jpg", "webp") if ext in sample)
-        image = Image.open(io.BytesIO(image_bytes)).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-        pixels.append(_to_tensor(image))
-        captions.append(list(row["captions"]))
-        attributes.append(json.loads(row["attributes"]) if row.get("attributes") else {})
-    if not pixels:
+    images = labelled_images((_decoded(sample) for sample in iter_shard_samples(list_shards(prepared_dir, split))),
+                             height, width)
+    if not len(images):
         raise ValueError(f"no {split} images in {prepared_dir}")
-    return LabelledImages(torch.stack(pixels), captions, attributes)
+    return images
+
+
+def _decoded(sample: dict) -> tuple[Image.Image, list[str], dict[str, str]]:
+    row = json.loads(sample["json"])
+    image_bytes = next(sample[ext] for ext in ("png", "jpg", "webp") if ext in sample)
+    attributes = json.loads(row["attributes"]) if row.get("attributes") else {}
+    return Image.open(io.BytesIO(image_bytes)), list(row["captions"]), attributes
+
+
+def labelled_images(
+    samples: Iterable[tuple[Image.Image, list[str], dict[str, str]]], height: int, width: int
+) -> LabelledImages:
+    """(image, captions, attributes) triples at the generator's resolution."""
+    pixels, captions, attributes = [], [], []
+    for image, image_captions, image_attributes in samples:
+        image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+        pixels.append(_to_tensor(image))
+        captions.append(image_captions)
+        attributes.append(image_attributes)
+    stacked = torch.stack(pixels) if pixels else torch.empty(0, 3, height, width)
+    return LabelledImages(stacked, captions, attributes)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -21,7 +21,8 @@ from .attributes import COLOR_NAMES, IDENTITY_KEYS, PALETTE, sample_splits
 from .captions import VIEW_PHRASES, captions_for_image
 from .render import VIEWS, ImageFacts, render_image
 
-__all__ = ["COLOR_NAMES", "IDENTITY_KEYS", "PALETTE", "VIEW_PHRASES", "render_synthpedes", "image_attributes"]
+__all__ = ["COLOR_NAMES", "IDENTITY_KEYS", "PALETTE", "VIEW_PHRASES", "render_synthpedes", "render_generator_pool",
+           "image_attributes"]
 
 ANNOTATION_FILE = "synthpedes.json"
 _RENDER_STREAM, _CAPTION_STREAM, _VIEW_STREAM = 0, 1, 2
@@ -62,25 +63,37 @@ def _png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def _identity_records(cfg: SynthConfig, split: str, person_id: int, identity: dict, image_dir: Path) -> list[dict]:
-    records = []
+def _render_identity(cfg: SynthConfig, person_id: int, identity: dict):
+    """The identity's images, each with its captions and attributes."""
     for n, view in enumerate(_views(cfg.seed, person_id, cfg.images_per_id)):
         image, facts = render_image(
             identity, view, cfg.height, cfg.width, np.random.default_rng([cfg.seed, person_id, n, _RENDER_STREAM])
         )
+        captions = captions_for_image(identity, facts, cfg.captions_per_image,
+                                      np.random.default_rng([cfg.seed, person_id, n, _CAPTION_STREAM]))
+        yield n, image, captions, image_attributes(identity, facts)
+
+
+def _identity_records(cfg: SynthConfig, split: str, person_id: int, identity: dict, image_dir: Path) -> list[dict]:
+    records = []
+    for n, image, captions, attributes in _render_identity(cfg, person_id, identity):
         file_path = f"{split}/{person_id:05d}_{n:02d}.png"
         _write_atomic(image_dir / file_path, _png_bytes(image))
-        caption_rng = np.random.default_rng([cfg.seed, person_id, n, _CAPTION_STREAM])
-        records.append(
-            {
-                "split": split,
-                "captions": captions_for_image(identity, facts, cfg.captions_per_image, caption_rng),
-                "file_path": file_path,
-                "id": person_id,
-                "attributes": image_attributes(identity, facts),
-            }
-        )
+        records.append({"split": split, "captions": captions, "file_path": file_path, "id": person_id,
+                        "attributes": attributes})
     return records
+
+
+def render_generator_pool(cfg: SynthConfig):
+    """The `num_generator_ids` identities only the PDG generator learns from, rendered in memory:
+    (image, captions, attributes) per image. Their person ids follow the test split's, so their
+    images are drawn from their own seeds."""
+    splits = sample_splits(cfg.num_train_ids, cfg.num_val_ids, cfg.num_test_ids, cfg.novel_combination_fraction,
+                           cfg.seed, num_generator=cfg.num_generator_ids)
+    first_id = cfg.num_train_ids + cfg.num_val_ids + cfg.num_test_ids
+    for person_id, identity in enumerate(splits.get("generator", []), start=first_id):
+        for _, image, captions, attributes in _render_identity(cfg, person_id, identity):
+            yield image, captions, attributes
 
 
 def render_synthpedes(cfg: SynthConfig, out_dir: str | Path) -> Path:

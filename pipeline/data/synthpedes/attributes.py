@@ -254,9 +254,11 @@ def _sample_derived(
 
 
 def sample_splits(
-    num_train: int, num_val: int, num_test: int, novel_fraction: float, seed: int
+    num_train: int, num_val: int, num_test: int, novel_fraction: float, seed: int, num_generator: int = 0
 ) -> dict[str, list[dict[str, str]]]:
-    """Identity attributes per split; all combinations are distinct across splits."""
+    """Identity attributes per split; all combinations are distinct across splits. With
+    `num_generator`, also a "generator" pool, sampled like training identities but after the test
+    split, so that train/val/test are the same whatever its size."""
     rng = np.random.default_rng([seed, 0x5E7])
     reserved = reserve_color_pairs(rng)
     taken: set = set()
@@ -267,6 +269,9 @@ def sample_splits(
         "test": _sample_derived(num_test, novel_fraction, train, reserved, taken, rng),
     }
     wanted = {"train": num_train, "val": num_val, "test": num_test}
+    if num_generator:
+        splits["generator"] = _sample_training(num_generator, reserved, taken, rng)
+        wanted["generator"] = num_generator
     for split, identities in splits.items():
         if len(identities) != wanted[split]:
             raise RuntimeError(f"synthpedes: could only sample {len(identities)} distinct {split} identities")
