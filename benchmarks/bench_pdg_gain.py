@@ -32,7 +32,7 @@ Scarce annotations (README): after `dvc exp run -S synth.num_train_ids=150 -S tr
 
 and with the default DAG's generator swapped in (README gives the recipe),
 
-    python benchmarks/bench_pdg_gain.py --rows pdg text-only-pdg-steps --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_default_generator.json
+    python benchmarks/bench_pdg_gain.py --rows pdg text-only-pdg-steps offline+text --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_default_generator.json
 
 or with a generator that also learned from 450 identities no encoder sees, after
 `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40 -S synth.num_generator_ids=450`,
