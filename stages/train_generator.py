@@ -80,11 +80,11 @@ def train_embedded(cfg: GeneratorConfig, synth: SynthConfig) -> dict:
 
 def generator_pool(synth: SynthConfig, cfg: GeneratorConfig) -> LabelledImages:
     """The images of synth.num_generator_ids identities no encoder sees (none when it is 0)."""
-    if synth.num_generator_ids:
-        log.info("rendering %d identities for the generator only", synth.num_generator_ids)
+    if not synth.num_generator_ids:
+        return labelled_images([], cfg.height, cfg.width)
+    log.info("rendering %d identities for the generator only", synth.num_generator_ids)
     pool = labelled_images(render_generator_pool(synth), cfg.height, cfg.width)
-    if synth.num_generator_ids:
-        log.info("generator pool: %d images", len(pool))
+    log.info("generator pool: %d images", len(pool))
     return pool
 
 
