@@ -45,7 +45,7 @@ import shlex
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,15 +61,11 @@ from pipeline.pdg.editing import EditRequest, edit_p2p_batch
 from pipeline.pdg.generate import GenerationJob, alignable_with, load_source_images, make_editor, plan_generation
 from pipeline.pdg.generator_training import load_images, resolve_generator
 from pipeline.pdg.model import DiffusionParts, back_to_crop, fit_to_model, load_generator
-from pipeline.pdg.probe import CONFIG_FILE, AttributeProbe, predict_colours, probe_accuracy, train_probe
-from pipeline.text.lexicon import COLOR_FAMILY
+from pipeline.pdg.edit_check import ColourEdit, colour_edit, edit_confirmed, edit_readings, read_colours
+from pipeline.pdg.probe import CONFIG_FILE, AttributeProbe, probe_accuracy, train_probe
 
 REPO = Path(__file__).resolve().parents[1]
 
-UPPER_GARMENTS = frozenset(
-    "shirt t-shirt tshirt tee top blouse jacket coat overcoat hoodie sweater sweatshirt jumper pullover dress".split()
-)
-LOWER_GARMENTS = frozenset("pants trousers slacks jeans shorts skirt".split())
 # Vertical bands (fractions of the image height) where each garment sits in a SynthPedes render.
 GARMENT_BANDS = {"upper": (0.20, 0.60), "lower": (0.45, 0.90)}
 # Background patches can share a garment's palette colour: the region keeps only close matches
@@ -103,58 +99,22 @@ def arguments() -> argparse.Namespace:
 
 
 @dataclass(frozen=True)
-class GarmentEdit:
+class GarmentEdit(ColourEdit):
     """A planned edit that recolours one garment, with the source's ground truth."""
 
-    job: GenerationJob
-    garment: str  # "upper" | "lower"
-    old_color: str
-    new_color: str
-    attributes: dict
-
-    @property
-    def other_garment(self) -> str:
-        return "lower" if self.garment == "upper" else "upper"
-
-    def visible(self, garment: str) -> bool:
-        return garment == "upper" or self.attributes.get("lower_visible") == "yes"
-
-
-def garment_of(phrase: str) -> str | None:
-    """'upper' or 'lower' when the phrase names a top or a bottom ("a blue zip-up jacket",
-    "t-shirt that is gray"), None for anything else (shoes, bags, hats)."""
-    words = {word.strip(".,;:!?()\"'").lower() for word in phrase.split()}
-    if words & UPPER_GARMENTS:
-        return "upper"
-    if words & LOWER_GARMENTS:
-        return "lower"
-    return None
-
-
-def palette_name(colour: str) -> str:
-    return COLOR_FAMILY.get(colour.lower(), colour.lower())
+    job: GenerationJob = field(kw_only=True)
 
 
 def select_garment_edits(jobs: list[GenerationJob]) -> tuple[list[GarmentEdit], Counter]:
     """The jobs whose single change recolours the upper or lower garment; skip reasons counted."""
     kept, skipped = [], Counter()
     for job in jobs:
-        if len(job.edit.changes) != 1:
-            skipped["several_changes"] += 1
-            continue
-        change = job.edit.changes[0]
-        garment = garment_of(change.phrase_before)
-        if garment is None:
-            skipped["not_upper_or_lower_garment"] += 1
-            continue
         attributes = json.loads(job.source.attributes) if job.source.attributes else {}
-        edit = GarmentEdit(job, garment, palette_name(change.old_color), palette_name(change.new_color), attributes)
-        if attributes.get(f"{garment}_color") != edit.old_color:
-            skipped["old_colour_not_the_garment_colour"] += 1
-        elif not edit.visible(garment):
-            skipped["garment_not_visible"] += 1
+        edit, why_not = colour_edit([change.to_json() for change in job.edit.changes], attributes)
+        if edit is None:
+            skipped[why_not] += 1
         else:
-            kept.append(edit)
+            kept.append(GarmentEdit(**dataclasses.asdict(edit), job=job))
     return kept, skipped
 
 
@@ -220,31 +180,16 @@ def ensure_probe(directory: Path, prepared: str, height: int, width: int, seed: 
     return probe, {"trained_here": True, "seconds": time.perf_counter() - started, "val_accuracy": accuracy}
 
 
-def probe_pixels(images: list[Image.Image], probe: AttributeProbe) -> torch.Tensor:
-    """Images resized (bicubic, as the probe's training data) to the probe's size, in [-1, 1]."""
-    size = (probe.config["width"], probe.config["height"])
-    resized = [image.convert("RGB").resize(size, Image.Resampling.BICUBIC) for image in images]
-    arrays = [np.asarray(image, dtype=np.float32) for image in resized]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def read_colours(probe: AttributeProbe, images: list[Image.Image]) -> list[dict[str, str]]:
-    upper, lower = predict_colours(probe, probe_pixels(images, probe))
-    return [{"upper": u, "lower": l} for u, l in zip(upper, lower)]
-
-
 def percent(hits: list[bool]) -> float:
     return 100.0 * sum(hits) / len(hits) if hits else float("nan")
 
 
 def edit_success(edits: list[GarmentEdit], readings: list[dict[str, str]]) -> dict:
     """Shares (%) of edits showing the new colour, keeping the other (visible) garment, and both."""
-    shown = [reading[e.garment] == e.new_color for e, reading in zip(edits, readings)]
-    kept = [
-        reading[e.other_garment] == e.attributes[f"{e.other_garment}_color"] if e.visible(e.other_garment) else None
-        for e, reading in zip(edits, readings)
-    ]
-    both = [s and k is not False for s, k in zip(shown, kept)]
+    judged = [edit_readings(e, reading) for e, reading in zip(edits, readings)]
+    shown = [s for s, _ in judged]
+    kept = [k for _, k in judged]
+    both = [edit_confirmed(e, reading) for e, reading in zip(edits, readings)]
     by_garment = {
         garment: percent([b for b, e in zip(both, edits) if e.garment == garment]) for garment in ("upper", "lower")
     }

@@ -13,6 +13,10 @@ models/baseline, models/generator, data/pdg/*). Rows:
   offline+text   proximity pairs + approximate text
   offline+mixup  proximity pairs + feature mixup
   filter-off     pdg, every generated pair kept (filter, caption rerun)
+  probe-filter   pdg, keeping only pairs whose colour edit the attribute probe confirms
+                 (filter.attribute_probe confirmed_only; filter, caption rerun)
+  probe-reject-wrong     pdg without the pairs whose edit the probe reads wrong, the ones it
+                 cannot read kept (attribute_probe reject_wrong): are wrong edits what costs?
   img2img        pdg with SDEdit instead of Prompt-to-Prompt (generate, filter, caption rerun)
   samples-1, samples-4   pdg with pdg.num_samples 1 / 4 (generate, filter, caption rerun)
   source-batch   pdg, each proximity pair in the batch of its source image (batch_with_source)
@@ -26,13 +30,17 @@ Run from the repository root after `dvc repro`:
     python benchmarks/bench_pdg_gain.py --rows baseline pdg --seeds 0 1 2
     python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
 
+and on machine B (benchmarks/results/pdg_gain_amx.json, README "Two machines"), e.g.
+
+    python benchmarks/bench_pdg_gain.py --rows probe-filter probe-reject-wrong text-only-pdg-steps --seeds 0 1 2 --out benchmarks/results/pdg_gain_amx.json
+
 Scarce annotations (README): after `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40`,
 
     python benchmarks/bench_pdg_gain.py --rows baseline pdg baseline-pdg-steps offline offline+text offline+mixup text-only --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce.json
 
 and with the default DAG's generator swapped in (README gives the recipe),
 
-    python benchmarks/bench_pdg_gain.py --rows pdg text-only-pdg-steps offline+text --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_default_generator.json
+    python benchmarks/bench_pdg_gain.py --rows pdg text-only-pdg-steps offline+text probe-filter probe-reject-wrong --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_default_generator.json
 
 or with a generator that also learned from 450 identities no encoder sees, after
 `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40 -S synth.num_generator_ids=450`,
@@ -87,6 +95,10 @@ ROWS: dict[str, dict] = {
     "offline+text": {"variant": "pdg", "online": NO_MIXUP},
     "offline+mixup": {"variant": "pdg", "online": NO_TEXT},
     "filter-off": {"variant": "pdg", "params": {"filter": {"enabled": False}}, "stages": ["filter", "caption"]},
+    "probe-filter": {"variant": "pdg", "params": {"filter": {"attribute_probe": "confirmed_only"}},
+                     "stages": ["filter", "caption"]},
+    "probe-reject-wrong": {"variant": "pdg", "params": {"filter": {"attribute_probe": "reject_wrong"}},
+                           "stages": ["filter", "caption"]},
     "img2img": {"variant": "pdg", "params": {"pdg": {"method": "img2img"}}, "stages": ["generate", "filter", "caption"]},
     "samples-1": {"variant": "pdg", "params": {"pdg": {"num_samples": 1}}, "stages": ["generate", "filter", "caption"]},
     "samples-4": {"variant": "pdg", "params": {"pdg": {"num_samples": 4}}, "stages": ["generate", "filter", "caption"]},
@@ -98,7 +110,7 @@ ROWS: dict[str, dict] = {
 }
 # what each stage writes: not linked from this checkout when the row reruns the stage
 STAGE_OUTPUTS = {"generate": "data/pdg/raw", "filter": "data/pdg/filtered", "caption": "data/pdg/train"}
-LINKED = ("data/prepared", "data/pdg/raw", "data/pdg/filtered", "data/pdg/train", "models/generator")
+LINKED = ("data/prepared", "data/pdg/raw", "data/pdg/filtered", "data/pdg/train", "models/generator", "models/probe")
 
 
 def _deep_merge(base: dict, overrides: dict) -> dict:

@@ -37,7 +37,8 @@ def _manifest(folder: Path, images: int, captions_per_image: int) -> None:
 def repo(tmp_path: Path, bench, monkeypatch) -> Path:
     """A stand-in checkout after `dvc repro`: code folders, params, outputs to link."""
     root = tmp_path / "repo"
-    for folder in ("pipeline", "stages", "data/pdg/raw", "data/pdg/filtered", "models/generator", "models/baseline"):
+    for folder in ("pipeline", "stages", "data/pdg/raw", "data/pdg/filtered", "models/generator", "models/probe",
+                   "models/baseline"):
         (root / folder).mkdir(parents=True)
     (root / "pipeline" / "marker.py").write_text("# copied, not linked\n")
     _manifest(root / "data" / "prepared", images=150, captions_per_image=2)  # 300 pairs: 4 steps of 64
@@ -69,6 +70,12 @@ def test_rerun_stage_outputs_are_not_linked_and_overrides_land_in_params(bench, 
         assert (project / linked).is_symlink(), linked
     for rerun in ("data/pdg/filtered", "data/pdg/train"):  # the filter and caption stages rewrite them
         assert not (project / rerun).exists(), rerun
+
+
+def test_the_probe_filter_row_refilters_with_the_checkouts_probe(bench, repo, tmp_path):
+    project = bench.make_project("probe-filter", 0, tmp_path / "work")
+    assert _params(project)["filter"] == {"enabled": True, "attribute_probe": "confirmed_only"}
+    assert (project / "models" / "probe").is_symlink() and not (project / "data" / "pdg" / "filtered").exists()
 
 
 def test_online_switches_keep_the_other_online_params(bench, repo, tmp_path):

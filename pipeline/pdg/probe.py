@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 
 from pipeline.data.synthpedes import COLOR_NAMES
 
-from .generator_training import LabelledImages, generate
+if TYPE_CHECKING:  # importing the generator (diffusers) takes seconds; the filter stage only reads colours
+    from .generator_training import LabelledImages
 
 UPPER_CLASSES = COLOR_NAMES
 LOWER_CLASSES = COLOR_NAMES + ("none",)  # "none": a dress covers the lower body
@@ -220,6 +222,8 @@ def prompted_color_accuracy(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """How often (%) the probe reads the prompted upper / lower colour off the generated images."""
+    from .generator_training import generate
+
     images = generate(pipeline, [p.text for p in prompts], guidance=guidance, steps=steps, seed=seed,
                       batch_size=batch_size)
     upper_pred, lower_pred = predict_colours(probe, images * 2 - 1)
