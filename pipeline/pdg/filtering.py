@@ -295,7 +295,7 @@ def read_generated(shards: list[str]) -> list[dict[str, bytes]]:
 def summarise(pairs: list[ScoredPair], enabled: bool, attribute_checked: bool = False) -> FilterReport:
     failed = Counter(reason for pair in pairs for reason in pair.reasons)
     first = Counter(pair.reasons[0] for pair in pairs if pair.reasons)
-    rejected = sum(1 for pair in pairs if pair.reasons) if enabled else 0
+    rejected = sum(not written(pair, enabled) for pair in pairs)
     means = {name: float(np.mean([p.scores[name] for p in pairs])) for name in
              ("edited_similarity", "source_similarity", "margin", "outside_change", "pixel_std", "noise_share")} if pairs else {}
     return FilterReport(len(pairs), len(pairs) - rejected, rejected, {r: failed.get(r, 0) for r in REASONS},
@@ -307,8 +307,8 @@ def attribute_summary(pairs: list[ScoredPair], enabled: bool) -> dict:
     """How often the probe confirms the edits of kept and of rejected pairs (does the filter keep
     the right ones?), and how well the consistency margin alone tells confirmed from wrong edits."""
     judged = [p for p in pairs if p.attribute_verdict is not None]
-    kept = [p for p in judged if p.kept or not enabled]
-    rejected = [p for p in judged if not (p.kept or not enabled)]
+    kept = [p for p in judged if written(p, enabled)]
+    rejected = [p for p in judged if not written(p, enabled)]
     return {
         "judged": len(judged), "not_judged": len(pairs) - len(judged),
         "judged_kept": len(kept), "judged_rejected": len(rejected),
@@ -333,9 +333,14 @@ def _margin_auc(pairs: list[ScoredPair]) -> float | None:
     return round(float(above), 4)
 
 
+def written(pair: ScoredPair, enabled: bool) -> bool:
+    """Whether the pair goes on to the caption stage: kept, or any pair when the filter is off."""
+    return pair.kept or not enabled
+
+
 def write_kept(pairs: list[ScoredPair], out_dir: str | Path, shard_size: int, enabled: bool = True) -> int:
     """Kept pairs (every pair when the filter is off) as shards; each json gains its scores."""
-    chosen = [p for p in pairs if p.kept or not enabled]
+    chosen = [p for p in pairs if written(p, enabled)]
     for index, start in enumerate(range(0, len(chosen), shard_size)):
         write_tar_atomic(Path(out_dir) / (SHARD_NAME % index), (_with_scores(p) for p in chosen[start : start + shard_size]))
     return len(chosen)
