@@ -49,6 +49,10 @@ class DataConfig:
     shard_size: int = field(default=500, metadata=_range(1))
     skip_bad_records: bool = False
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))  # ICFG-PEDES: held-out train ids
+    # write each split's records into its shards in a seeded random order (data.seed) instead of the
+    # annotation order (grouped by identity and by source camera set): at real scale the training
+    # shuffle buffer holds a few percent of the data, so without it a batch sees about two shards
+    permute_records: bool = False
     seed: int = 0
 
 
@@ -97,6 +101,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HubConfig:
+    """How pretrained weights named by a hub id may be fetched. Offline by default: every
+    `from_pretrained` gets `local_files_only=True`, so a hub id loads from the local cache or stops."""
+
+    allow_network: bool = False
+    revision: str = ""  # a branch, tag or commit hash pinned for every hub id ("" = the default branch)
+
+
+@dataclass(frozen=True)
 class LossConfig:
     # Weight of negative j for anchor i is proportional to exp(beta * s_ij): 0 = plain InfoNCE.
     beta: float = field(default=0.0, metadata=_range(0.0, 100.0))
@@ -108,6 +121,10 @@ class TrainConfig:
     epochs: int = field(default=10, metadata=_range(1, 10000))
     batch_size: int = field(default=64, metadata=_range(2, 65536))  # global, over all processes
     lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
+    # learning rate of what a pretrained checkpoint does not provide (new projections, the
+    # temperature); 0 = train.lr. Fine-tuning CLIP at 1e-5 moves a fresh head or the temperature
+    # hardly at all, so the real profiles give them a few times more (IRRA's convention: 5x)
+    head_lr: float = field(default=0.0, metadata=_range(0.0, 1.0))
     weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
     warmup_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))  # of all steps
     grad_clip: float = field(default=1.0, metadata=_range(0.0))  # 0 = off
@@ -130,7 +147,6 @@ class GeneratorConfig:
 
     # A Stable Diffusion folder or hub id (real profile); "" trains the embedded model on SynthPedes.
     pretrained: str = ""
-    upscaler: str = ""  # real profile: optional diffusers upscaler for low-resolution crops
     height: int = field(default=64, metadata=_range(16, 1024))
     width: int = field(default=32, metadata=_range(16, 1024))
     vae_channels: tuple[int, ...] = (32, 32, 64)
@@ -169,13 +185,24 @@ class PdgConfig:
     source_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))  # used when source_count is 0
     num_steps: int = field(default=20, metadata=_range(1, 1000))
     guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
+    # the canvas (pixels) a person crop is fitted into for the generator; 0 = the generator's own
+    # sample size. Stable Diffusion's 512x512 would be 62% padding around a 60x160 crop: 512x192 fits it
+    canvas_height: int = field(default=0, metadata=_range(0, 2048))
+    canvas_width: int = field(default=0, metadata=_range(0, 2048))
+    # weights and activations of the generator: auto = float16 on a GPU, float32 on a CPU
+    precision: str = field(default="auto", metadata={"choices": ("auto", "float32", "float16", "bfloat16")})
+    # p2p: how the source is inverted. ddim: plain DDIM inversion (drifts under strong guidance);
+    # negative-prompt: DDIM inversion, then the source caption's embedding serves as the unconditional
+    # one while sampling (Miyake et al., 2023: no optimisation, no extra UNet calls); null-text: the
+    # unconditional embedding optimised per step (Mokady et al., 2023: null_text_steps iterations each)
+    inversion: str = field(default="ddim", metadata={"choices": ("ddim", "negative-prompt", "null-text")})
     # p2p: Prompt-to-Prompt control
     cross_replace_fraction: float = field(default=0.8, metadata=_range(0.0, 1.0))
     self_replace_fraction: float = field(default=0.4, metadata=_range(0.0, 1.0))
     blend_threshold: float = field(default=0.3, metadata=_range(0.0, 1.0))  # 0 = no local blend
     blend_start_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))
     reweight: float = field(default=2.0, metadata=_range(0.0, 10.0))
-    null_text_steps: int = field(default=0, metadata=_range(0, 100))
+    null_text_steps: int = field(default=0, metadata=_range(0, 100))  # inversion: null-text only
     # img2img: SDEdit
     strength: float = field(default=0.6, metadata=_range(0.01, 1.0))
     allow_hair: bool = False  # caption editing may change hair colour too
@@ -183,6 +210,18 @@ class PdgConfig:
     shard_size: int = field(default=64, metadata=_range(1))
     sheet_samples: int = field(default=12, metadata=_range(0, 200))
     seed: int = 0
+
+    def __post_init__(self):
+        if self.inversion == "null-text" and self.null_text_steps == 0:
+            raise FieldError("null_text_steps", "must be at least 1 with inversion: null-text")
+        if self.inversion != "null-text" and self.null_text_steps:
+            raise FieldError("null_text_steps", f"is {self.null_text_steps}, but only inversion: null-text "
+                             f"reads it (inversion is {self.inversion}): set it to 0")
+        if bool(self.canvas_height) != bool(self.canvas_width):
+            raise FieldError("canvas_height", "and pdg.canvas_width must both be 0 (the generator's size) or both set")
+        if self.canvas_height % 8 or self.canvas_width % 8:
+            raise FieldError("canvas_height", f"and canvas_width must be multiples of 8 (the VAE's downsampling), "
+                             f"got {self.canvas_height}x{self.canvas_width}")
 
 
 @dataclass(frozen=True)
@@ -267,6 +306,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     pdg: PdgConfig = field(default_factory=PdgConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)

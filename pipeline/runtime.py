@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from pipeline import hub
 from pipeline.config import ConfigError, Params, load_params
 
 
@@ -23,6 +24,7 @@ def start_stage(description: str, with_variant: bool = False) -> tuple[argparse.
         params = load_params(args.params)
         if with_variant:
             params.variant(args.variant)
+        hub.configure(params.hub)
         return args, params
     except ConfigError as err:
         logging.getLogger("stages").error("%s", err)
