@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.data.validate import FORMATS, check_data_command
+from pipeline.profile import PROFILES, profile_command
 from pipeline.text.edit_command import edit_captions_command
 
 
@@ -25,6 +26,17 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--output", help="JSON lines file (default: stdout)")
     edit.add_argument("--allow-hair", action="store_true", help="also edit hair colours")
     edit.set_defaults(run=lambda a: edit_captions_command(a.input, a.num, a.seed, a.output, a.allow_hair))
+
+    profile = commands.add_parser("profile", help="write a profile's keys into params.yaml (real recipe or embedded)")
+    profile.add_argument("name", choices=PROFILES)
+    profile.add_argument("--data-root", help="the benchmark's folder (annotation file and imgs/)")
+    profile.add_argument("--clip", help="a CLIP ViT-B/16 folder (CLIPModel): the dual encoder and the filter's scorer")
+    profile.add_argument("--sd", help="a Stable Diffusion 1.5 folder (diffusers layout): the PDG generator")
+    profile.add_argument("--captioner", help="an image-to-text model folder (e.g. BLIP base), optional")
+    profile.add_argument("--params", default="params.yaml", help="the params file to write (default: params.yaml)")
+    profile.add_argument("--no-check", action="store_true", help="write even if a folder is missing or unreadable")
+    profile.set_defaults(run=lambda a: profile_command(a.name, a.params, a.data_root, a.clip, a.sd, a.captioner,
+                                                       check=not a.no_check))
     return parser
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import torch
 
 from pipeline import hub
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.profile import check_stage_inputs
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -25,10 +27,19 @@ def start_stage(description: str, with_variant: bool = False) -> tuple[argparse.
         if with_variant:
             params.variant(args.variant)
         hub.configure(params.hub)
+        check_stage_inputs(params, _stage_name(sys._getframe(1).f_globals))
         return args, params
     except ConfigError as err:
-        logging.getLogger("stages").error("%s", err)
+        for line in str(err).splitlines():
+            logging.getLogger("stages").error("%s", line)
         raise SystemExit(1) from None
+
+
+def _stage_name(caller: dict) -> str:
+    """The stage calling `start_stage` (module `stages.<name>`, run with -m or imported), whose
+    external inputs (pipeline.profile.STAGE_INPUTS) are checked before any work."""
+    spec = caller.get("__spec__")
+    return (spec.name if spec is not None else caller.get("__name__", "")).rpartition(".")[2]
 
 
 def _stage_arguments(description: str, with_variant: bool) -> argparse.Namespace:
