@@ -2,7 +2,8 @@
 
 Reads data/pdg/filtered and data/prepared (train) and writes data/pdg/train: the original
 training shards, the proximity shards and one manifest of both; `train@pdg` trains on it.
-Counts go to metrics/caption.json.
+Counts go to metrics/caption.json, among them the machine captions added and those dropped for
+giving the edited garment its old colour (caption.captioner set).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
-from pipeline.pdg.captioning import ImageCaptioner, proximity_records, read_kept, write_training_set
+from pipeline.pdg.captioning import ImageCaptioner, proximity_rows, read_kept, write_training_set
 from pipeline.pdg.generate import pdg_shards
 from pipeline.runtime import inference_device, start_stage
 
@@ -40,8 +41,9 @@ def main() -> int:
     except (OSError, ValueError) as err:
         log.error("params: 'caption.captioner' %r could not be loaded as an image-to-text model: %s", cfg.captioner, err)
         return 1
-    rows = proximity_records(kept, first_id, cfg, captioner)
+    rows, machine = proximity_rows(kept, first_id, cfg, captioner)
     counts = write_training_set(PREPARED, original, kept, rows, OUT_DIR, params.data.shard_size)
+    counts.update(machine)
     counts["shards"] = len(list_shards(OUT_DIR, "train"))
     counts["captioner"] = cfg.captioner or None
     write_json_atomic(METRICS, counts)

@@ -1,8 +1,9 @@
 """DVC stage `filter`: score every generated pair in data/pdg/raw and keep the good ones.
 
 Writes the kept pairs to data/pdg/filtered (their json gains the scores), metrics/filter.json
-(pairs in, kept, failures per reason, acceptance rate) and reports/filter/examples.png (kept and
-rejected pairs with their scores). The scorer is the baseline dual encoder, or the CLIP named by
+(pairs in, kept, failures per reason, acceptance rate, and the quantiles of the consistency and
+fidelity scores over all pairs, to calibrate the thresholds on) and reports/filter/examples.png
+(kept and rejected pairs with their scores). The scorer is the baseline dual encoder, or the CLIP named by
 `filter.scorer`. Where train_generator left an attribute probe (models/probe: SynthPedes colour
 labels), the report also says how often it confirms the kept and the rejected edits, and
 `filter.attribute_probe` makes its verdict a criterion.
@@ -20,6 +21,7 @@ from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.filtering import (
     AttributeChecker,
+    NoSuchCheckpoint,
     filter_pairs,
     load_scorer,
     read_generated,
@@ -56,6 +58,9 @@ def main() -> int:
     device = inference_device()
     try:
         scorer = load_scorer(cfg.scorer, BASELINE, device)
+    except NoSuchCheckpoint as err:
+        log.error("params: 'filter.scorer' %r: %s", cfg.scorer, err)
+        return 1
     except (OSError, ValueError) as err:
         log.error("params: 'filter.scorer' %r could not be loaded as a CLIP model: %s", cfg.scorer, err)
         return 1

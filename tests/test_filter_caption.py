@@ -15,12 +15,19 @@ from pipeline.data.prepare import prepare
 from pipeline.pdg.captioning import (
     ImageCaptioner,
     assign_identities,
+    contradicts_edit,
+    garment_key,
     paraphrases,
     proximity_records,
+    proximity_rows,
     write_training_set,
 )
+from pipeline.pdg.crops import GREY, pad_to_square
 from pipeline.pdg.filtering import (
     ClipScorer,
+    NoSuchCheckpoint,
+    ScoredPair,
+    check_clip_checkpoint,
     filter_pairs,
     noise_share,
     outside_change,
@@ -109,7 +116,8 @@ def test_filter_rejects_each_bad_pair_for_its_reason_and_reports_counts(tmp_path
     assert write_kept(pairs, tmp_path / "all", shard_size=4, enabled=False) == 5
 
 
-def test_a_clip_checkpoint_scores_pairs(tmp_path):
+def _tiny_clip(folder):
+    """A tiny random CLIP with its tokenizer and a 32-pixel image processor, saved in `folder`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from pipeline.pdg.caption_tokenizer import train_caption_tokenizer
@@ -123,10 +131,15 @@ def test_a_clip_checkpoint_scores_pairs(tmp_path):
         projection_dim=8,
     )
     torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(tmp_path / "clip")
-    tokenizer.save_pretrained(tmp_path / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
-    scorer = ClipScorer(str(tmp_path / "clip"))
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_a_clip_checkpoint_scores_pairs(tmp_path):
+    scorer = ClipScorer(str(_tiny_clip(tmp_path / "clip")))
+    assert scorer.model.dtype == torch.float32  # on the CPU
     shards, sources = _generated_shard(tmp_path)
     pairs = filter_pairs(read_generated(shards), sources, scorer, FilterConfig(margin=-2, min_similarity=-1),
                          show_progress=False)
@@ -134,9 +147,118 @@ def test_a_clip_checkpoint_scores_pairs(tmp_path):
     assert len({round(p.scores["edited_similarity"], 6) for p in pairs}) > 1  # images differ, so do scores
 
 
+def _tall_person(head_and_feet):
+    """A 96x32 crop: a grey torso band in the middle, the top and bottom quarters in `head_and_feet`."""
+    image = np.full((96, 32, 3), 120, dtype=np.uint8)
+    image[:24], image[72:] = head_and_feet, head_and_feet
+    return Image.fromarray(image)
+
+
+def test_pad_to_square_centres_the_crop_on_the_fill():
+    crop = _tall_person((200, 30, 30))
+    square = pad_to_square(crop, (1, 2, 3))
+    assert square.size == (96, 96)
+    pixels = np.asarray(square)
+    assert (pixels[:, :32] == (1, 2, 3)).all() and (pixels[:, 64:] == (1, 2, 3)).all()
+    assert (pixels[:, 32:64] == np.asarray(crop)).all()
+    wide = pad_to_square(Image.new("RGB", (40, 10), (9, 9, 9)))
+    assert wide.size == (40, 40) and wide.getpixel((0, 0)) == GREY and wide.getpixel((20, 20)) == (9, 9, 9)
+    assert pad_to_square(Image.new("L", (8, 8))).size == (8, 8)
+
+
+def test_clip_sees_the_whole_person_crop_not_only_its_waist(tmp_path):
+    scorer = ClipScorer(str(_tiny_clip(tmp_path / "clip")))
+    red, blue = _tall_person((200, 30, 30)), _tall_person((30, 30, 200))  # other hat and shoes
+    # the processor alone centre-crops 32 of the 96 rows: hat and shoes are cut off, both look alike
+    unpadded = scorer.processor(images=[red, blue], return_tensors="pt")["pixel_values"]
+    assert torch.equal(unpadded[0], unpadded[1])
+    padded_values = scorer.pixel_values([red, blue])
+    assert padded_values.shape == unpadded.shape and not torch.allclose(padded_values[0], padded_values[1])
+    # the padding is the processor's mean colour: it normalises to about zero
+    assert scorer.fill == tuple(round(255 * m) for m in scorer.processor.image_mean)
+    assert padded_values[:, :, :, 0].abs().max() < 0.03
+    assert not torch.allclose(scorer.embed_images([red]), scorer.embed_images([blue]))
+
+
+def test_a_missing_scorer_folder_is_told_apart_from_a_folder_that_is_not_clip(tmp_path):
+    with pytest.raises(NoSuchCheckpoint, match="no such folder"):
+        check_clip_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(NoSuchCheckpoint, match="no such folder, and no hub model"):
+        check_clip_checkpoint("someone/no-such-clip")  # offline: the local cache only
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a CLIP checkpoint") as raised:
+        check_clip_checkpoint(str(tmp_path / "empty"))
+    assert not isinstance(raised.value, NoSuchCheckpoint)
+    blip = tmp_path / "blip"
+    _tiny_captioner(blip)
+    with pytest.raises(ValueError, match="'blip' model, not a CLIP checkpoint"):
+        check_clip_checkpoint(str(blip))
+    assert check_clip_checkpoint(str(_tiny_clip(tmp_path / "clip"))) == str(tmp_path / "clip")
+
+
+def _stage_params(project, overrides):
+    import yaml
+
+    from tiny_project import REPO, deep_merge
+
+    params = deep_merge(deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE), overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_filter_stage_names_the_key_and_the_path_of_a_missing_scorer(tmp_path, monkeypatch, caplog):
+    import importlib
+
+    from tiny_project import REPO
+
+    monkeypatch.syspath_prepend(str(REPO))
+    filter_stage = importlib.import_module("stages.filter")
+    _generated_shard(tmp_path / "data" / "pdg" / "raw")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["filter"])
+
+    def error_line(scorer):
+        _stage_params(tmp_path, {"filter": {"scorer": str(scorer)}})
+        caplog.clear()
+        try:
+            assert filter_stage.main() == 1
+        except SystemExit as stop:  # the stage's input check, before any work
+            assert stop.code == 1
+        (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert "'filter.scorer'" in line and str(scorer) in line
+        return line
+
+    line = error_line(tmp_path / "no-clip")
+    assert "no such folder" in line and "could not be loaded as a CLIP" not in line
+    blip = tmp_path / "blip"
+    _tiny_captioner(blip)
+    assert "'blip' model, not a CLIP checkpoint" in error_line(blip)
+
+
+def _scored(key, **scores):
+    return ScoredPair(key, {"source_key": key}, {}, scores, torch.zeros(2))
+
+
+def test_the_report_gives_quantiles_of_every_threshold_score():
+    pairs = [_scored(f"p{i}", edited_similarity=i / 10, source_similarity=1 - i / 10, margin=float(i),
+                     outside_change=10.0 * i, pixel_std=20.0, noise_share=0.1) for i in range(11)]
+    pairs[3].reasons = ["fidelity"]  # rejected pairs count too
+    report = summarise(pairs, enabled=True).to_json()
+    assert report["pairs_in"] == 11 and report["kept"] == 10 and report["failed_by_reason"]["fidelity"] == 1
+    quantiles = report["score_quantiles"]
+    assert set(quantiles) == {"edited_similarity", "source_similarity", "margin", "outside_change"}
+    assert quantiles["margin"] == {"min": 0.0, "p05": 0.5, "p25": 2.5, "median": 5.0, "p75": 7.5, "p95": 9.5,
+                                   "max": 10.0}
+    assert quantiles["outside_change"]["p95"] == 95.0 and quantiles["edited_similarity"]["median"] == 0.5
+    assert quantiles["source_similarity"]["p05"] == 0.05 and quantiles["source_similarity"]["max"] == 1.0
+    assert summarise([], enabled=True).to_json()["score_quantiles"] == {}
+
+
 def _kept_sample(key, person, phrase, colour, caption="A man in a red shirt and blue jeans walking.", source="src"):
-    record = {"source_key": source, "source_person_id": person, "edited_caption": caption.replace("red", colour), "method": "p2p",
-              "changes": [{"phrase_before": phrase, "phrase_after": f"{colour} shirt", "new_color": colour}]}
+    """A kept pair whose edit turned `phrase` ("red shirt", "blue jeans") to `colour`."""
+    old, garment = phrase.split(" ", 1)
+    record = {"source_key": source, "source_person_id": person, "edited_caption": caption.replace(old, colour),
+              "method": "p2p", "changes": [{"phrase_before": phrase, "phrase_after": f"{colour} {garment}",
+                                            "old_color": old, "new_color": colour}]}
     return {"__key__": key, "png": _png(_person()), "json": json.dumps(record).encode()}
 
 
@@ -185,23 +307,72 @@ def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared
     original = read_manifest(manifest_path(prepared, "train"))
     samples = [_kept_sample("pdg-a", 1, "red shirt", "green", source=original[0].key),
                _kept_sample("pdg-b", 1, "red shirt", "green", source=original[0].key),
-               _kept_sample("pdg-c", 2, "red shirt", "pink", source=original[5].key)]
+               _kept_sample("pdg-c", 2, "blue jeans", "pink", source=original[5].key)]
     first_id = max(r.person_id for r in original) + 1
-    rows = proximity_records(samples, first_id, CaptionConfig(paraphrases=2), captioner)
+    rows, machine = proximity_rows(samples, first_id, CaptionConfig(paraphrases=2), captioner)
     assert [r.person_id for r in rows] == [first_id, first_id, first_id + 1]
+    # the tiny BLIP says "red shirt a" of every image: that contradicts the edits of the red shirt
+    assert captioner([Image.fromarray(_person().astype(np.uint8))]) == ["red shirt a"]
+    assert machine == {"machine_captions_added": 1, "machine_captions_dropped_contradicting": 2}
     for row in rows:
         edited = json.loads(next(s for s in samples if s["__key__"] == row.key)["json"])["edited_caption"]
-        assert row.captions[0] == edited and len(row.captions) == 4  # edited, 2 paraphrases, machine caption
-        assert row.captions[-1] and all(w in "a man woman red green shirt pants".split() for w in row.captions[-1].split())
+        assert row.captions[0] == edited
+        assert len(row.captions) == (4 if row.key == "pdg-c" else 3)  # edited, 2 paraphrases (, machine caption)
+    assert rows[2].captions[-1] == "red shirt a"
     counts = write_training_set(prepared, original, samples, rows, tmp_path / "train", shard_size=2)
     assert counts == {"original_images": len(original), "proximity_images": 3, "proximity_identities": 2,
-                      "proximity_captions": 12}
+                      "proximity_captions": 10}
     manifest = read_manifest(manifest_path(tmp_path / "train", "train"))
     assert [r.key for r in manifest] == [r.key for r in original] + ["pdg-a", "pdg-b", "pdg-c"]
     read_back = {s["__key__"]: json.loads(s["json"]) for s in iter_shard_samples(list_shards(tmp_path / "train", "train"))}
     assert len(read_back) == len(original) + 3 and read_back["pdg-c"]["person_id"] == first_id + 1
     assert read_back["pdg-c"]["source_key"] == original[5].key  # for the loader's batch_with_source
     assert "source_key" not in read_back[original[0].key]
+
+
+def test_blip_gets_the_person_crop_padded_not_stretched(tmp_path):
+    captioner = _tiny_captioner(tmp_path / "blip")
+    assert captioner.model.dtype == torch.float32
+    crop = _tall_person((200, 30, 30))  # 96x32: stretched 3x sideways without the padding
+    pixels = captioner.inputs([crop])["pixel_values"][0]
+    stretched = captioner.processor(images=[crop], return_tensors="pt")["pixel_values"][0]
+    assert pixels.shape == stretched.shape == (3, 32, 32)
+    assert pixels[:, :, :8].abs().max() < 0.03  # the sides are the fill: the processor's mean colour
+    assert stretched[:, :, :8].abs().max() > 0.5 and pixels[:, :, 12:20].abs().max() > 0.5
+
+
+def test_a_machine_caption_giving_the_edited_garment_its_old_colour_is_dropped():
+    shirt = [{"phrase_before": "a red T-shirt", "phrase_after": "an orange T-shirt", "old_color": "red",
+              "new_color": "orange"}]
+    assert contradicts_edit("a man in a red shirt and black pants", shirt)  # t-shirt and shirt: one garment
+    assert contradicts_edit("a man whose shirt is dark red", shirt)  # predicative, a shade of the old colour
+    assert contradicts_edit("a man in a maroon tee", shirt)  # the old colour's family, a synonym
+    assert contradicts_edit("a man in a red and white shirt", shirt)
+    assert not contradicts_edit("a man in an orange shirt and red pants", shirt)  # red, but on the pants
+    assert not contradicts_edit("a man with a red bag", shirt)
+    assert not contradicts_edit("a man walking down the street", shirt)  # no colour said: no contradiction
+    two_colours = [{"phrase_before": "navy and red jeans", "phrase_after": "green and red jeans",
+                    "old_color": "navy", "new_color": "green"}]
+    assert contradicts_edit("a woman in blue jeans", two_colours)  # navy is blue
+    assert not contradicts_edit("a woman in red trousers", two_colours)  # red is still on them
+    no_old = [{"phrase_before": "white sneakers", "phrase_after": "pink sneakers", "new_color": "pink"}]
+    assert contradicts_edit("white shoes", no_old)  # old colour from the phrases; sneakers are shoes
+    assert garment_key("Tank Tops") == "top" and garment_key("dresses") == "dress" and garment_key("trousers") == "pant"
+
+    captions = iter(["a man in a red shirt", "a man in an orange shirt", "", "a man in a red shirt"])
+    calls = []
+
+    def fake_captioner(images):
+        calls.append(len(images))
+        return [next(captions) for _ in images]
+
+    samples = [_kept_sample(k, 1, "red shirt", "orange") for k in "abc"] + [_kept_sample("d", 2, "blue jeans", "pink")]
+    rows, counts = proximity_rows(samples, 50, CaptionConfig(paraphrases=0, batch_size=3), fake_captioner)
+    assert calls == [3, 1]
+    assert counts == {"machine_captions_added": 2, "machine_captions_dropped_contradicting": 1}
+    assert [r.captions[1:] for r in rows] == [[], ["a man in an orange shirt"], [], ["a man in a red shirt"]]
+    assert proximity_rows(samples, 50, CaptionConfig(paraphrases=0))[1] == {
+        "machine_captions_added": 0, "machine_captions_dropped_contradicting": 0}
 
 
 def test_proximity_pairs_share_the_batch_of_their_source(prepared, tmp_path):

@@ -1,7 +1,8 @@
 """Turns kept proximity pairs into training pairs (`caption` stage).
 
 Texts per generated image: its edited caption; optionally a caption from an image-to-text model
-(real profile); optionally paraphrases by approximate text generation. Identity: a generated
+(real profile), unless it gives the edited garment its old colour (it then contradicts the edit
+and is dropped); optionally paraphrases by approximate text generation. Identity: a generated
 person is a new identity, since its clothes changed; every sample made by the same edit of the
 same source person (same garment phrase, same new colour) shares it.
 
@@ -16,8 +17,9 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,11 @@ from pipeline.data.canonical import (
     write_manifest,
     write_tar_atomic,
 )
+from pipeline.hub import pretrained_kwargs
+from pipeline.pdg.crops import padded, processor_fill
+from pipeline.text import find_color_phrases
 from pipeline.text.approximate import ApproximateText, lexicon_neighbours
+from pipeline.text.lexicon import COLOR_FAMILY
 
 log = logging.getLogger(__name__)
 
@@ -70,48 +76,71 @@ def paraphrases(caption: str, count: int, fraction: float, seed: int, key: str,
 
 
 class ImageCaptioner:
-    """An image-to-text model (folder or hub id) loaded with the Auto classes (BLIP, GIT, ...)."""
+    """An image-to-text model (folder or hub id) loaded with the Auto classes (BLIP, GIT, ...).
+    Every crop is padded to a square first (`pipeline.pdg.crops`): BLIP's processor resizes to a
+    square without keeping the aspect, which would stretch a person crop 2-3x sideways."""
 
     def __init__(self, path: str, max_tokens: int, device: torch.device | str = "cpu"):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path).eval().to(device)
-        self.max_tokens, self.device = max_tokens, device
+        self.device = torch.device(device)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.processor = AutoProcessor.from_pretrained(path, **pretrained_kwargs(path))
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **pretrained_kwargs(path))
+        self.model = self.model.eval().to(self.device)
+        self.max_tokens, self.fill = max_tokens, processor_fill(self.processor)
+
+    def inputs(self, images: Sequence[Image.Image]):
+        """The processor's inputs for the crops, each padded to a square on the processor's mean colour."""
+        inputs = self.processor(images=padded(images, self.fill), return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
     def __call__(self, images: Sequence[Image.Image]) -> list[str]:
-        import torch
-
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=False)
+            output = self.model.generate(**self.inputs(images), max_new_tokens=self.max_tokens, do_sample=False)
         return [text.strip() for text in self.processor.batch_decode(output, skip_special_tokens=True)]
+
+
+Captioner = Callable[[Sequence[Image.Image]], list[str]]  # an ImageCaptioner, or any stand-in
 
 
 def proximity_records(
     samples: Sequence[dict[str, bytes]], first_id: int, cfg: CaptionConfig,
-    captioner: ImageCaptioner | None = None, perturb: ApproximateText | None = None,
+    captioner: Captioner | None = None, perturb: ApproximateText | None = None,
 ) -> list[ImageRecord]:
     """One manifest row per kept sample, texts and identity assigned."""
+    return proximity_rows(samples, first_id, cfg, captioner, perturb)[0]
+
+
+def proximity_rows(
+    samples: Sequence[dict[str, bytes]], first_id: int, cfg: CaptionConfig,
+    captioner: Captioner | None = None, perturb: ApproximateText | None = None,
+) -> tuple[list[ImageRecord], dict[str, int]]:
+    """`proximity_records`, and what became of the machine captions: how many were added to a
+    row's texts, and how many were dropped for naming the edited garment's old colour."""
     records = [json.loads(s["json"]) for s in samples]
     perturb = perturb or ApproximateText(1.0, cfg.paraphrase_fraction, neighbours=lexicon_neighbours())
     machine_captions = _machine_captions(samples, captioner, cfg.batch_size)
-    rows = []
+    rows, counts = [], {"machine_captions_added": 0, "machine_captions_dropped_contradicting": 0}
     for sample, record, person_id, machine in zip(samples, records, assign_identities(records, first_id), machine_captions):
         texts = [record["edited_caption"]]
         texts += paraphrases(record["edited_caption"], cfg.paraphrases, cfg.paraphrase_fraction, cfg.seed,
                              sample["__key__"], perturb)
-        if machine and machine not in texts:
+        if machine and contradicts_edit(machine, record["changes"]):
+            counts["machine_captions_dropped_contradicting"] += 1
+        elif machine and machine not in texts:
             texts.append(machine)
+            counts["machine_captions_added"] += 1
         width, height = Image.open(io.BytesIO(sample["png"])).size
         rows.append(ImageRecord(
             key=sample["__key__"], person_id=person_id, original_id=-1, split="train", captions=texts,
             image_path="", source=f"pdg-{record['method']}", width=width, height=height,
         ))
-    return rows
+    return rows, counts
 
 
-def _machine_captions(samples: Sequence[dict[str, bytes]], captioner: ImageCaptioner | None, batch_size: int) -> list[str]:
+def _machine_captions(samples: Sequence[dict[str, bytes]], captioner: Captioner | None, batch_size: int) -> list[str]:
     if captioner is None:
         return [""] * len(samples)
     texts = []
@@ -119,6 +148,53 @@ def _machine_captions(samples: Sequence[dict[str, bytes]], captioner: ImageCapti
         images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples[start : start + batch_size]]
         texts += captioner(images)
     return texts
+
+
+# ------------------------------------------------------------------ machine captions against the edit
+
+# Garment words a captioner uses for the same garment as the caption's word (the lexicon has no
+# garment synonyms): each maps to one key. Besides these, a noun is matched by its head word
+# ("t-shirt", "tank top": "shirt", "top") with a plural s dropped.
+SAME_GARMENT = {
+    "tshirt": "shirt", "teeshirt": "shirt", "tee": "shirt",
+    "trouser": "pant", "slack": "pant",
+    "sneaker": "shoe", "trainer": "shoe",
+    "hoody": "hoodie",
+}
+
+
+def garment_key(noun: str) -> str:
+    """What two garment nouns share when they name the same garment: the head word, singular,
+    through SAME_GARMENT ("Red T-Shirts" -> "shirt", "trousers" -> "pant")."""
+    head = re.split(r"[\s-]+", noun.strip().lower())[-1]
+    if head.endswith("sses"):
+        head = head[:-2]
+    elif head.endswith("s") and not head.endswith("ss"):
+        head = head[:-1]
+    return SAME_GARMENT.get(head, head)
+
+
+def _families(text: str) -> set[str]:
+    return {COLOR_FAMILY[word] for word in re.findall(r"[a-z]+", text.lower()) if word in COLOR_FAMILY}
+
+
+def contradicts_edit(caption: str, changes: Sequence[dict]) -> bool:
+    """Whether `caption` gives an edited garment its old colour: a colour phrase (the project's
+    parser) whose noun is the edited garment's (`garment_key`) and which names the old colour's
+    family, unless the edited phrase still has that colour (a multi-colour phrase where another
+    mention shares it)."""
+    phrases = find_color_phrases(caption, allow_hair=True)
+    for change in changes:
+        edited = find_color_phrases(change["phrase_after"], allow_hair=True)
+        if not edited:
+            continue
+        old = change.get("old_color")
+        old_families = _families(old) if old else _families(change["phrase_before"]) - _families(change["phrase_after"])
+        gone = old_families - edited[0].families
+        noun = garment_key(edited[0].noun)
+        if any(garment_key(p.noun) == noun and p.families & gone for p in phrases):
+            return True
+    return False
 
 
 def write_training_set(

@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
+from pipeline.hub import access, looks_like_path, pretrained_kwargs
+from pipeline.pdg.crops import padded, processor_fill
 from pipeline.pdg.edit_check import colour_edit, edit_confirmed, read_colours
 from pipeline.pdg.generate import SHARD_NAME
 from pipeline.pdg.probe import AttributeProbe
@@ -75,19 +77,28 @@ class DualEncoderScorer:
 
 
 class ClipScorer:
-    """A CLIP checkpoint (folder or hub id) with its tokenizer and image processor."""
+    """A CLIP checkpoint (folder or hub id) with its tokenizer and image processor. Every crop is
+    padded to a square first (`pipeline.pdg.crops`): the processor's centre crop would otherwise
+    keep only the middle of a tall person crop, and edits of shoes, hair or legs would go unseen."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu"):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(path).eval().to(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.processor = AutoImageProcessor.from_pretrained(path)
+        path = check_clip_checkpoint(path)
         self.device = torch.device(device)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.model = CLIPModel.from_pretrained(path, dtype=dtype, **pretrained_kwargs(path)).eval().to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **pretrained_kwargs(path))
+        self.processor = AutoImageProcessor.from_pretrained(path, **pretrained_kwargs(path))
+        self.fill = processor_fill(self.processor)
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The processor's input for the crops, each padded to a square on the processor's mean colour."""
+        return self.processor(images=padded(images, self.fill), return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = self.pixel_values(images).to(self.device, self.model.dtype)
         return F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1).cpu()
 
     @torch.no_grad()
@@ -97,6 +108,32 @@ class ClipScorer:
         features = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
                                                 attention_mask=tokens["attention_mask"].to(self.device))
         return F.normalize(_features(features).float(), dim=-1).cpu()
+
+
+class NoSuchCheckpoint(FileNotFoundError):
+    """A scorer named as a folder that does not exist (or a hub id that is not available)."""
+
+
+def check_clip_checkpoint(path: str) -> str:
+    """The name to load `path` by (a folder with ~ expanded, or the hub id); NoSuchCheckpoint when
+    there is nothing by that name, ValueError when there is something but not a CLIP checkpoint."""
+    from transformers import AutoConfig
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        path = str(folder)
+    elif looks_like_path(path):
+        raise NoSuchCheckpoint(f"no such folder {folder}")
+    try:
+        config = AutoConfig.from_pretrained(path, **pretrained_kwargs(path))
+    except (OSError, ValueError) as err:
+        if folder.is_dir():
+            raise ValueError(f"the folder {folder} is not a CLIP checkpoint (no readable config.json): {err}") from None
+        network = "" if access().allow_network else " (hub.allow_network is false: only the local cache is read)"
+        raise NoSuchCheckpoint(f"no such folder, and no hub model by that name{network}: {err}") from None
+    if config.model_type != "clip":
+        raise ValueError(f"{path} holds a {config.model_type!r} model, not a CLIP checkpoint")
+    return path
 
 
 def _features(output) -> torch.Tensor:
@@ -248,6 +285,7 @@ class FilterReport:
     enabled: bool
     score_means: dict[str, float]
     attribute_check: dict | None = None
+    score_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         check = {"attribute_check": self.attribute_check} if self.attribute_check is not None else {}
@@ -258,6 +296,7 @@ class FilterReport:
             "failed_by_reason": self.failed_by_reason,
             "rejected_by_first_reason": self.rejected_by_first_reason,
             "score_means": {k: round(v, 4) for k, v in self.score_means.items()},
+            "score_quantiles": {name: {k: round(v, 4) for k, v in q.items()} for name, q in self.score_quantiles.items()},
         }
 
 
@@ -300,7 +339,20 @@ def summarise(pairs: list[ScoredPair], enabled: bool, attribute_checked: bool = 
              ("edited_similarity", "source_similarity", "margin", "outside_change", "pixel_std", "noise_share")} if pairs else {}
     return FilterReport(len(pairs), len(pairs) - rejected, rejected, {r: failed.get(r, 0) for r in REASONS},
                         {r: first.get(r, 0) for r in REASONS}, enabled, means,
-                        attribute_summary(pairs, enabled) if attribute_checked else None)
+                        attribute_summary(pairs, enabled) if attribute_checked else None,
+                        {name: quantiles([p.scores[name] for p in pairs]) for name in QUANTILE_SCORES} if pairs else {})
+
+
+# The scores a first real run calibrates its thresholds on: both consistency similarities, their
+# margin, and the fidelity score (change outside the edit); each over all pairs, kept or not.
+QUANTILE_SCORES = ("edited_similarity", "source_similarity", "margin", "outside_change")
+QUANTILES = {"min": 0.0, "p05": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """min, p05, p25, median, p75, p95, max of `values` (linear interpolation between order statistics)."""
+    points = np.quantile(np.asarray(values, dtype=np.float64), list(QUANTILES.values()))
+    return {name: float(value) for name, value in zip(QUANTILES, points)}
 
 
 def attribute_summary(pairs: list[ScoredPair], enabled: bool) -> dict:
