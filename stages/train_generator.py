@@ -6,10 +6,12 @@ alone (its "pretraining" data, as Stable Diffusion's is in the paper), and saves
 StableDiffusionPipeline folder in models/generator; trains the attribute probe (models/probe, when
 the data carries colour labels, on the training split only) and measures with it how often
 generated images show the prompted garment colours. Real profile
-(generator.pretrained set): trains nothing and reads no data; models/generator holds only
-pretrained.json naming the checkpoint, which `pipeline.pdg.generator_training.resolve_generator`
-hands to the next stage, so that changing the checkpoint reruns what depends on it; models/probe
-and reports/generator hold only a note / nothing.
+(generator.pretrained set): trains nothing; models/generator holds only pretrained.json naming the
+checkpoint, which `pipeline.pdg.generator_training.resolve_generator` hands to the next stage, so
+that changing the checkpoint reruns what depends on it; models/probe holds only a note. The reports
+are the same files in both profiles: samples.png is a sample grid from the pretrained model (a few
+val captions, person-shaped where the model is Stable Diffusion 1.x-sized), and loss_curves.png a
+figure saying that nothing was trained.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from pathlib import Path
 
 from pipeline.config import GeneratorConfig, SynthConfig
 from pipeline.data.synthpedes import render_generator_pool
+from pipeline.hub import looks_like_path
 from pipeline.io import write_json_atomic
 from pipeline.pdg.generator_training import (
     LabelledImages,
     labelled_images,
+    load_grid_images,
     load_images,
+    load_pretrained_pipeline,
     plot_loss_curves,
+    plot_no_training,
+    pretrained_sample_size,
     reconstruction_psnr,
     save_pipeline,
     train_generator,
@@ -35,7 +42,7 @@ from pipeline.pdg.generator_training import (
     write_sample_grid,
 )
 from pipeline.pdg.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
-from pipeline.runtime import start_stage
+from pipeline.runtime import inference_device, start_stage
 
 PREPARED = Path("data/prepared")
 GENERATOR_DIR = Path("models/generator")
@@ -43,6 +50,9 @@ PROBE_DIR = Path("models/probe")
 METRICS = Path("metrics/generator.json")
 REPORTS = Path("reports/generator")
 EVALUATION_PROMPTS = 200  # val captions naming a garment colour, for the prompted-colour accuracy
+# The sample grid of a pretrained checkpoint: few images, since a real Stable Diffusion on a CPU is slow.
+PRETRAINED_GRID_PROMPTS = 4
+PRETRAINED_GRID_SAMPLES = 2
 
 log = logging.getLogger("stages.train_generator")
 
@@ -54,18 +64,53 @@ def main() -> int:
     for folder in (GENERATOR_DIR, PROBE_DIR, REPORTS):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    metrics = point_at_pretrained(cfg.pretrained) if cfg.pretrained else train_embedded(cfg, params.synth)
+    try:
+        metrics = point_at_pretrained(cfg) if cfg.pretrained else train_embedded(cfg, params.synth)
+    except PretrainedNotLoadable as err:
+        log.error("%s", err)
+        return 1
     metrics["stage_seconds"] = time.perf_counter() - started
     write_json_atomic(METRICS, metrics)
     log.info("metrics: %s", metrics)
     return 0
 
 
-def point_at_pretrained(pretrained: str) -> dict:
-    write_pretrained_pointer(GENERATOR_DIR, pretrained)
+def point_at_pretrained(cfg: GeneratorConfig) -> dict:
+    """Points models/generator at the checkpoint; the reports are a sample grid from it and a figure
+    saying that nothing was trained (the stage's outputs are the same in both profiles)."""
+    pipeline = load_pretrained(cfg.pretrained)
+    write_pretrained_pointer(GENERATOR_DIR, cfg.pretrained)
     write_json_atomic(PROBE_DIR / "absent.json", {"reason": "generator.pretrained is set: nothing is trained"})
-    log.info("generator: the pretrained checkpoint %s (nothing trained)", pretrained)
-    return {"pretrained": pretrained}
+    plot_no_training(cfg.pretrained, REPORTS / "loss_curves.png")
+    height, width = pretrained_sample_size(pipeline)
+    started = time.perf_counter()
+    val = load_grid_images(PREPARED, "val", height, width, PRETRAINED_GRID_PROMPTS)
+    write_sample_grid(pipeline, val, REPORTS / "samples.png", guidance=cfg.guidance, steps=cfg.sample_steps,
+                      seed=cfg.seed, prompts=PRETRAINED_GRID_PROMPTS, samples=PRETRAINED_GRID_SAMPLES,
+                      height=height, width=width)
+    seconds = time.perf_counter() - started
+    log.info("generator: the pretrained checkpoint %s (nothing trained); sample grid at %dx%d in %.1f s",
+             cfg.pretrained, height, width, seconds)
+    return {"pretrained": cfg.pretrained, "guidance": cfg.guidance,
+            "sample_grid": {"prompts": len(val), "samples": PRETRAINED_GRID_SAMPLES, "height": height, "width": width,
+                            "steps": cfg.sample_steps},
+            "seconds": {"sample_grid": seconds}}
+
+
+class PretrainedNotLoadable(Exception):
+    """generator.pretrained names nothing loadable; the message says what (the stage logs it)."""
+
+
+def load_pretrained(pretrained: str):
+    folder = Path(pretrained).expanduser()
+    if not folder.is_dir() and looks_like_path(pretrained):
+        raise PretrainedNotLoadable(f"params: 'generator.pretrained' {pretrained!r}: no such folder {folder}")
+    name = str(folder) if folder.is_dir() else pretrained
+    try:
+        return load_pretrained_pipeline(name, inference_device())
+    except (OSError, ValueError, TypeError) as err:
+        raise PretrainedNotLoadable(f"params: 'generator.pretrained' {pretrained!r} could not be loaded as a "
+                                    f"Stable Diffusion pipeline: {err}") from None
 
 
 def train_embedded(cfg: GeneratorConfig, synth: SynthConfig) -> dict:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from pipeline.config import params_from_dict
 from pipeline.data.prepare import prepare
@@ -25,9 +25,13 @@ from pipeline.pdg.generator_training import (
     build_unet,
     encode_latents,
     generate,
+    load_grid_images,
     load_images,
+    load_pretrained_pipeline,
     plot_loss_curves,
+    plot_no_training,
     plot_sample_grid,
+    pretrained_sample_size,
     reconstruction_psnr,
     sample_timesteps,
     resolve_generator,
@@ -55,8 +59,8 @@ from transformers import BertModel
 
 from pipeline.models import minilm_path
 from pipeline.pdg.editing import EditRequest, edit_p2p_batch
-from pipeline.pdg.model import load_generator
-from tiny_project import REPO, TINY_PROFILE, deep_merge
+from pipeline.pdg.model import build_tiny_generator, load_generator
+from tiny_project import REPO, TINY_PROFILE, deep_merge, dvc, make_tiny_project
 
 HEIGHT, WIDTH = 32, 16
 TINY_GENERATOR_PARAMS = {
@@ -258,7 +262,7 @@ def test_prompted_colour_accuracy_counts_each_garment(train_images, tmp_path):
     assert 0 <= result["upper"] <= 100
 
 
-def _run_stage(project, generator_overrides, generator_ids=0):
+def _run_stage(project, generator_overrides, generator_ids=0, returncode=0):
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
     params = deep_merge(params, {"generator": {**TINY_GENERATOR_PARAMS, **generator_overrides},
                                  "synth": {"num_generator_ids": generator_ids}})
@@ -266,8 +270,17 @@ def _run_stage(project, generator_overrides, generator_ids=0):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "stages.train_generator"], cwd=project, env=env,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == returncode, result.stderr[-3000:]
+    if returncode:
+        return [line for line in result.stderr.splitlines() if " ERROR " in line]
     return json.loads((project / "metrics" / "generator.json").read_text())
+
+
+def _assert_png(path, min_size=(200, 100)):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= min_size[0] and image.height >= min_size[1]
 
 
 def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
@@ -280,8 +293,47 @@ def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
     assert AttributeProbe.load(tmp_path / "models" / "probe")
     assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png"}
 
-    metrics = _run_stage(tmp_path, {"pretrained": "some/checkpoint"})
-    assert metrics["pretrained"] == "some/checkpoint" and "generator" not in metrics
-    assert resolve_generator(tmp_path / "models" / "generator") == "some/checkpoint"
+    pretrained = str(build_tiny_generator(tmp_path / "tiny-sd", max_tokens=77))
+    metrics = _run_stage(tmp_path, {"pretrained": pretrained, "sample_steps": 2})
+    assert metrics["pretrained"] == pretrained and "generator" not in metrics
+    assert resolve_generator(tmp_path / "models" / "generator") == pretrained
     assert not (tmp_path / "models" / "generator" / "model_index.json").exists()
     assert [p.name for p in (tmp_path / "models" / "probe").iterdir()] == ["absent.json"]
+    # the same report files as a trained generator's: a real sample grid, and a figure saying nothing trained
+    assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png"}
+    for name in ("loss_curves.png", "samples.png"):
+        _assert_png(tmp_path / "reports" / "generator" / name)
+    assert metrics["sample_grid"] == {"prompts": 4, "samples": 2, "height": HEIGHT, "width": WIDTH, "steps": 2}
+    assert metrics["seconds"]["sample_grid"] > 0
+
+    missing = tmp_path / "no-such-sd"
+    (line,) = _run_stage(tmp_path, {"pretrained": str(missing)}, returncode=1)
+    assert "'generator.pretrained'" in line and str(missing) in line and "no such folder" in line
+
+
+def test_a_pretrained_checkpoint_samples_person_shaped_and_its_grid_reads_few_val_images(prepared, tmp_path):
+    pipeline = load_pretrained_pipeline(str(build_tiny_generator(tmp_path / "tiny-sd", max_tokens=77)))
+    assert isinstance(pipeline.scheduler, DDIMScheduler) and pipeline.unet.dtype == torch.float32
+    assert pretrained_sample_size(pipeline) == (HEIGHT, WIDTH)  # the tiny model's own size
+    pipeline.unet.register_to_config(sample_size=64)  # Stable Diffusion 1.x: square 512, sampled person-shaped
+    assert pretrained_sample_size(pipeline) == (512, 192)
+    grid = load_grid_images(prepared, "val", 40, 20, 3)
+    assert grid.pixels.shape == (3, 3, 40, 20) and all(grid.captions)
+    assert len(load_grid_images(prepared, "val", 40, 20, 100)) == 4 * 2  # at most the whole split
+    plot_no_training("org/some-sd", tmp_path / "curves.png")
+    _assert_png(tmp_path / "curves.png")
+
+
+@pytest.mark.slow
+def test_dvc_repro_train_generator_with_a_pretrained_checkpoint(tmp_path):
+    """The stage's declared outputs (dvc.yaml) exist in the real profile too: dvc repro succeeds."""
+    pretrained = str(build_tiny_generator(tmp_path / "tiny-sd", max_tokens=77))
+    project = make_tiny_project(tmp_path / "project", {"generator": {"pretrained": pretrained, "sample_steps": 2}})
+    dvc(project, "repro", "train_generator")
+    for name in ("loss_curves.png", "samples.png"):
+        _assert_png(project / "reports" / "generator" / name)
+    metrics = json.loads((project / "metrics" / "generator.json").read_text())
+    assert metrics["pretrained"] == pretrained and metrics["sample_grid"]["prompts"] == 4
+    assert resolve_generator(project / "models" / "generator") == pretrained
+    status = dvc(project, "status", "train_generator").stdout
+    assert "up to date" in status or status.strip() == "", status

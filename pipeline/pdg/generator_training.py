@@ -449,16 +449,19 @@ def generate(
     steps: int,
     seed: int = 0,
     batch_size: int = 64,
+    height: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """Images (prompts, 3, height, width) in [0, 1]; prompt i always gets the noise of seed + i."""
+    """Images (prompts, 3, height, width) in [0, 1], float32 on the CPU; prompt i always gets the
+    noise of seed + i. `height` and `width` default to the model's own size."""
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         output = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                          output_type="pt")
-        images.append(output.images)
+                          output_type="pt", height=height, width=width)
+        images.append(output.images.float().cpu())
     return torch.cat(images)
 
 
@@ -473,6 +476,34 @@ def write_pretrained_pointer(directory: str | Path, pretrained: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"pretrained": pretrained}, indent=2) + "\n")
     return path
+
+
+def load_pretrained_pipeline(name: str, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """A pretrained Stable Diffusion folder or hub id (as `pipeline.hub` allows), without safety
+    checker, with a DDIM scheduler as the embedded model samples with; float16 on a GPU."""
+    from pipeline.hub import pretrained_kwargs
+
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,
+                                                       dtype=dtype, **pretrained_kwargs(name))
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    for module in (pipeline.vae, pipeline.unet, pipeline.text_encoder):
+        module.eval().requires_grad_(False)
+    return pipeline.to(device)
+
+
+PERSON_SIZE = (512, 192)  # (height, width) of a person-shaped sample from a 512-pixel Stable Diffusion
+
+
+def pretrained_sample_size(pipeline: StableDiffusionPipeline) -> tuple[int, int]:
+    """(height, width) to sample a pretrained model at: person-shaped (PERSON_SIZE) for a model of
+    Stable Diffusion 1.x's 64-latent size, else the model's own size."""
+    size = pipeline.unet.config.sample_size
+    if size == 64:
+        return PERSON_SIZE
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return height * pipeline.vae_scale_factor, width * pipeline.vae_scale_factor
 
 
 def resolve_generator(directory: str | Path) -> str:
@@ -499,6 +530,16 @@ def plot_loss_curves(trained: TrainedGenerator, path: str | Path) -> None:
         axis.set(xlabel="step", ylabel="loss", title=title, yscale="log")
         axis.legend()
     figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_no_training(pretrained: str, path: str | Path) -> None:
+    """The loss-curve figure of a run that trained nothing: it says so, and names the checkpoint."""
+    figure, axis = plt.subplots(figsize=(10, 3.6))
+    axis.axis("off")
+    axis.text(0.5, 0.6, "pretrained: no training curves", ha="center", va="center", fontsize=16)
+    axis.text(0.5, 0.35, "\n".join(textwrap.wrap(f"generator.pretrained = {pretrained}: nothing was trained", 90)),
+              ha="center", va="center", fontsize=10)
     save_figure(figure, path)
 
 
@@ -537,12 +578,31 @@ def write_sample_grid(
     seed: int = 0,
     prompts: int = 8,
     samples: int = 4,
+    height: int | None = None,
+    width: int | None = None,
 ) -> None:
-    """Captions spread over `images`, each next to its real image and `samples` generated ones."""
+    """Captions spread over `images`, each next to its real image and `samples` generated ones
+    (at `height` x `width`, the model's own size by default)."""
     chosen = list(range(0, len(images), max(1, len(images) // prompts)))[:prompts]
     texts = [images.captions[i][0] for i in chosen]
     generated = generate(pipeline, [t for t in texts for _ in range(samples)], guidance=guidance, steps=steps,
-                         seed=seed)
+                         seed=seed, height=height, width=width)
     generated = generated.view(len(texts), samples, *generated.shape[1:])
     title = f"real image, then generated ones (guidance {guidance}, {steps} DDIM steps)"
     plot_sample_grid(images.pixels[chosen], generated, texts, path, title)
+
+
+def load_grid_images(prepared_dir: str | Path, split: str, height: int, width: int, count: int) -> LabelledImages:
+    """`count` images spread over a split (by its manifest), for a sample grid, without decoding
+    the rest of the split."""
+    from pipeline.data.canonical import manifest_path, read_manifest
+
+    rows = read_manifest(manifest_path(prepared_dir, split))
+    if not rows:
+        raise ValueError(f"no {split} images in {prepared_dir}")
+    keys = [rows[i * len(rows) // count].key for i in range(min(count, len(rows)))]
+    found = {s["__key__"]: s for s in iter_shard_samples(list_shards(prepared_dir, split)) if s["__key__"] in keys}
+    missing = [key for key in keys if key not in found]
+    if missing:
+        raise ValueError(f"{split} image {missing[0]} of the manifest is not in the shards of {prepared_dir}")
+    return labelled_images((_decoded(found[key]) for key in keys), height, width)
