@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,37 +85,42 @@ def set_fields(index, **fields):
     return edit_record(index, lambda record, _: record.update(fields))
 
 
-# (how to break the copy, kind, file reported, record index); record i's image is in the fixture listing.
+# (how to break the copy, kind, where the line says it is); record i's image is in the fixture listing.
+# A problem of an image file names the image; one of the annotation file names the record's image
+# after its index, as the annotation file spells it (a 40,000-record file needs more than an index).
 BREAKAGES = {
-    "deleted image": (delete_image("0005003.png"), "missing-image", "imgs/CUHK01/0005003.png", 0),
-    "truncated png": (truncate_image("0022003.png"), "truncated-image", "imgs/CUHK01/0022003.png", 5),
-    "grayscale image": (convert_image("0029003.png", "L"), "non-rgb-image", "imgs/CUHK01/0029003.png", 9),
-    "palette image": (convert_image("0010002.png", "P"), "non-rgb-image", "imgs/CUHK01/0010002.png", 13),
-    "not an image": (overwrite_image("0010003.png", b"hello"), "unreadable-image", "imgs/CUHK01/0010003.png", 14),
-    "blank caption": (set_fields(20, captions=["a man", "  "]), "empty-caption", "reid_raw.json", 20),
-    "no captions": (set_fields(21, captions=[]), "empty-caption", "reid_raw.json", 21),
-    "missing field": (edit_record(4, lambda r, _: r.pop("captions")), "missing-field", "reid_raw.json", 4),
-    "id is a string": (set_fields(7, id="12990"), "wrong-type", "reid_raw.json", 7),
-    "captions not a list": (set_fields(3, captions="a man"), "wrong-type", "reid_raw.json", 3),
+    "deleted image": (delete_image("0005003.png"), "missing-image", "imgs/CUHK01/0005003.png record 0"),
+    "truncated png": (truncate_image("0022003.png"), "truncated-image", "imgs/CUHK01/0022003.png record 5"),
+    "not an image": (overwrite_image("0010003.png", b"hello"), "unreadable-image", "imgs/CUHK01/0010003.png record 14"),
+    "blank caption": (set_fields(20, captions=["a man", "  "]), "empty-caption", "reid_raw.json record 20 (CUHK01/0024001.png)"),
+    "no captions": (set_fields(21, captions=[]), "empty-caption", "reid_raw.json record 21 (CUHK01/0024002.png)"),
+    "missing field": (edit_record(4, lambda r, _: r.pop("captions")), "missing-field", "reid_raw.json record 4 (CUHK01/0022004.png)"),
+    "id is a string": (set_fields(7, id="12990"), "wrong-type", "reid_raw.json record 7 (CUHK01/0022001.png)"),
+    "captions not a list": (set_fields(3, captions="a man"), "wrong-type", "reid_raw.json record 3 (CUHK01/0005002.png)"),
     "duplicate path": (
         edit_record(30, lambda r, entries: r.update(file_path=entries[28]["file_path"])),
         "duplicate-path",
-        "reid_raw.json",
-        30,
+        "reid_raw.json record 30 (CUHK01/0027001.png)",
     ),
-    "id in two splits": (set_fields(12, id=12555), "id-in-two-splits", "reid_raw.json", 12),
+    "id in two splits": (set_fields(12, id=12555), "id-in-two-splits", "reid_raw.json record 12 (CUHK01/0010001.png)"),
 }
+# the record index in a problem line, whichever file it names
+RECORD_INDEX = re.compile(r" record (\d+)[ :]")
+
+
+def _record(where: str) -> int:
+    return int(RECORD_INDEX.search(where + ":").group(1))
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES.values(), ids=BREAKAGES.keys())
 def test_each_breakage_is_reported_with_file_and_record(cuhk_copy, capsys, breakage):
-    break_copy, kind, file, record = breakage
+    break_copy, kind, where = breakage
     break_copy(cuhk_copy)
     code, out, err = check_data(capsys, cuhk_copy)
     assert code == 1 and err == ""
     problem_lines = [line for line in out.splitlines() if f": {kind}: " in line]
     assert len(problem_lines) == 1, out
-    assert problem_lines[0].startswith(f"{file} record {record}: {kind}: ")
+    assert problem_lines[0].startswith(f"{where}: {kind}: "), problem_lines[0]
     assert out.splitlines()[-1] == "FAILED: 1 problem(s) in 1 of 32 records"
 
 
@@ -123,9 +129,30 @@ def test_all_problems_are_listed_in_record_order(cuhk_copy, capsys):
         break_copy(cuhk_copy)
     code, out, _ = check_data(capsys, cuhk_copy)
     problem_lines = out.splitlines()[5:-1]  # after the header line and the 4-line table
-    reported = [int(line.split(" record ")[1].split(":")[0]) for line in problem_lines]
+    reported = [_record(line.split(": ")[0]) for line in problem_lines]
     assert code == 1
-    assert reported == sorted(record for *_, record in BREAKAGES.values())
+    assert reported == sorted(_record(where) for *_, where in BREAKAGES.values())
+
+
+NON_RGB = {"L": ("0029003.png", 9), "P": ("0010002.png", 13), "RGBA": ("0022003.png", 5), "CMYK": ("0010001.png", 12)}
+
+
+def test_non_rgb_images_are_information_not_problems(cuhk_copy, capsys):
+    for mode, (name, _) in NON_RGB.items():
+        if mode == "CMYK":  # PNG has no CMYK: a JPEG under the same name (PIL reads by content)
+            with Image.open(cuhk_copy / "imgs/CUHK01" / name) as image:
+                image.convert("CMYK").save(cuhk_copy / "imgs/CUHK01" / name, format="JPEG")
+        else:
+            convert_image(name, mode)(cuhk_copy)
+    code, out, err = check_data(capsys, cuhk_copy)
+    assert code == 0 and err == "", out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert [_record(line) for line in notes] == sorted(record for _, record in NON_RGB.values())
+    for mode, (name, record) in NON_RGB.items():
+        line = next(line for line in notes if f"record {record}:" in line)
+        assert line.startswith(f"note: imgs/CUHK01/{name} record {record}: non-rgb-image: mode {mode}"), line
+        assert "converts it to RGB" in line
+    assert out.splitlines()[-1] == "OK: 32 records, no problems (4 note(s), listed above)"
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,18 @@
 """The `prepare` stage: SynthPedes through real `dvc repro`, and the real CUHK-PEDES excerpt."""
 
+import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.config import params_from_dict
-from pipeline.data.canonical import SPLITS, iter_shard_samples, list_shards, manifest_path, read_manifest
-from pipeline.data.prepare import DataProblemsError, prepare
+from pipeline.data.canonical import SPLITS, iter_shard_samples, list_shards, manifest_path, read_manifest, rgb_image
+from pipeline.data.loader import StreamPlan, global_batches
+from pipeline.data.prepare import DataProblemsError, prepare, write_data_metrics
 from tiny_project import FIXTURES, TINY_PROFILE, dvc, make_tiny_project
 
 CUHK_MINI = FIXTURES / "cuhk-pedes-mini"
@@ -81,3 +85,113 @@ def test_bad_records_stop_prepare_unless_skipped(tmp_path, cuhk_mini):
     assert len(result.records["train"]) == 19
     report = json.loads((tmp_path / "lenient" / "report.json").read_text())
     assert len(report["skipped"]) == 1 and victim["file_path"] in report["skipped"][0]["where"]
+
+
+# --- non-RGB images: converted and counted, not a problem ---
+
+
+def test_non_rgb_images_are_converted_to_rgb_and_counted(tmp_path, cuhk_copy):
+    annotations = json.loads((cuhk_copy / "reid_raw.json").read_text())
+    modes = {9: "L", 13: "P", 14: "RGBA"}  # record -> mode (9 is in val, 13 and 14 in train)
+    originals = {}
+    for record, mode in modes.items():
+        path = cuhk_copy / "imgs" / annotations[record]["file_path"]
+        with Image.open(path) as image:
+            converted = image.convert(mode)
+        converted.save(path)
+        originals[annotations[record]["file_path"]] = np.asarray(converted.convert("RGB"))
+
+    result = prepare(_cuhk_params(cuhk_copy), tmp_path / "out")
+    assert result.converted_to_rgb == {"train": 2, "val": 1, "test": 0}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["converted_to_rgb"] == {"train": 2, "val": 1, "test": 0} and report["skipped"] == []
+    write_data_metrics(result, tmp_path / "data.json")
+    assert json.loads((tmp_path / "data.json").read_text())["converted_to_rgb"] == {"train": 2, "val": 1, "test": 0}
+
+    seen = 0
+    for split in SPLITS:
+        for sample in iter_shard_samples(list_shards(tmp_path / "out", split)):
+            row = json.loads(sample["json"])
+            with Image.open(io.BytesIO(sample["png"])) as image:
+                assert image.mode == "RGB", row["image_path"]
+                pixels = np.asarray(image)
+            source_path = row["image_path"].removeprefix("imgs/")
+            if source_path in originals:
+                assert np.array_equal(pixels, originals[source_path])  # what a reader's convert("RGB") gives
+                seen += 1
+            else:  # an RGB image is copied as it is
+                assert sample["png"] == (cuhk_copy / row["image_path"]).read_bytes()
+    assert seen == 3
+
+
+def test_rgb_image_scales_16_bit_greyscale():
+    levels = np.array([[0, 257, 32896], [65535, 1000, 65280]], dtype=np.uint16)
+    image = Image.fromarray(levels)
+    assert image.mode.startswith("I;16")
+    rgb = rgb_image(image)
+    assert rgb.mode == "RGB"
+    assert np.asarray(rgb)[..., 0].tolist() == [[0, 1, 128], [255, 4, 254]]
+    assert rgb_image(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+# --- data.permute_records ---
+
+
+def _grouped_source(root, train_ids=40, images_per_id=4):
+    """A cuhk-pedes folder in annotation order grouped by identity (as real downloads are)."""
+    entries = []
+    splits = [("train", range(train_ids)), ("val", range(100, 102)), ("test", range(200, 202))]
+    for split, ids in splits:
+        for pid in ids:
+            for n in range(images_per_id if split == "train" else 2):
+                name = f"{pid:04d}_{n}.png"
+                (root / "imgs").mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 16), (pid % 256, n * 40, 7)).save(root / "imgs" / name)
+                entries.append({"split": split, "id": pid, "file_path": name, "captions": [f"person {pid} view {n}"]})
+    (root / "reid_raw.json").write_text(json.dumps(entries))
+    return root
+
+
+def _first_batch_identities(prepared, batch_size=16, shuffle_buffer=8, seed=0):
+    plan = StreamPlan(tuple(list_shards(prepared, "train")), batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                      augment=None)
+    _, batch = next(global_batches(plan))
+    return len({pair.person_id for pair in batch})
+
+
+def test_permuted_records_spread_identities_over_the_first_batch(tmp_path):
+    source = _grouped_source(tmp_path / "source")
+    prepared = {}
+    for permute in (False, True):
+        prepared[permute] = tmp_path / f"permute-{permute}"
+        prepare(_cuhk_params(source, permute_records=permute, shard_size=8), prepared[permute])
+
+    # annotation order: a shard holds 2 identities, and a batch of 16 through an 8-pair buffer sees ~3 shards
+    spread = {permute: [_first_batch_identities(prepared[permute], seed=s) for s in range(5)] for permute in prepared}
+    assert spread[False] == [6, 6, 5, 6, 5], spread
+    assert spread[True] == [15, 9, 13, 13, 12]  # of 16 pairs: near 40 * (1 - (1 - 16/160) ** 4) = 13.8
+    assert sum(spread[True]) / 5 > 2 * sum(spread[False]) / 5 and min(spread[True]) > max(spread[False])
+
+
+def test_permuted_records_keep_every_record_and_number_keys_in_shard_order(tmp_path):
+    source = _grouped_source(tmp_path / "source", train_ids=10)
+    plain = prepare(_cuhk_params(source, shard_size=8), tmp_path / "plain")
+    permuted = prepare(_cuhk_params(source, shard_size=8, permute_records=True), tmp_path / "permuted")
+    again = prepare(_cuhk_params(source, shard_size=8, permute_records=True), tmp_path / "again")
+    other = prepare(_cuhk_params(source, shard_size=8, permute_records=True, seed=1), tmp_path / "other")
+    for split in SPLITS:
+        def paths(result):
+            return [r.image_path for r in result.records[split]]
+
+        assert paths(plain) == sorted(paths(plain))  # annotation order (the folder is named in it)
+        assert sorted(paths(permuted)) == paths(plain) and paths(again) == paths(permuted)
+        rows = read_manifest(manifest_path(tmp_path / "permuted", split))
+        samples = list(iter_shard_samples(list_shards(tmp_path / "permuted", split)))
+        assert [r.key for r in rows] == [s["__key__"] for s in samples] == sorted(r.key for r in rows)
+        assert [r.image_path for r in rows] == paths(permuted)
+        # person ids still follow the annotations' order of first appearance
+        assert {r.image_path: r.person_id for r in rows} == {r.image_path: r.person_id for r in plain.records[split]}
+    assert paths(permuted) != paths(plain) and paths(other) != paths(permuted)
+    for name in ("train", "val", "test"):
+        for a, b in zip(list_shards(tmp_path / "permuted", name), list_shards(tmp_path / "again", name)):
+            assert open(a, "rb").read() == open(b, "rb").read()  # byte-reproducible

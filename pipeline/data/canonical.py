@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipeline.io import commit_temp, temp_path_for
 
@@ -151,26 +153,56 @@ def write_tar_atomic(path: str | Path, samples: Iterable[dict[str, bytes]]) -> i
     return count
 
 
+@dataclass(frozen=True)
+class WrittenShards:
+    paths: list[str]
+    converted_to_rgb: int  # images that were not RGB, written converted (as PNG)
+
+
 def write_shards(
     records: list[ImageRecord], image_root: str | Path, prepared_dir: str | Path, split: str, shard_size: int
 ) -> list[str]:
     """Write the split's images and rows as tar shards of `shard_size` samples."""
-    paths = []
+    return write_split_shards(records, image_root, prepared_dir, split, shard_size).paths
+
+
+def write_split_shards(
+    records: list[ImageRecord], image_root: str | Path, prepared_dir: str | Path, split: str, shard_size: int
+) -> WrittenShards:
+    """`write_shards`, also counting the non-RGB images it converted to RGB."""
+    paths, converted = [], []
     for start in range(0, len(records), shard_size):
         chunk = records[start : start + shard_size]
         path = shard_pattern(prepared_dir, split) % (start // shard_size)
-        write_tar_atomic(path, (_sample(r, image_root) for r in chunk))
+        write_tar_atomic(path, (_sample(r, image_root, converted) for r in chunk))
         paths.append(path)
-    return paths
+    return WrittenShards(paths, len(converted))
 
 
-def _sample(record: ImageRecord, image_root: str | Path) -> dict[str, bytes]:
+def rgb_image(image: Image.Image) -> Image.Image:
+    """An image in RGB, as every reader would convert it, except that 16-bit greyscale is scaled to
+    8 bits (PIL's own conversion clips it, turning most of such an image white)."""
+    if image.mode.startswith("I;16"):
+        levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _sample(record: ImageRecord, image_root: str | Path, converted: list | None = None) -> dict[str, bytes]:
     image_file = Path(image_root) / record.image_path
     ext = image_file.suffix.lower().lstrip(".") or "png"
     ext = "jpg" if ext == "jpeg" else ext
+    payload = image_file.read_bytes()
+    with Image.open(io.BytesIO(payload)) as image:  # the header tells the mode
+        if image.mode != "RGB":
+            buffer = io.BytesIO()
+            rgb_image(image).save(buffer, format="PNG")  # lossless, and the same bytes every time
+            payload, ext = buffer.getvalue(), "png"
+            if converted is not None:
+                converted.append(record.key)
     return {
         "__key__": record.key,
-        ext: image_file.read_bytes(),
+        ext: payload,
         "json": json.dumps(record_to_json(record), sort_keys=True).encode("utf-8"),
     }
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from pipeline.config import Params
@@ -23,7 +24,7 @@ from pipeline.data.canonical import (
     image_key,
     manifest_path,
     write_manifest,
-    write_shards,
+    write_split_shards,
 )
 from pipeline.data.contact_sheet import write_contact_sheet
 from pipeline.data.synthpedes import render_synthpedes
@@ -42,6 +43,7 @@ class PrepareResult:
     image_root: Path
     stats: dict
     skipped: list
+    converted_to_rgb: dict = field(default_factory=dict)  # per split: non-RGB images written as RGB
 
 
 def source_root(params: Params, out_dir: Path) -> Path:
@@ -54,14 +56,21 @@ def source_root(params: Params, out_dir: Path) -> Path:
     return Path(params.data.root)
 
 
-def canonical_records(raw: list[RawRecord], root: Path, source: str) -> dict[str, list[ImageRecord]]:
-    """Contiguous person ids and stable keys per split, in annotation order."""
+def canonical_records(
+    raw: list[RawRecord], root: Path, source: str, permute_seed: int | None = None
+) -> dict[str, list[ImageRecord]]:
+    """Contiguous person ids (in order of first appearance in the annotations) and keys per split, in
+    annotation order; with `permute_seed`, in a random order drawn from it (one draw per split), the
+    keys numbered in that order, so that shards and manifests list them as they are numbered."""
     by_split = {}
-    for split in SPLITS:
+    for position, split in enumerate(SPLITS):
         pids = assign_person_ids(raw, split)
         rows = [r for r in raw if r.split == split]
         if not rows:
             raise DataProblemsError(f"{source}: the {split} split has no usable records")
+        if permute_seed is not None:
+            order = np.random.default_rng((permute_seed, position)).permutation(len(rows))
+            rows = [rows[i] for i in order]
         by_split[split] = [_image_record(r, i, pids[r.original_id], root, source) for i, r in enumerate(rows)]
     return by_split
 
@@ -105,21 +114,29 @@ def prepare(params: Params, out_dir: str | Path) -> PrepareResult:
         params.data.source, root, annotations, val_fraction=params.data.val_fraction, seed=params.data.seed
     )
     clean = _checked_records(validation, params.data.skip_bad_records, params.data.source)
-    records = canonical_records(clean, root, params.data.source)
+    permute_seed = params.data.seed if params.data.permute_records else None
+    records = canonical_records(clean, root, params.data.source, permute_seed)
+    converted = {}
     for split, rows in records.items():
         write_manifest(rows, manifest_path(out_dir, split))
-        shards = write_shards(rows, root, out_dir, split, params.data.shard_size)
-        log.info("%s: %d images in %d shard(s)", split, len(rows), len(shards))
+        written = write_split_shards(rows, root, out_dir, split, params.data.shard_size)
+        converted[split] = written.converted_to_rgb
+        log.info("%s: %d images in %d shard(s)%s", split, len(rows), len(written.paths),
+                 f", {written.converted_to_rgb} converted to RGB" if written.converted_to_rgb else "")
     skipped = [
         {"record": index, "where": where, "problems": kinds} for index, where, kinds in validation.skipped()
     ]
     stats = split_stats(clean)
-    write_json_atomic(out_dir / "report.json", {"source": params.data.source, "stats": stats, "skipped": skipped})
-    return PrepareResult(records=records, image_root=root, stats=stats, skipped=skipped)
+    report = {"source": params.data.source, "stats": stats, "skipped": skipped}
+    if any(converted.values()):  # only then: an all-RGB source (SynthPedes) keeps its report's bytes
+        report["converted_to_rgb"] = converted
+    write_json_atomic(out_dir / "report.json", report)
+    return PrepareResult(records=records, image_root=root, stats=stats, skipped=skipped, converted_to_rgb=converted)
 
 
 def write_data_metrics(result: PrepareResult, path: str | Path) -> None:
-    write_json_atomic(Path(path), {"splits": result.stats, "skipped_records": len(result.skipped)})
+    write_json_atomic(Path(path), {"splits": result.stats, "skipped_records": len(result.skipped),
+                                   "converted_to_rgb": result.converted_to_rgb})
 
 
 def write_prepared_contact_sheet(result: PrepareResult, path: str | Path, num_ids: int, seed: int) -> None:

@@ -28,9 +28,14 @@ class Problem:
     record: int | None  # index in the annotation list, None for the file as a whole
     kind: str  # short slug, e.g. "missing-image"
     message: str
+    # the record's image path as the annotation file spells it (when it has a usable one), so that a
+    # record of a long annotation list can be found; None where `file` is the image itself
+    image: str | None = None
 
     def __str__(self) -> str:
         where = self.file if self.record is None else f"{self.file} record {self.record}"
+        if self.record is not None and self.image:
+            where += f" ({self.image})"
         return f"{where}: {self.kind}: {self.message}"
 
 
@@ -145,8 +150,11 @@ def _read_json_list(path: Path) -> list:
 def _parse_record(
     entry: object, index: int, annotation_name: str, layout: SourceLayout
 ) -> tuple[RawRecord | None, list[Problem]]:
+    image = entry.get(layout.image_field) if isinstance(entry, dict) else None
+    image = image if isinstance(image, str) and image.strip() else None
+
     def problem(kind: str, message: str) -> Problem:
-        return Problem(annotation_name, index, kind, message)
+        return Problem(annotation_name, index, kind, message, image)
 
     if not isinstance(entry, dict):
         return None, [problem("wrong-type", f"record is a {type(entry).__name__}, expected an object")]
@@ -192,6 +200,11 @@ def _field_errors(entry: dict, layout: SourceLayout) -> list[tuple[str, str]]:
     if layout.has_attributes and not isinstance(entry["attributes"], dict):
         errors.append(("wrong-type", f"'attributes' must be an object, got {_describe(entry['attributes'])}"))
     return errors
+
+
+def annotation_image_path(file_path: str) -> str:
+    """A record's image path as its annotation file spells it (RawRecord.file_path has `imgs/` in front)."""
+    return file_path.removeprefix(f"{IMAGE_DIR}/")
 
 
 def _describe(value: object) -> str:

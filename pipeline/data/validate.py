@@ -11,13 +11,20 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.data.canonical import SPLITS, RawRecord
-from pipeline.data.sources import FORMATS, Problem, UnusableInput, load_raw_records, read_source
+from pipeline.data.sources import (
+    FORMATS,
+    Problem,
+    UnusableInput,
+    annotation_image_path,
+    load_raw_records,
+    read_source,
+)
 
 __all__ = [
     "FORMATS",
@@ -43,6 +50,8 @@ class ValidationResult:
     stats: dict[str, dict]  # split_stats of `records`
     annotation_file: Path
     total_records: int  # entries in the annotation list, rejected ones included
+    # information, not problems: what prepare fixes on its own (a non-RGB image is converted to RGB)
+    notes: list[Problem] = field(default_factory=list)
 
     def bad_indices(self) -> set[int]:
         return {p.record for p in self.problems if p.record is not None}
@@ -72,7 +81,9 @@ def validate_source(
 ) -> ValidationResult:
     """Read a source and check it; raises `UnusableInput` if it cannot be read at all."""
     loaded = read_source(fmt, root, annotations, val_fraction=val_fraction, seed=seed)
-    checked = check_records(loaded.records, root, indices=loaded.indices, annotation_name=loaded.annotation_file.name)
+    notes: list[Problem] = []
+    checked = check_records(loaded.records, root, indices=loaded.indices, annotation_name=loaded.annotation_file.name,
+                            notes=notes)
     return ValidationResult(
         records=loaded.records,
         record_indices=loaded.indices,
@@ -80,6 +91,7 @@ def validate_source(
         stats=split_stats(loaded.records),
         annotation_file=loaded.annotation_file,
         total_records=loaded.total_records,
+        notes=notes,
     )
 
 
@@ -94,26 +106,35 @@ def check_records(
     *,
     indices: list[int] | None = None,
     annotation_name: str = "annotations",
+    notes: list[Problem] | None = None,
 ) -> list[Problem]:
     """Problems of images, captions, paths and identities, in record order.
 
     `indices` are the records' annotation indices (default: their positions) and
-    `annotation_name` the file that problems not about an image are reported in.
+    `annotation_name` the file that problems not about an image are reported in; a problem
+    line of the annotation file names the record's image too. What is only information (a
+    non-RGB image, which prepare converts) is appended to `notes` when given.
     """
     indices = list(range(len(records))) if indices is None else list(indices)
     found: list[tuple[int, Problem]] = []
-    for position, kind, message in _image_problems(records, Path(root)):
+    image_problems, image_info = _image_problems(records, Path(root))
+    for position, kind, message in image_problems:
         found.append((position, Problem(records[position].file_path, indices[position], kind, message)))
+    if notes is not None:
+        notes.extend(Problem(records[p].file_path, indices[p], kind, message) for p, kind, message in image_info)
     record_checks = (_caption_problems(records), _duplicate_path_problems(records, indices), _split_leaks(records))
     for problems in record_checks:
         for position, kind, message in problems:
-            found.append((position, Problem(annotation_name, indices[position], kind, message)))
+            image = annotation_image_path(records[position].file_path)
+            found.append((position, Problem(annotation_name, indices[position], kind, message, image)))
     found.sort(key=lambda item: item[0])
     return [problem for _, problem in found]
 
 
-def _image_problems(records: list[RawRecord], root: Path) -> list[tuple[int, str, str]]:
-    """Each distinct image is opened and decoded once; its problem goes to its first record."""
+
+def _image_problems(records: list[RawRecord], root: Path) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    """(problems, notes): each distinct image is opened and decoded once; what is found goes to its
+    first record."""
     first_use: dict[str, int] = {}
     for position, record in enumerate(records):
         first_use.setdefault(record.file_path, position)
@@ -121,7 +142,13 @@ def _image_problems(records: list[RawRecord], root: Path) -> list[tuple[int, str
     workers = min(32, 4 * (os.cpu_count() or 1))  # threads overlap the file IO
     with _strict_decoding(), ThreadPoolExecutor(max_workers=workers) as pool:
         verdicts = list(pool.map(_inspect_image, paths))
-    return [(position, *verdict) for position, verdict in zip(first_use.values(), verdicts) if verdict]
+    found = [(position, *verdict) for position, verdict in zip(first_use.values(), verdicts) if verdict]
+    problems = [item for item in found if item[1] not in NOTE_KINDS]
+    return problems, [item for item in found if item[1] in NOTE_KINDS]
+
+
+# what `_inspect_image` reports that is not a problem: prepare writes such an image converted to RGB
+NOTE_KINDS = ("non-rgb-image",)
 
 
 @contextmanager
@@ -136,7 +163,7 @@ def _strict_decoding() -> Iterator[None]:
 
 
 def _inspect_image(path: Path) -> tuple[str, str] | None:
-    """(kind, message) of what is wrong with one image file, or None."""
+    """(kind, message) of what is wrong with (or, for NOTE_KINDS, worth knowing about) one image file, or None."""
     if not path.is_file():
         return "missing-image", "no such file"
     try:
@@ -151,7 +178,7 @@ def _inspect_image(path: Path) -> tuple[str, str] | None:
         except _IMAGE_ERRORS as error:
             return "truncated-image", f"image data cut short or corrupt: {error}"
         if image.mode != "RGB":
-            return "non-rgb-image", f"mode {image.mode}, expected RGB"
+            return "non-rgb-image", f"mode {image.mode}, not RGB: prepare converts it to RGB"
     return None
 
 
@@ -234,12 +261,15 @@ def check_data_command(fmt: str, root: str | Path, annotations: str | Path | Non
     print(format_stats_table(result.stats))
     for problem in result.problems:
         print(problem)
+    for note in result.notes:
+        print(f"note: {note}")
     print(_summary(result))
     return 1 if result.problems else 0
 
 
 def _summary(result: ValidationResult) -> str:
     if not result.problems:
-        return f"OK: {result.total_records} records, no problems"
+        notes = f" ({len(result.notes)} note(s), listed above)" if result.notes else ""
+        return f"OK: {result.total_records} records, no problems{notes}"
     bad = len(result.bad_indices())
     return f"FAILED: {len(result.problems)} problem(s) in {bad} of {result.total_records} records"
