@@ -53,17 +53,20 @@ def load_retrieval_split(prepared_dir: str | Path, split: str) -> RetrievalSplit
 def _sharded_embed(
     count: int, embed_batch: Callable[[range], torch.Tensor], batch_size: int, accelerator=None
 ) -> torch.Tensor:
-    """Embed items 0..count-1; with N processes rank r takes items r, r+N, ... and all are gathered."""
+    """Embed items 0..count-1; with N processes rank r takes items r, r+N, ... and all are gathered.
+
+    The shares stay on the device until they are gathered (NCCL gathers device tensors only);
+    the result is on the CPU."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     per_rank = -(-count // world)
     mine = [min(rank + world * i, count - 1) for i in range(per_rank)]  # padded with the last item
     chunks = [embed_batch(mine[i : i + batch_size]) for i in range(0, per_rank, batch_size)]
     local = torch.cat(chunks)
     if world == 1:
-        return local
+        return local.cpu()
     gathered = accelerator.gather(local.contiguous())  # [world * per_rank, D], rank-major
     order = torch.arange(per_rank * world).view(world, per_rank).t().reshape(-1)
-    return gathered[order][:count]
+    return gathered.cpu()[order][:count]
 
 
 @torch.no_grad()
@@ -76,11 +79,11 @@ def embed_retrieval_split(
 
     def images(indices: Sequence[int]) -> torch.Tensor:
         pixels = torch.stack([model.image_preprocessor(Image.open(io.BytesIO(data.image_bytes[i]))) for i in indices])
-        return model.encode_image(pixels.to(device)).float().cpu()
+        return model.encode_image(pixels.to(device)).float()
 
     def texts(indices: Sequence[int]) -> torch.Tensor:
         tokens = tokenize(model.tokenizer, [data.captions[i] for i in indices], model.config.max_text_length)
-        return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
+        return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
 
     text_emb = _sharded_embed(len(data.captions), texts, batch_size, accelerator)
     image_emb = _sharded_embed(len(data.image_keys), images, batch_size, accelerator)

@@ -4,8 +4,10 @@ One process on a CPU or N processes on GPUs run the same code. Every `checkpoint
 steps the full state (weights, optimiser, schedule, RNGs, and our progress record) is
 saved with `accelerator.save_state`; a restarted run resumes from the newest state and,
 because the data stream is a pure function of (seed, epoch, step), continues exactly
-where it stopped. After each epoch the model is scored on the validation split; the
-best-on-val and the last model are saved with `save_pretrained`.
+where it stopped; a finished run of the same fingerprint is done (rerunning the stage, e.g.
+`dvc repro` after `accelerate launch -m stages.train`, trains nothing). After each epoch the
+model is scored on the validation split; the best-on-val and the last model are saved with
+`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -81,13 +83,23 @@ class TrainOutputs:
         return self.out_dir / "last"
 
 
+# train.* keys that do not change the trained weights, left out of the fingerprint so that a run
+# resumes (or counts as done) after they change: loader workers only decode batches that are a pure
+# function of (seed, epoch, step) (and a DataLoader draws its base seed whatever their number);
+# eval_batch_size only batches the validation embeddings; checkpoint_every only says how often the
+# state is saved (the saved state is the run's own, whenever it was taken).
+RUN_ONLY_TRAIN_KEYS = ("num_workers", "eval_batch_size", "checkpoint_every")
+
+
 def training_fingerprint(params: Params, shards: list[str], variant: VariantConfig | None = None) -> str:
     """Identifies the run a saved state belongs to: a state of another run is never resumed.
 
-    It covers the params, the shards' names and sizes, and the library's source code, so a
-    state saved by other code is not continued by this one.
+    It covers the params (but not RUN_ONLY_TRAIN_KEYS), the shards' names and sizes, and the
+    library's source code, so a state saved by other code is not continued by this one.
     """
     relevant = {k: dataclasses.asdict(getattr(params, k)) for k in ("model", "loss", "train")}
+    for key in RUN_ONLY_TRAIN_KEYS:
+        del relevant["train"][key]
     relevant["variant"] = dataclasses.asdict(variant or VariantConfig())
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
     relevant["shards"] = [[Path(s).name, Path(s).stat().st_size] for s in shards]
@@ -114,24 +126,53 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
+def head_parameters(model: DualEncoder) -> set[int]:
+    """Ids of the parameters no pretrained checkpoint provides: the dual encoder's own projections
+    (when they are Linear layers, not CLIP's Identity) and the learnable temperature."""
+    heads = [m for m in (model.image_projection, model.text_projection) if isinstance(m, torch.nn.Linear)]
+    ids = {id(p) for module in heads for p in module.parameters()}
+    if isinstance(model.log_temperature, torch.nn.Parameter):
+        ids.add(id(model.log_temperature))
+    return ids
+
+
 def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases, norms and the temperature."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases, norms and the temperature; the heads (`head_parameters`)
+    at train.head_lr when it is set and differs from train.lr.
+
+    Groups, in this order, empty ones left out: decay, no decay (the towers; every parameter when
+    there is no separate head rate), then the heads' decay and no decay."""
+    head_lr = cfg.head_lr or cfg.lr
+    heads = head_parameters(model) if head_lr != cfg.lr else set()
+    decay, no_decay, head_decay, head_no_decay = [], [], [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+            if id(parameter) in heads:
+                (head_no_decay if parameter.ndim < 2 else head_decay).append(parameter)
+            else:
+                (no_decay if parameter.ndim < 2 else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if heads:
+        groups = [g for g in groups if g["params"]] + [
+            g for g in ({"params": head_decay, "weight_decay": cfg.weight_decay, "lr": head_lr},
+                        {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr}) if g["params"]
+        ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _mixed_precision(choice: str) -> str:
+def resolve_mixed_precision(choice: str, cpu: bool = False) -> str:
+    """train.mixed_precision as Accelerate takes it; auto: bf16 on a GPU that has it, else fp16 on a
+    GPU, else no (the CPU)."""
     if choice != "auto":
         return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if cpu or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def make_accelerator(params: Params, cpu: bool = False) -> Accelerator:
-    return Accelerator(cpu=cpu or not torch.cuda.is_available(), mixed_precision=_mixed_precision(params.train.mixed_precision))
+    cpu = cpu or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(params.train.mixed_precision, cpu))
 
 
 def _check_mixup_layer(online: OnlineConfig, model: DualEncoder) -> None:
@@ -205,20 +246,34 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
 
     def resume_if_possible(self) -> bool:
+        """Continue the saved state of this run (same fingerprint), or clear the outputs; True when
+        resumed. A finished run of the same fingerprint is resumed too, at its end: it is done."""
         state = self.outputs.state_dir
         progress_file = state / PROGRESS_FILE
         saved = Progress(**json.loads(progress_file.read_text())) if progress_file.is_file() else None
-        if saved is None or saved.fingerprint != self.progress.fingerprint or saved.epoch >= self.cfg.epochs:
+        if saved is not None and saved.fingerprint == self.progress.fingerprint and saved.epoch >= self.cfg.epochs:
+            if not self.outputs.best.is_dir() and saved.best_epoch != saved.epoch:
+                log.info("saved state in %s is a finished run, but its best model (epoch %d) is gone: "
+                         "starting afresh", state, saved.best_epoch)
+                self._clear_outputs()
+                return False
+            self.progress = saved
+            log.info("%s holds this run, finished (%d epochs, %d steps): nothing to train", state, saved.epoch,
+                     saved.global_step)
+            return True
+        if saved is None or saved.fingerprint != self.progress.fingerprint:
             if saved is not None:
-                finished = saved.epoch >= self.cfg.epochs
-                log.info("saved state in %s is %s: starting afresh", state,
-                         "a finished run" if finished else "from another configuration")
+                log.info("saved state in %s is from another configuration: starting afresh", state)
             self._clear_outputs()
             return False
         self.accelerator.load_state(str(state))
         self.progress = saved
         log.info("resumed at epoch %d step %d (global step %d)", saved.epoch, saved.step_in_epoch, saved.global_step)
         return True
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.epoch >= self.cfg.epochs
 
     def _clear_outputs(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -375,7 +430,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def fit(self) -> Progress:
-        self.resume_if_possible()
+        """Train to the end (resuming this run's saved state) and return its progress; a finished run
+        is not trained again: its best/ and last/ stay, a missing one written from the state."""
+        if self.resume_if_possible() and self.finished:
+            missing = [d for d in (self.outputs.best, self.outputs.last) if not d.is_dir()]
+            if missing:  # best/ only when the last epoch was the best (resume_if_possible)
+                self.accelerator.load_state(str(self.outputs.state_dir))
+                for directory in missing:
+                    log.info("writing %s from the saved state", directory)
+                    self._save_model(directory)
+            return self.progress
         while self.progress.epoch < self.cfg.epochs:
             epoch = self.progress.epoch
             timing = self._run_epoch(epoch)

@@ -23,7 +23,7 @@ from transformers import (
     ViTModel,
 )
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.models import (
     CLIP_MEAN,
     CLIP_STD,
@@ -112,7 +112,8 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 SETTINGS = {
     "tiny-bert": ((32, 16), {"preset": "tiny", "text_encoder": "bert"}),
     "tiny-minilm": ((32, 16), {"preset": "tiny", "text_encoder": "minilm"}),
-    "clip-vit-b16": ((64, 32), {"preset": "clip-vit-b16", "max_text_length": 64}),
+    # embed_dim: the checkpoint's projection_dim (another one is an error)
+    "clip-vit-b16": ((64, 32), {"preset": "clip-vit-b16", "max_text_length": 64, "embed_dim": 24}),
     "vit-bert": ((64, 32), {"preset": "vit-bert"}),
 }
 
@@ -139,7 +140,7 @@ def test_embeddings_are_unit_vectors_of_embed_dim(setting, checkpoints):
     model = build(setting, checkpoints)
     with torch.no_grad():
         image_emb, text_emb = model(**batch(model))
-    assert image_emb.shape == text_emb.shape == (4, TINY["embed_dim"])
+    assert image_emb.shape == text_emb.shape == (4, model.config.embed_dim)
     torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(4))
 
@@ -165,8 +166,39 @@ def test_pretrained_text_tower_uses_its_checkpoint(checkpoints):
     assert minilm.text_projection.in_features == 384
     clip = build("clip-vit-b16", checkpoints)
     assert clip.image_preprocessor.mean == CLIP_MEAN and clip.image_preprocessor.std == CLIP_STD
-    assert clip.image_projection.in_features == 24  # CLIP's own projection, then ours to embed_dim
-    assert build("clip-vit-b16", checkpoints, embed_dim=24).image_projection.__class__.__name__ == "Identity"
+    # CLIP's own projections are the last layers: nothing random stacked on the pretrained alignment
+    assert isinstance(clip.image_projection, torch.nn.Identity) and isinstance(clip.text_projection, torch.nn.Identity)
+
+
+def test_clip_embed_dim_other_than_the_checkpoint_projection_is_an_error(checkpoints):
+    with pytest.raises(ConfigError, match=r"'model\.embed_dim' is 16, but the CLIP checkpoint .* projects to 24"):
+        build("clip-vit-b16", checkpoints, embed_dim=16)
+
+
+def test_a_float16_checkpoint_gives_float32_master_weights(tmp_path):
+    clip = save_tiny_clip(tmp_path / "clip32")
+    half = tmp_path / "clip16"
+    CLIPModel.from_pretrained(clip, dtype=torch.float16).save_pretrained(half)
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer.json"):
+        if (clip / name).is_file():
+            shutil.copy(clip / name, half / name)
+    stored = CLIPModel.from_pretrained(half)  # transformers 5 keeps the stored dtype by default
+    assert next(stored.parameters()).dtype == torch.float16, "the checkpoint really is half precision"
+    model = build("clip-vit-b16", {"clip-vit-b16": (half, half)})
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.float32}, {n: d for n, d in dtypes.items() if d != torch.float32}
+
+
+def test_vit_bert_towers_load_float32_from_a_float16_checkpoint(checkpoints, tmp_path):
+    vision, text = checkpoints["vit-bert"]
+    halves = []
+    for folder, model_class in ((vision, ViTModel), (text, BertModel)):
+        target = tmp_path / folder.name
+        shutil.copytree(folder, target)
+        model_class.from_pretrained(folder, dtype=torch.float16).save_pretrained(target)
+        halves.append(target)
+    model = build("vit-bert", {"vit-bert": tuple(halves)})
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -235,8 +267,8 @@ def test_non_square_input_interpolates_the_square_position_grid(checkpoints):
     assert grid == 1 + (32 // 8) ** 2  # the table stays the checkpoint's 4x4 grid
     tall = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
-        assert model.encode_image(tall).shape == (2, TINY["embed_dim"])
-        assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, TINY["embed_dim"])
+        assert model.encode_image(tall).shape == (2, model.config.embed_dim)
+        assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, model.config.embed_dim)
 
 
 def test_image_preprocessor_resizes_and_normalises():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import params_from_dict
@@ -87,9 +88,26 @@ def test_training_learns_and_the_stages_write_their_outputs(tmp_path):
         assert (project / png).stat().st_size > 5000, png
 
 
+def _model_files(project):
+    files = sorted((project / "models" / "baseline").glob("*/model.safetensors"))
+    return {str(f.relative_to(project)): (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+
+
+def _set_train_params(project, **train):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(train)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     straight = _project(tmp_path / "straight")
     _train(straight)
+    # `accelerate launch -m stages.train`, then `dvc repro`: the finished run is done, not redone
+    finished = _model_files(straight)
+    assert {Path(name).parent.name for name in finished} == {"best", "last", "state"}
+    again = _train(straight)
+    assert "nothing to train" in again.stderr and "epoch 1/2" not in again.stderr
+    assert _model_files(straight) == finished
 
     killed = _project(tmp_path / "killed")
     process = subprocess.Popen([sys.executable, "-m", "stages.train", "--variant", "baseline"], cwd=killed,
@@ -106,7 +124,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     interrupted_at = _history(killed)["global_step"]
     assert 6 <= interrupted_at < 16
 
-    _train(killed)
+    # settings that do not change the weights may change between the kill and the rerun
+    _set_train_params(killed, num_workers=1, eval_batch_size=5, checkpoint_every=3)
+    rerun = _train(killed)
+    assert f"global step {interrupted_at})" in rerun.stderr and "starting afresh" not in rerun.stderr
     assert [loss for _, loss in _history(killed)["losses"]] == [loss for _, loss in _history(straight)["losses"]]
     for name, tensor in _weights(straight).items():
         assert torch.equal(tensor, _weights(killed)[name]), name

@@ -19,7 +19,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase, ViTConfig, ViTModel
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..hub import pretrained_kwargs
 from ..io import write_json_atomic
 from .mixup import FeatureMix
 from .preprocessing import CLIP_MEAN, CLIP_STD, VIT_MEAN, VIT_STD, ImagePreprocessor, pretrained_image_stats
@@ -145,12 +146,13 @@ def build_model(
     elif config.preset == "clip-vit-b16":
         vision_path, text_path = _require_paths(config)
         image_tower, text_tower = CLIPVisionTower.from_pretrained(vision_path), CLIPTextTower.from_pretrained(text_path)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_path)
+        _check_clip_embed_dim(config, image_tower, text_tower)
+        tokenizer = tokenizer or _load_tokenizer(text_path)
         mean, std = pretrained_image_stats(vision_path, CLIP_MEAN, CLIP_STD)
     elif config.preset == "vit-bert":
         vision_path, text_path = _require_paths(config)
         image_tower, text_tower = ViTTower.from_pretrained(vision_path), BertTower.from_pretrained(text_path)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_path)
+        tokenizer = tokenizer or _load_tokenizer(text_path)
         mean, std = pretrained_image_stats(vision_path, VIT_MEAN, VIT_STD)
     else:
         raise ValueError(f"unknown model preset {config.preset!r}")
@@ -169,6 +171,18 @@ def _tower_classes(config: ModelConfig) -> tuple[type[Tower], type[Tower], dict]
     # Mean pooling for the tiny preset: MiniLM was trained that way, and a BERT trained from
     # scratch escapes its near-constant initial [CLS] state far sooner with it.
     return ViTTower, BertTower, {"pooling": "mean" if config.preset == "tiny" else "cls"}
+
+
+def _check_clip_embed_dim(config: ModelConfig, *towers: Tower) -> None:
+    """CLIP's own projections are the last layer (an Identity after them): a model.embed_dim other
+    than the checkpoint's projection_dim would silently stack a fresh random Linear on top of the
+    pretrained alignment, so it is an error instead."""
+    for tower, path in zip(towers, (config.vision_path, config.text_path)):
+        if tower.feature_dim != config.embed_dim:
+            raise ConfigError(
+                f"params: 'model.embed_dim' is {config.embed_dim}, but the CLIP checkpoint {path} projects to "
+                f"{tower.feature_dim} (its projection_dim): set model.embed_dim: {tower.feature_dim}"
+            )
 
 
 def _projection(tower: Tower, embed_dim: int) -> nn.Module:
@@ -197,7 +211,7 @@ def _tiny_vit_config(config: ModelConfig, image_size: tuple[int, int]) -> ViTCon
 def _tiny_text_tower(config: ModelConfig, tokenizer, captions) -> tuple[Tower, PreTrainedTokenizerBase]:
     if config.text_encoder == "minilm":
         path = str(minilm_path())
-        return BertTower.from_pretrained(path, pooling="mean"), tokenizer or AutoTokenizer.from_pretrained(path)
+        return BertTower.from_pretrained(path, pooling="mean"), tokenizer or _load_tokenizer(path)
     if tokenizer is None:
         if captions is None:
             raise ValueError("the tiny BERT text tower needs a tokenizer or the training captions to train one")
@@ -226,4 +240,8 @@ def _require_paths(config: ModelConfig) -> tuple[str, str]:
 def _load_tokenizer_if_saved(directory: Path) -> PreTrainedTokenizerBase | None:
     if not (directory / "tokenizer_config.json").is_file():
         return None
-    return AutoTokenizer.from_pretrained(str(directory))
+    return _load_tokenizer(str(directory))
+
+
+def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path, **pretrained_kwargs(path))

@@ -20,7 +20,17 @@ from transformers import (
     ViTModel,
 )
 
+from ..hub import pretrained_kwargs
 from .mixup import FeatureMix, feature_mixing
+
+
+def load_pretrained(model_class: type[PreTrainedModel], path: str, **kwargs) -> PreTrainedModel:
+    """`model_class.from_pretrained` with float32 master weights and the hub access of the params.
+
+    transformers 5 keeps a checkpoint's stored dtype by default: a float16 checkpoint would give
+    float16 parameters, which AdamW cannot move by 1e-5 steps and the fp16 grad scaler refuses.
+    """
+    return model_class.from_pretrained(path, dtype=torch.float32, **pretrained_kwargs(path), **kwargs)
 
 
 class Tower(nn.Module):
@@ -41,7 +51,7 @@ class Tower(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **options) -> Tower:
-        return cls(cls.model_class.from_pretrained(path, **cls.model_kwargs), **options)
+        return cls(load_pretrained(cls.model_class, path, **cls.model_kwargs), **options)
 
     def config_dict(self) -> dict:
         return self.model.config.to_dict()
@@ -90,7 +100,7 @@ class CLIPVisionTower(Tower):
 
     @classmethod
     def from_pretrained(cls, path: str, **options) -> Tower:
-        return cls(cls.model_class.from_pretrained(path, config=_clip_tower_config(path, "vision")), **options)
+        return cls(load_pretrained(cls.model_class, path, config=_clip_tower_config(path, "vision")), **options)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -152,7 +162,7 @@ class CLIPTextTower(Tower):
 
     @classmethod
     def from_pretrained(cls, path: str, **options) -> Tower:
-        return cls(cls.model_class.from_pretrained(path, config=_clip_tower_config(path, "text")), **options)
+        return cls(load_pretrained(cls.model_class, path, config=_clip_tower_config(path, "text")), **options)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -187,7 +197,7 @@ def _clip_tower_config(path: str, tower: str):
     A full CLIPConfig keeps `projection_dim` at its top level; the tower configs carry their
     own (default 512), which would mis-size the projection of a non-512 checkpoint.
     """
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, **pretrained_kwargs(path))
     if not isinstance(config, CLIPConfig):
         return config
     tower_config = config.vision_config if tower == "vision" else config.text_config
