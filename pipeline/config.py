@@ -229,7 +229,9 @@ class FilterConfig:
     """Which generated pairs the `filter` stage keeps; every criterion is reported on its own."""
 
     enabled: bool = True  # false keeps every pair (still scored and reported): the "filter off" ablation
-    scorer: str = ""  # "" = the baseline dual encoder (models/baseline/best); else a CLIP folder or hub id
+    # a trained dual encoder of this project (models/<variant>, its best/) or a CLIP folder or hub id;
+    # dvc.yaml makes it a dependency of the filter stage, so a hub id must be downloaded to a folder first
+    scorer: str = "models/baseline"
     # consistency: s(generated image, edited caption) - s(generated image, source caption) >= margin ...
     margin: float = field(default=0.02, metadata=_range(-2.0, 2.0))
     # ... and s(generated image, edited caption) >= min_similarity (cosine)

@@ -36,7 +36,7 @@ EMBEDDED = {
     "pdg": {"source_count": 200, "source_fraction": 1.0, "num_steps": 20, "guidance": 4.0, "canvas_height": 0,
             "canvas_width": 0, "precision": "auto", "inversion": "ddim", "null_text_steps": 0, "batch_size": 16,
             "shard_size": 64},
-    "filter": {"scorer": "", "margin": 0.02, "min_similarity": 0.1, "duplicate_similarity": 0.995,
+    "filter": {"scorer": "models/baseline", "margin": 0.02, "min_similarity": 0.1, "duplicate_similarity": 0.995,
                "attribute_probe": "off"},
     "caption": {"captioner": ""},
 }
@@ -157,6 +157,8 @@ def check_inputs(params: Params, keys: tuple[str, ...] = ALL_INPUTS) -> list[str
         if key.startswith("model.") and params.model.preset == "tiny":
             continue
         value = _value(params, key)
+        if key == "filter.scorer" and value.startswith("models/"):
+            continue  # a model this project trains: the filter stage checks it is there
         if not value:
             if key.startswith("model."):
                 problems.append(f"params: '{key}' is empty, but model.preset {params.model.preset} loads a checkpoint")

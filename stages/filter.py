@@ -3,8 +3,8 @@
 Writes the kept pairs to data/pdg/filtered (their json gains the scores), metrics/filter.json
 (pairs in, kept, failures per reason, acceptance rate, and the quantiles of the consistency and
 fidelity scores over all pairs, to calibrate the thresholds on) and reports/filter/examples.png
-(kept and rejected pairs with their scores). The scorer is the baseline dual encoder, or the CLIP named by
-`filter.scorer`. Where train_generator left an attribute probe (models/probe: SynthPedes colour
+(kept and rejected pairs with their scores). The scorer is `filter.scorer`: a trained dual encoder of this
+project (models/baseline, the default) or a CLIP folder; dvc.yaml makes it the stage's dependency. Where train_generator left an attribute probe (models/probe: SynthPedes colour
 labels), the report also says how often it confirms the kept and the rejected edits, and
 `filter.attribute_probe` makes its verdict a criterion.
 """
@@ -23,6 +23,7 @@ from pipeline.pdg.filtering import (
     AttributeChecker,
     NoSuchCheckpoint,
     filter_pairs,
+    dual_encoder_folder,
     load_scorer,
     read_generated,
     referenced_sources,
@@ -37,7 +38,6 @@ from pipeline.runtime import inference_device, start_stage
 PREPARED = Path("data/prepared")
 RAW = Path("data/pdg/raw")
 OUT_DIR = Path("data/pdg/filtered")
-BASELINE = Path("models/baseline/best")
 PROBE = Path("models/probe")
 METRICS = Path("metrics/filter.json")
 SHEET = Path("reports/filter/examples.png")
@@ -52,12 +52,13 @@ def main() -> int:
     if not shards:
         log.error("no generated shards in %s: run `dvc repro generate` first", RAW)
         return 1
-    if not cfg.scorer and not (BASELINE / "training.json").is_file():
-        log.error("no baseline model in %s to score with: run `dvc repro train@baseline`", BASELINE)
+    if cfg.scorer.startswith("models/") and dual_encoder_folder(cfg.scorer) is None:
+        log.error("params: 'filter.scorer' %s holds no trained dual encoder: run `dvc repro train@%s`", cfg.scorer,
+                  Path(cfg.scorer).name)
         return 1
     device = inference_device()
     try:
-        scorer = load_scorer(cfg.scorer, BASELINE, device)
+        scorer = load_scorer(cfg.scorer, device)
     except NoSuchCheckpoint as err:
         log.error("params: 'filter.scorer' %r: %s", cfg.scorer, err)
         return 1

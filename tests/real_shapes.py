@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -101,6 +102,12 @@ def save_sd15(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder)
+    # as SD 1.5's model_index.json names them (its safety checker, which the project never loads, is left out)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index.update(feature_extractor=["transformers", "CLIPImageProcessor"],
+                 safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], requires_safety_checker=True)
+    index_file.write_text(json.dumps(index, indent=2))
     return folder
 
 

@@ -1,6 +1,7 @@
 """`python -m pipeline profile`: one command to the real recipe and back; external inputs checked
 before any work, each problem one line naming its key."""
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -126,3 +127,17 @@ def test_a_stage_with_a_missing_checkpoint_stops_before_any_work(tmp_path):
         assert f"params: '{key}' {tmp_path / 'no-clip'}: no such folder" in result.stderr
         assert "Traceback" not in result.stderr
     assert not (project / "models").exists() and not (project / "data" / "pdg").exists()
+
+
+def test_the_filter_depends_on_its_scorer_folder_not_on_the_baseline_when_clip_scores(tmp_path, folders):
+    from dvc.repo import Repo
+
+    def filter_deps(project):
+        with contextlib.chdir(project), Repo(str(project)) as repo:
+            (stage,) = repo.stage.collect("filter")
+            return {Path(dep.def_path).as_posix() for dep in stage.deps}
+
+    embedded = filter_deps(make_tiny_project(tmp_path / "embedded"))
+    assert "models/baseline" in embedded
+    real = filter_deps(make_tiny_project(tmp_path / "real", {"filter": {"scorer": str(folders["clip"])}}))
+    assert Path(folders["clip"]).as_posix() in real and "models/baseline" not in real

@@ -141,12 +141,25 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def load_scorer(scorer: str, baseline_dir: str | Path, device: torch.device | str = "cpu") -> Scorer:
-    if scorer:
+def dual_encoder_folder(path: str | Path) -> Path | None:
+    """The saved dual encoder a `filter.scorer` folder holds: a train stage's output (its best/) or a
+    saved model itself; None for anything else (a CLIP)."""
+    from pipeline.models.dual_encoder import CONFIG_NAME
+
+    for candidate in (Path(path) / "best", Path(path)):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    return None
+
+
+def load_scorer(scorer: str, device: torch.device | str = "cpu") -> Scorer:
+    """A project dual encoder (see `dual_encoder_folder`) or else a CLIP folder or hub id."""
+    saved = dual_encoder_folder(scorer)
+    if saved is None:
         return ClipScorer(scorer, device)
     from pipeline.models import DualEncoder
 
-    return DualEncoderScorer(DualEncoder.from_pretrained(baseline_dir, device=device), device)
+    return DualEncoderScorer(DualEncoder.from_pretrained(saved, device=device), device)
 
 
 class AttributeChecker:
