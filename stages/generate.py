@@ -1,6 +1,9 @@
 """DVC stage `generate`: edit training pairs into proximity pairs, written as data/pdg/raw shards.
 
-Runs under `accelerate launch` too: each process writes its own shards.
+Runs under `accelerate launch` too: each process writes its own shards; the main process then
+waits for every shard file (no collective: ranks may finish hours apart). Before the run it logs the
+planned UNet evaluations (`pipeline.pdg.cost`), after the first batch the estimate at the measured
+rate, and at the end the measured count and rate (metrics/generate.json).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from tqdm import tqdm
 
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
+from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
 from pipeline.pdg.generate import (
+    SHARD_NAME,
     alignable_with,
     generation_fingerprint,
     load_source_images,
@@ -24,6 +29,8 @@ from pipeline.pdg.generate import (
     plan_generation,
     prepare_output,
     run_generation,
+    shard_names,
+    wait_for_shards,
 )
 from pipeline.pdg.generator_training import resolve_generator
 from pipeline.pdg.model import load_generator
@@ -56,24 +63,54 @@ def _sample_sheet(plan, sources: dict[str, bytes], count: int) -> None:
         plot_generated_pairs(rows, SHEET, "proximity pairs: source, generated, blend mask")
 
 
+def _estimate(planned: int, rows_per_s: float, processes: int) -> tuple[float | None, str]:
+    hours = planned / (rows_per_s * processes) / 3600 if rows_per_s else None
+    rate = f"about {hours:.3g} hours at the measured rate" if hours is not None else "no rate measured"
+    return hours, (f"{planned} UNet evaluations, {rate} ({rows_per_s:.1f} rows/s x {processes} process(es)); "
+                   f"limit it with pdg.source_count / pdg.num_samples / pdg.num_steps")
+
+
 def main() -> int:
     _, params = start_stage(__doc__)
     cfg = params.pdg
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     generator = resolve_generator(GENERATOR_DIR)
-    parts = load_generator(generator, accelerator.device)
+    canvas = (cfg.canvas_width, cfg.canvas_height) if cfg.canvas_width else None
+    parts = load_generator(generator, accelerator.device, cfg.precision, canvas=canvas)
     plan = plan_generation(read_manifest(manifest_path(PREPARED, "train")), cfg, alignable_with(parts.tokenizer))
-    log.info("%d samples planned from %d sources (%d without an editable caption, %d edits not alignable)",
-             len(plan.jobs), plan.sources, plan.sources_without_edit, plan.edits_not_alignable)
+    log.info("%d samples planned from %d sources (%d without an editable caption, %d edits not alignable); "
+             "generator at %dx%d pixels in %s", len(plan.jobs), plan.sources, plan.sources_without_edit,
+             plan.edits_not_alignable, *parts.image_size, parts.dtype)
     prepare_output(OUT_DIR, generation_fingerprint(cfg, generator), accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    images = load_source_images(PREPARED, {job.source.key for job in plan.jobs})
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = sum(len(jobs) for i, jobs in enumerate(plan.shards(cfg.shard_size)) if i % world == rank)
-    with tqdm(total=mine, unit="sample", desc=f"generate ({cfg.method})", disable=not accelerator.is_main_process) as bar:
-        report = run_generation(plan, images, make_editor(parts, cfg), cfg, generator, OUT_DIR, rank, world, bar.update)
-    accelerator.wait_for_everyone()
+    shards = plan.shards(cfg.shard_size)
+    remaining = [i for i in range(len(shards)) if not (OUT_DIR / (SHARD_NAME % i)).is_file()]
+    planned = plan_unet_evaluations(plan, cfg, remaining)
     if accelerator.is_main_process:
+        log.info("planned: %d UNet evaluations for %d unfinished shard(s) (%d for the whole plan)",
+                 planned, len(remaining), plan_unet_evaluations(plan, cfg))
+    images = load_source_images(PREPARED, {job.source.key for job in plan.jobs})
+    mine = sum(len(jobs) for i, jobs in enumerate(shards) if i % world == rank)
+
+    def first_batch(rows: int, seconds: float) -> None:
+        if accelerator.is_main_process and seconds:
+            log.info("after the first batch: %s", _estimate(planned, rows / seconds, world)[1])
+
+    with count_unet(parts) as count, tqdm(total=mine, unit="sample", desc=f"generate ({cfg.method})",
+                                          disable=not accelerator.is_main_process) as bar:
+        editor = MeteredEditor(make_editor(parts, cfg), count, first_batch)
+        report = run_generation(plan, images, editor, cfg, generator, OUT_DIR, rank, world, bar.update)
+    if accelerator.is_main_process:
+        # no barrier here: under NCCL it times out after 30 minutes, and ranks may finish hours apart
+        names = shard_names(plan, cfg)
+        own_missing = [name for i, name in enumerate(names) if i % world == rank and not (OUT_DIR / name).is_file()]
+        if own_missing:  # this process's own shards: waiting for them would never end
+            raise RuntimeError(f"{len(own_missing)} shard(s) of this process were not written, e.g. {own_missing[0]}")
+        wait_for_shards(OUT_DIR, names, poll_s=10.0)
+        hours, estimate = _estimate(planned, editor.rows_per_s, world)
+        log.info("measured: %d UNet evaluations (this process) at %.1f rows/s; planned %s",
+                 count.rows, editor.rows_per_s, estimate)
         write_json_atomic(METRICS, {
             "method": cfg.method,
             "sources": plan.sources,
@@ -84,6 +121,12 @@ def main() -> int:
             "processes": world,
             "samples_per_s": round(report.samples_per_s * world, 3),  # the main process's rate, times processes
             "shards_kept_from_earlier_run": report.shards_kept,
+            "unet_evaluations_planned": planned,  # the unfinished shards of this run, all processes
+            "unet_evaluations_measured": count.rows,  # counted by the hook, this (the main) process
+            "unet_evaluations_per_s": round(editor.rows_per_s, 3),  # this process, while editing
+            "estimated_hours_at_measured_rate": None if hours is None else float(f"{hours:.3g}"),
+            "precision": str(parts.dtype).removeprefix("torch."),
+            "canvas": list(parts.image_size),
         })
         _sample_sheet(plan, images, cfg.sheet_samples)
     log.info("wrote %d shard(s) (%d kept) at %.2f samples/s", report.shards_written, report.shards_kept, report.samples_per_s)

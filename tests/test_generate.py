@@ -4,8 +4,11 @@ import hashlib
 import io
 import shutil
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from pipeline.pdg.generate import (
     prepare_output,
     run_generation,
     select_sources,
+    wait_for_shards,
+    weights_digest,
 )
 from pipeline.pdg.model import build_tiny_generator, load_generator
 from tiny_project import TINY_PROFILE, make_tiny_project
@@ -140,6 +145,40 @@ def test_a_changed_configuration_starts_afresh(prepared, parts, generator, tmp_p
     assert before.keys() == after.keys() and before != after
 
 
+def test_a_changed_batch_size_keeps_the_finished_shards(prepared, parts, generator, tmp_path):
+    _run(prepared, parts, generator, tmp_path)
+    before = _digests(tmp_path)
+    _, report = _run(prepared, parts, generator, tmp_path, cfg=replace(CFG, batch_size=5))
+    assert report.shards_kept == len(before) and report.shards_written == 0
+    assert _digests(tmp_path) == before
+    fingerprint = generation_fingerprint(CFG, generator)
+    assert generation_fingerprint(replace(CFG, batch_size=5, sheet_samples=0), generator) == fingerprint
+    assert generation_fingerprint(replace(CFG, precision="bfloat16"), generator) != fingerprint
+
+
+def test_weights_digest_hashes_file_stats_not_contents(generator, tmp_path):
+    copy = shutil.copytree(generator, tmp_path / "sd")  # copy2 keeps sizes and mtimes
+    assert weights_digest(str(copy)) == weights_digest(generator)
+    weights = next(copy.rglob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten weights: a new mtime
+    assert weights_digest(str(copy)) != weights_digest(generator)
+    assert weights_digest("org/some-model") == "org/some-model"
+
+
+def test_wait_for_shards_returns_once_every_shard_exists(tmp_path):
+    names = ["pdg-000000.tar", "pdg-000001.tar"]
+    (tmp_path / names[0]).write_bytes(b"done")
+    with pytest.raises(TimeoutError, match="1 of 2"):
+        wait_for_shards(tmp_path, names, poll_s=0.01, timeout_s=0.05)
+    late = threading.Timer(0.2, lambda: (tmp_path / names[1]).write_bytes(b"done"))
+    late.start()
+    started = time.monotonic()
+    wait_for_shards(tmp_path, names, poll_s=0.02, timeout_s=10)
+    assert 0.15 < time.monotonic() - started < 5
+    late.join()
+
+
 def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
     overrides = {"pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2,
                          "sheet_samples": 3}}
@@ -147,9 +186,14 @@ def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
     subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project, check=True, capture_output=True)
     (project / "models").mkdir()
     shutil.copytree(generator, project / "models" / "generator")
-    result = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=project, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=project, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((project / "metrics" / "generate.json").read_text())
     assert metrics["sources"] == 4 and metrics["samples"] >= 1 and metrics["samples_per_s"] > 0
+    # ddim: the formula is exact; 3 steps, guidance 4, one edit per source caption: 3 + 3 * 2 * 2 rows a job
+    assert metrics["unet_evaluations_planned"] == metrics["unet_evaluations_measured"] == 15 * metrics["samples"]
+    assert metrics["unet_evaluations_per_s"] > 0 and metrics["estimated_hours_at_measured_rate"] > 0
+    assert "UNet evaluations, about" in result.stderr and "limit it with pdg.source_count" in result.stderr
     assert (project / "reports" / "pdg" / "sample_sheet.png").stat().st_size > 5000
     assert (project / "data" / "pdg" / "raw" / "pdg-000000.tar").is_file()

@@ -104,8 +104,9 @@ def test_fit_to_model_round_trip(person):
 
 
 def test_p2p_output_size_and_determinism(parts, person):
-    first = edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    first = edit_p2p(parts, person, SOURCE, EDITED, SPANS, decode_reconstruction=True, **FAST)
     second = edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    assert second.reconstruction is None  # not decoded unless asked for
     assert first.image.size == first.reconstruction.size == first.mask.size == person.size
     assert np.array_equal(pixels(first.image), pixels(second.image))
 
@@ -120,8 +121,10 @@ def test_img2img_output_size_and_seed(parts, person):
 
 
 def test_attention_control_changes_the_edit(parts, person):
-    controlled = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, **FAST)
-    plain = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, attention_control=False, **FAST)
+    controlled = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, decode_reconstruction=True,
+                          **FAST)
+    plain = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, attention_control=False,
+                     decode_reconstruction=True, **FAST)
     assert np.abs(pixels(controlled.image) - pixels(plain.image)).mean() > 0.5
     # the source branch is never controlled (explicit and fused attention kernels round differently)
     assert np.abs(pixels(controlled.reconstruction) - pixels(plain.reconstruction)).max() <= 1
@@ -184,8 +187,9 @@ def test_local_blend_keeps_pixels_outside_the_mask(parts):
     source = Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))  # at model size: no padding
     mask = torch.zeros(1, 1, 16, 8)
     mask[..., :8, :] = 1  # the upper half may change
-    blended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, mask_override=mask, **FAST)
-    unblended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, blend_threshold=None, **FAST)
+    blended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, mask_override=mask, decode_reconstruction=True, **FAST)
+    unblended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, blend_threshold=None, decode_reconstruction=True,
+                         **FAST)
     change = np.abs(pixels(blended.image) - pixels(blended.reconstruction)).mean(axis=(1, 2))
     unblended_change = np.abs(pixels(unblended.image) - pixels(unblended.reconstruction)).mean(axis=(1, 2))
     inside, outside = change[:12].mean(), change[20:].mean()  # rows away from the mask's edge
@@ -219,3 +223,81 @@ def test_null_text_optimisation_reduces_the_reconstruction_error(parts):
         return (reconstruction - latents).pow(2).mean().item()
 
     assert reconstruction_error(10) < 0.8 * reconstruction_error(0)
+
+
+def test_a_canvas_sets_the_latent_size_the_unet_sees(model_dir, person):
+    from pipeline.pdg.cost import count_unet
+
+    wide = load_generator(model_dir, canvas=(24, 40))
+    assert wide.image_size == (24, 40)
+    with count_unet(wide) as count:
+        result = edit_p2p(wide, person, SOURCE, EDITED, SPANS, **FAST)
+    assert count.latent_sizes == {(20, 12)}  # the canvas over the VAE's factor 2, not the sample size (16, 8)
+    assert result.image.size == result.mask.size == person.size
+    with pytest.raises(ValueError, match="multiple"):
+        load_generator(model_dir, canvas=(25, 40))
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_half_precision_loads_and_edits_on_the_cpu(model_dir, person, precision):
+    half = load_generator(model_dir, dtype=precision)
+    assert half.unet.dtype == half.text_encoder.dtype == getattr(torch, precision)
+    assert half.vae.dtype == torch.float32  # SD's VAE overflows in float16: it stays float32
+    assert half.encode_prompts([SOURCE]).dtype == torch.float32
+    result = edit_p2p(half, person, SOURCE, EDITED, SPANS, null_text_steps=2, **FAST)
+    full = edit_p2p(load_generator(model_dir), person, SOURCE, EDITED, SPANS, null_text_steps=2, **FAST)
+    assert result.image.size == person.size
+    assert np.abs(pixels(result.image) - pixels(full.image)).mean() < 10  # rounding, not a different image
+
+
+def test_negative_prompt_inversion_reconstructs_better_than_plain_ddim(parts):
+    latents = torch.randn(1, 4, 16, 8, generator=torch.Generator().manual_seed(0))
+    text = parts.encode_prompts([SOURCE])
+
+    def reconstruction_error(method: str) -> float:
+        inversion = invert(parts, latents, text, num_steps=5, guidance=7.5, method=method)
+        nulls = parts.encode_prompts([""]) if inversion.null_embeddings is None else inversion.null_embeddings
+        reconstruction = denoise(parts, inversion.start_latents, text, nulls, num_steps=5, guidance=7.5)
+        return (reconstruction - latents).pow(2).mean().item()
+
+    assert reconstruction_error("negative-prompt") < 0.5 * reconstruction_error("ddim")
+
+
+def test_edits_of_one_source_share_its_inversion_and_source_branch(parts, person):
+    from pipeline.pdg.cost import count_unet
+
+    same_image = person.copy()  # another object with the same content: still one group
+    edits = [
+        EditRequest(person, SOURCE, EDITED, SPANS),
+        EditRequest(same_image, SOURCE, "a man in a green jacket and blue jeans", [((11, 14), (11, 16))]),
+        EditRequest(person, "a man in a red shirt", "a man in a pink shirt", [((11, 14), (11, 15))]),
+    ]
+    for inversion in ("ddim", "negative-prompt"):
+        with count_unet(parts) as count:
+            shared = edit_p2p_batch(parts, edits, inversion=inversion, decode_reconstruction=True, **FAST)
+        steps = FAST["num_steps"]
+        assert count.rows == steps * 2 + steps * (2 + 3) * 2  # two groups: 2 inversions, 5 rows of denoising
+        for edit, result in zip(edits, shared):
+            alone = edit_p2p(parts, edit.image, edit.source_caption, edit.edited_caption, edit.edit_spans,
+                             inversion=inversion, decode_reconstruction=True, **FAST)
+            assert np.abs(pixels(alone.image) - pixels(result.image)).max() <= 2
+            assert np.abs(pixels(alone.mask) - pixels(result.mask)).max() == 0
+            assert np.abs(pixels(alone.reconstruction) - pixels(result.reconstruction)).max() <= 2
+    assert np.array_equal(pixels(shared[0].reconstruction), pixels(shared[1].reconstruction))
+
+
+def test_local_blend_of_a_group_blends_every_edit_with_its_one_source(parts):
+    alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
+    settings = ControlSettings(cross_replace_steps=0, self_replace_steps=0)
+    mask = torch.zeros(1, 1, 16, 8)
+    mask[..., 3:9, 2:6] = 1
+    controller = PromptToPromptController([alignment] * 3, settings, (16, 8), mask_override=mask, groups=[0, 0, 1])
+    latents = torch.randn(5, 4, 16, 8)  # [source 1, edit 1a, edit 1b, source 2, edit 2]
+    blended = controller.blend(latents)
+    outside = ~mask[0].bool().expand(4, 16, 8)
+    for edit_row, source_row in [(1, 0), (2, 0), (4, 3)]:
+        assert torch.equal(blended[edit_row][outside], latents[source_row][outside])
+        assert torch.equal(blended[edit_row][~outside], latents[edit_row][~outside])
+    assert torch.equal(blended[[0, 3]], latents[[0, 3]])
+    with pytest.raises(ValueError, match="consecutive"):
+        PromptToPromptController([alignment] * 3, settings, (16, 8), groups=[0, 1, 0])

@@ -1,8 +1,9 @@
 """Image editing for proximity data generation: make the source image match the edited caption.
 
-`edit_p2p` inverts the source (DDIM, optionally null-text optimised) and regenerates it jointly
-with the edited caption under Prompt-to-Prompt attention control and local blending; it involves
-no randomness. `edit_img2img` is the SDEdit baseline: noise the source to `strength` (the share of
+`edit_p2p` inverts the source (DDIM; negative-prompt or null-text inversion optionally) and
+regenerates it jointly with the edited caption under Prompt-to-Prompt attention control and local
+blending; it involves no randomness. A batch inverts each distinct (image, source caption) once and
+runs one source branch for all its edits. `edit_img2img` is the SDEdit baseline: noise the source to `strength` (the share of
 the DDIM steps left to run) and denoise it under the edited caption. Both work at the model's
 resolution and hand back images at the source crop's size. The batch variants run several edits
 through the UNet at once.
@@ -10,6 +11,7 @@ through the UNet at once.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,23 +67,32 @@ def edit_p2p_batch(
     blend_start_fraction: float = 0.2,
     reweight: float = 2.0,
     null_text_steps: int = 0,
+    inversion: str | None = None,
     attention_control: bool = True,
     mask_override: torch.Tensor | None = None,
+    decode_reconstruction: bool = False,
 ) -> list[EditResult]:
-    """Inverts every source and denoises all source/edited pairs as one batch.
+    """Inverts every distinct source once and denoises it jointly with all its edits, as one batch.
 
-    `blend_threshold=None` turns local blending off; `attention_control=False` keeps the joint
+    Requests with the same image (by content) and source caption form a group: one inversion and
+    one source branch serve all its edits, laid out [source_1, edit_1a, edit_1b, ..., source_2, ...].
+    `inversion` is ddim, negative-prompt or null-text (None: null-text if `null_text_steps`, else
+    ddim). `blend_threshold=None` turns local blending off; `attention_control=False` keeps the joint
     denoising (and blending) but injects and reweights no attention, for ablations.
     `mask_override` (broadcastable to (edits, 1, latent height, latent width)) replaces the
-    attention-derived blend mask.
+    attention-derived blend mask. `decode_reconstruction` also decodes the source branch into
+    `EditResult.reconstruction` (one more VAE decode per group; off by default, nothing downstream reads it).
     """
-    fitted = [fit_to_model(edit.image, parts.image_size) for edit in edits]
+    group_of, members = _groups(edits)
+    leaders = [edits[group[0]] for group in members]  # one request per group, in group order
+    order = [i for group in members for i in group]  # requests in row order
+    fitted = [fit_to_model(edit.image, parts.image_size) for edit in leaders]
     source_latents = parts.images_to_latents([image for image, _ in fitted])
-    source_embeddings = parts.encode_prompts([edit.source_caption for edit in edits])
-    edited_embeddings = parts.encode_prompts([edit.edited_caption for edit in edits])
-    inversion = invert(
+    source_embeddings = parts.encode_prompts([edit.source_caption for edit in leaders])
+    edited_embeddings = parts.encode_prompts([edits[i].edited_caption for i in order])
+    inverted = invert(
         parts, source_latents, source_embeddings, num_steps=num_steps, guidance=guidance,
-        null_text_steps=null_text_steps,
+        null_text_steps=null_text_steps, method=inversion,
     )
     settings = ControlSettings(
         cross_replace_steps=round(cross_replace_fraction * num_steps) if attention_control else 0,
@@ -91,29 +102,40 @@ def edit_p2p_batch(
         blend_start_step=round(blend_start_fraction * num_steps),
     )
     alignments = [
-        align_word_swap(parts.tokenizer, edit.source_caption, edit.edited_caption, edit.edit_spans) for edit in edits
+        align_word_swap(parts.tokenizer, edits[i].source_caption, edits[i].edited_caption, edits[i].edit_spans)
+        for i in order
     ]
-    controller = PromptToPromptController(alignments, settings, tuple(source_latents.shape[2:]), mask_override)
-    null = parts.encode_prompts([""] * len(edits)) if inversion.null_embeddings is None else inversion.null_embeddings
+    row_groups = [group_of[i] for i in order]
+    controller = PromptToPromptController(
+        alignments, settings, tuple(source_latents.shape[2:]), mask_override, groups=row_groups
+    )
+    null = inverted.null_embeddings
+    if null is None:
+        null = parts.encode_prompts([""] * len(members))
     latents = denoise(
         parts,
-        _pairs(inversion.start_latents, inversion.start_latents),
-        _pairs(source_embeddings, edited_embeddings),
-        [_pairs(n, n) for n in null] if isinstance(null, list) else _pairs(null, null),
+        _rows(inverted.start_latents, None, row_groups),
+        _rows(source_embeddings, edited_embeddings, row_groups),
+        [_rows(n, None, row_groups) for n in null] if isinstance(null, list) else _rows(null, None, row_groups),
         num_steps=num_steps,
         guidance=guidance,
         controller=controller,
     )
-    images = parts.latents_to_images(latents)
+    edit_rows, source_rows = controller.edit_rows.tolist(), sorted(set(controller.source_rows.tolist()))
+    images = parts.latents_to_images(latents if decode_reconstruction else latents[edit_rows])
+    edited_images = [images[row] for row in edit_rows] if decode_reconstruction else images
+    reconstructions = {row: images[row] for row in source_rows} if decode_reconstruction else {}
     masks = _mask_images(controller.last_mask, parts.image_size)
-    return [
-        EditResult(
-            image=back_to_crop(images[2 * i + 1], box, edit.image.size),
-            mask=None if masks is None else back_to_crop(masks[i], box, edit.image.size),
-            reconstruction=back_to_crop(images[2 * i], box, edit.image.size),
+    results: list[EditResult | None] = [None] * len(edits)
+    for position, i in enumerate(order):
+        box, size = fitted[group_of[i]][1], edits[i].image.size
+        source_row = int(controller.source_rows[position])
+        results[i] = EditResult(
+            image=back_to_crop(edited_images[position], box, size),
+            mask=None if masks is None else back_to_crop(masks[position], box, size),
+            reconstruction=back_to_crop(reconstructions[source_row], box, size) if decode_reconstruction else None,
         )
-        for i, (edit, (_, box)) in enumerate(zip(edits, fitted))
-    ]
+    return results
 
 
 def edit_img2img(
@@ -178,9 +200,33 @@ def edit_img2img_batch(
     ]
 
 
-def _pairs(sources: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-    """Interleaves two batches as [source_1, edit_1, source_2, edit_2, ...], the controller's layout."""
-    return torch.stack([sources, edits], dim=1).flatten(0, 1)
+def _groups(edits: Sequence[EditRequest]) -> tuple[list[int], list[list[int]]]:
+    """Each request's group (same image content and source caption), and each group's requests;
+    groups are numbered in order of first appearance."""
+    keys: dict[tuple, int] = {}
+    group_of, members = [], []
+    for index, edit in enumerate(edits):
+        image = edit.image
+        key = (image.mode, image.size, hashlib.sha1(image.tobytes()).digest(), edit.source_caption)
+        group = keys.setdefault(key, len(keys))
+        if group == len(members):
+            members.append([])
+        members[group].append(index)
+        group_of.append(group)
+    return group_of, members
+
+
+def _rows(per_group: torch.Tensor, per_edit: torch.Tensor | None, row_groups: list[int]) -> torch.Tensor:
+    """The controller's layout [source_1, edit_1a, edit_1b, ..., source_2, ...]: source rows from
+    `per_group` (one per group), edit rows from `per_edit` (one per edit, in row order; None: the
+    edit's group's row of `per_group`)."""
+    picked, previous = [], None
+    for position, group in enumerate(row_groups):
+        if group != previous:
+            picked.append(per_group[group])
+            previous = group
+        picked.append(per_group[group] if per_edit is None else per_edit[position])
+    return torch.stack(picked)
 
 
 def _mask_images(mask: torch.Tensor | None, image_size: tuple[int, int]) -> list[Image.Image] | None:

@@ -5,7 +5,10 @@ cut into shards of `pdg.shard_size` jobs. A shard's content depends only on its 
 - resuming keeps every finished shard (shards are written under a temporary name, then renamed);
 - N processes take shards i with i % N == rank, and their union equals a 1-process run;
 - a changed configuration (params or generator weights) is detected by a fingerprint and
-  starts over instead of mixing old and new samples.
+  starts over instead of mixing old and new samples; params that change no sample (the batch
+  size, the sample sheet) are not part of it, so changing them keeps finished shards.
+A shard's p2p jobs are edited in batches of at most `pdg.batch_size` cut at group boundaries (the
+K samples of one source caption), so each group is inverted once (`edit_batches`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -119,23 +123,40 @@ def _sample_seed(seed: int, key: str, sample: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+# params that change no sample: how many edits share the UNet (a batch changes float rounding at
+# most, not the samples' meaning), and how many the sample sheet shows. Precision does change them.
+_NOT_SHAPING = ("batch_size", "sheet_samples")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
 def generation_fingerprint(cfg: PdgConfig, generator: str) -> dict:
     """What the samples depend on: the params that shape them and the generator's weights."""
     shaping = dataclasses.asdict(cfg)
-    for bookkeeping in ("sheet_samples",):
+    for bookkeeping in _NOT_SHAPING:
         shaping.pop(bookkeeping)
     return {"pdg": shaping, "generator": generator, "generator_weights": weights_digest(generator)}
 
 
 def weights_digest(generator: str) -> str:
-    """sha256 over a local model folder's weight files; a hub id stands for itself."""
+    """sha256 over a local model folder's weight files' stats (relative path, size, mtime_ns) and
+    its JSON configs' contents; a hub id stands for itself.
+
+    File stats, not contents: a real checkpoint holds gigabytes of weights, and reading them on
+    every rank at every start costs minutes. Rewriting a weight file changes its mtime, so retraining
+    is detected; a copy that keeps mtimes (shutil.copytree, cp -p) keeps the digest, and one that
+    does not (plain cp, some checkouts) changes it, which starts the generation afresh.
+    """
     folder = Path(generator)
     if not folder.is_dir():
         return generator
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if path.name.endswith(WEIGHT_SUFFIXES):
+            stat = path.stat()
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        elif path.suffix == ".json":
+            digest.update(f"{relative}\0".encode() + path.read_bytes() + b"\n")
     return digest.hexdigest()
 
 
@@ -196,14 +217,54 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def edit_batches(jobs: list[GenerationJob], batch_size: int) -> list[list[GenerationJob]]:
+    """A shard's jobs cut into batches of at most `batch_size`, at group boundaries: the consecutive
+    jobs of one (source, caption) stay together, so their source is inverted once. A group larger
+    than `batch_size` is cut into pieces of `batch_size` (each inverted on its own)."""
+    batches: list[list[GenerationJob]] = []
+    current: list[GenerationJob] = []
+    for group in job_groups(jobs):
+        if current and len(current) + len(group) > batch_size:
+            batches.append(current)
+            current = []
+        while len(group) > batch_size:
+            batches.append(group[:batch_size])
+            group = group[batch_size:]
+        current += group
+        if len(current) == batch_size:
+            batches.append(current)
+            current = []
+    return batches + ([current] if current else [])
+
+
+def shard_batches(jobs: list[GenerationJob], cfg: PdgConfig) -> list[list[GenerationJob]]:
+    """The edit batches of a shard: p2p's cut at group boundaries (`edit_batches`); img2img, which
+    shares nothing between a group's jobs, in plain slices of `pdg.batch_size`."""
+    if cfg.method == "p2p":
+        return edit_batches(jobs, cfg.batch_size)
+    return [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+
+
+def job_groups(jobs: Iterable[GenerationJob]) -> list[list[GenerationJob]]:
+    groups: list[list[GenerationJob]] = []
+    for job in jobs:
+        if groups and (groups[-1][0].source.key, groups[-1][0].caption_index) == (job.source.key, job.caption_index):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 def generate_shard(
     jobs: list[GenerationJob], images: dict[str, bytes], edit: EditFunction, cfg: PdgConfig, generator: str
 ) -> Iterator[dict[str, bytes]]:
-    """Samples of one shard, edited in batches of `pdg.batch_size` (fixed per shard, so reproducible)."""
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start : start + cfg.batch_size]
-        sources = [Image.open(io.BytesIO(images[job.source.key])).convert("RGB") for job in batch]
-        for job, result in zip(batch, edit(batch, sources)):
+    """Samples of one shard, edited in `shard_batches` (fixed per shard, so reproducible)."""
+    for batch in shard_batches(jobs, cfg):
+        decoded: dict[str, Image.Image] = {}
+        for job in batch:  # one image object per source: the edits of a group share it
+            if job.source.key not in decoded:
+                decoded[job.source.key] = Image.open(io.BytesIO(images[job.source.key])).convert("RGB")
+        for job, result in zip(batch, edit(batch, [decoded[job.source.key] for job in batch])):
             yield _sample(job, result, cfg, generator)
 
 
@@ -246,6 +307,37 @@ def run_generation(
     return GenerationReport(written, kept, samples, time.perf_counter() - start)
 
 
+def shard_names(plan: GenerationPlan, cfg: PdgConfig) -> list[str]:
+    """The file names of every shard the plan makes, over all processes."""
+    return [SHARD_NAME % index for index in range(len(plan.shards(cfg.shard_size)))]
+
+
+def wait_for_shards(
+    out_dir: Path, expected_paths: Iterable[str | Path], poll_s: float = 10.0, timeout_s: float | None = None,
+    log_every_s: float = 300.0,
+) -> None:
+    """Blocks until every expected shard exists (paths relative to `out_dir`, or absolute), polling
+    the file system every `poll_s` seconds: the main process's end-of-run wait for the other
+    processes, without a collective (NCCL's barrier would time out after 30 minutes when ranks'
+    remaining work differs by hours). Raises TimeoutError after `timeout_s` (None: never)."""
+    expected = [Path(out_dir) / path for path in expected_paths]
+    started = time.monotonic()
+    last_log = None
+    while True:
+        missing = [path for path in expected if not path.is_file()]
+        if not missing:
+            return
+        now = time.monotonic()
+        if timeout_s is not None and now - started >= timeout_s:
+            raise TimeoutError(f"{len(missing)} of {len(expected)} shards still missing after {timeout_s:.0f} s, "
+                               f"e.g. {missing[0]}")
+        if last_log is None or now - last_log >= log_every_s:
+            log.info("waiting for %d of %d shards from the other processes, e.g. %s", len(missing), len(expected),
+                     missing[0].name)
+            last_log = now
+        time.sleep(poll_s)
+
+
 def _counted(samples: Iterator[dict], progress: Callable[[int], None]) -> Iterator[dict]:
     for sample in samples:
         progress(1)
@@ -265,7 +357,7 @@ def make_editor(parts, cfg: PdgConfig) -> EditFunction:
             parts, requests, num_steps=cfg.num_steps, guidance=cfg.guidance,
             cross_replace_fraction=cfg.cross_replace_fraction, self_replace_fraction=cfg.self_replace_fraction,
             blend_threshold=cfg.blend_threshold or None, blend_start_fraction=cfg.blend_start_fraction,
-            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps,
+            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps, inversion=cfg.inversion,
         )
 
     def sdedit(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:

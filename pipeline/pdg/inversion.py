@@ -1,9 +1,14 @@
-"""DDIM inversion of source latents, refined by null-text optimisation (Mokady et al., 2023).
+"""DDIM inversion of source latents, and the unconditional embedding to sample it back with.
 
 Plain DDIM inversion (guidance 1) gives a noise latent that regenerates the source under the
-source caption without guidance, but classifier-free guidance pulls the trajectory away. Null-text
-optimisation tunes the unconditional embedding, one per timestep, so that each guided DDIM step
-lands on the inverted trajectory's next latent; the model and the caption stay untouched.
+source caption without guidance, but classifier-free guidance pulls the trajectory away. Two
+remedies (`invert(method=...)`):
+- negative-prompt (Miyake et al., 2023): the source caption's own embedding serves as the
+  unconditional one while sampling, so the source branch's guided noise is its conditional noise
+  and it retraces the inversion; no optimisation, no extra UNet calls;
+- null-text (Mokady et al., 2023): the unconditional embedding is tuned, one per timestep, so that
+  each guided DDIM step lands on the inverted trajectory's next latent; the model and the caption
+  stay untouched. It runs in float32 (the embedding, Adam, the DDIM step); only the UNet call is cast.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ _EARLY_STOP_SLOPE = 2e-5
 @dataclass
 class Inversion:
     trajectory: list[torch.Tensor]  # latents from clean (first) to noisiest (last), num_steps + 1 of them
-    null_embeddings: list[torch.Tensor] | None  # one per sampling step, noisiest first; None without optimisation
+    # the unconditional embedding to sample with: one per sampling step, noisiest first (null-text),
+    # one for every step (negative-prompt: the source caption's), or None (ddim: the empty prompt's)
+    null_embeddings: list[torch.Tensor] | torch.Tensor | None
 
     @property
     def start_latents(self) -> torch.Tensor:
@@ -41,7 +48,7 @@ def ddim_invert(
     scheduler.set_timesteps(num_steps, device=parts.device)
     trajectory = [latents]
     for timestep in scheduler.timesteps:
-        noise = parts.unet(latents, timestep, encoder_hidden_states=text_embeddings).sample
+        noise = parts.predict_noise(latents, timestep, text_embeddings)
         latents = scheduler.step(noise, timestep, latents).prev_sample
         trajectory.append(latents)
     return trajectory
@@ -60,6 +67,8 @@ def optimize_null_text(
     """Per-timestep unconditional embeddings under which guided sampling retraces `trajectory`.
 
     Each batch item's embedding is fitted to its own latents only (the loss is a sum over items).
+    UNet rows per step and batch item: 1 conditional + at most `inner_steps` unconditional (fewer
+    once the early stop fires) + 1 unconditional for the step taken (the conditional one is reused).
     """
     scheduler = parts.scheduler
     scheduler.set_timesteps(len(trajectory) - 1, device=parts.device)
@@ -69,12 +78,12 @@ def optimize_null_text(
     for step, timestep in enumerate(scheduler.timesteps):
         target = trajectory[num_steps - step - 1]
         with torch.no_grad():
-            conditional = parts.unet(latents, timestep, encoder_hidden_states=text_embeddings).sample
+            conditional = parts.predict_noise(latents, timestep, text_embeddings)
         null = null.clone().requires_grad_(True)
         # the paper's schedule (1e-2 falling to half over the steps), written for any step count
         optimizer = torch.optim.Adam([null], lr=learning_rate * (1 - step / (2 * num_steps)))
         for _ in range(inner_steps):
-            unconditional = parts.unet(latents, timestep, encoder_hidden_states=null).sample
+            unconditional = parts.predict_noise(latents, timestep, null)
             noise = unconditional + guidance * (conditional - unconditional)
             reached = scheduler.step(noise, timestep, latents).prev_sample
             errors = F.mse_loss(reached, target, reduction="none").flatten(1).mean(1)
@@ -86,7 +95,7 @@ def optimize_null_text(
         null = null.detach()
         optimized.append(null)
         with torch.no_grad():
-            noise = guided_noise(parts, latents, timestep, text_embeddings, null, guidance)
+            noise = guided_noise(parts, latents, timestep, text_embeddings, null, guidance, conditional)
             latents = scheduler.step(noise, timestep, latents).prev_sample
     return optimized
 
@@ -99,10 +108,20 @@ def invert(
     num_steps: int,
     guidance: float,
     null_text_steps: int = 0,
+    method: str | None = None,
 ) -> Inversion:
-    """DDIM inversion under the source caption, then `null_text_steps` Adam steps per timestep (0 = none)."""
+    """DDIM inversion under the source caption, then by `method`: ddim (nothing more), negative-prompt
+    (the caption's embedding as the unconditional one) or null-text (`null_text_steps` Adam steps per
+    timestep). `method` None means null-text if `null_text_steps` else ddim."""
+    method = method or ("null-text" if null_text_steps else "ddim")
+    if method not in ("ddim", "negative-prompt", "null-text"):
+        raise ValueError(f"unknown inversion method {method!r}")
+    if method == "null-text" and null_text_steps < 1:
+        raise ValueError("null-text inversion needs null_text_steps >= 1")
     trajectory = ddim_invert(parts, latents, text_embeddings, num_steps)
-    if null_text_steps == 0 or guidance == 1:
+    if method == "negative-prompt":
+        return Inversion(trajectory, text_embeddings)
+    if method == "ddim" or guidance == 1:
         return Inversion(trajectory, None)
     null = parts.encode_prompts([""] * latents.shape[0])
     nulls = optimize_null_text(

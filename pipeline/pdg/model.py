@@ -2,7 +2,13 @@
 
 `load_generator` reads any `StableDiffusionPipeline` folder (the project's small trained model or a
 real Stable Diffusion checkpoint) into `DiffusionParts`; `build_tiny_generator` writes a tiny random
-one for tests. `fit_to_model` / `back_to_crop` move person crops to and from the model's resolution.
+one for tests. `fit_to_model` / `back_to_crop` move person crops to and from the model's resolution
+(its sample size, or the `canvas` it was loaded with).
+
+Precision: the UNet and the text encoder run in the loaded dtype (float16 / bfloat16 on a GPU), the
+VAE always in float32 (Stable Diffusion's VAE overflows to NaN in float16 for some inputs), and every
+latent and embedding outside a UNet call is float32: `predict_noise` casts in and out, so scheduler
+steps, blending and the null-text optimisation keep float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from pipeline.hub import pretrained_kwargs
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 
@@ -43,6 +51,7 @@ class DiffusionParts:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
+    canvas: tuple[int, int] | None = None  # (width, height) pixels to work at; None = the UNet's sample size
 
     @property
     def device(self) -> torch.device:
@@ -50,6 +59,7 @@ class DiffusionParts:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The UNet's (and text encoder's) dtype; latents and embeddings outside it stay float32."""
         return self.unet.dtype
 
     @property
@@ -58,28 +68,35 @@ class DiffusionParts:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(width, height) of the images the model generates."""
+        """(width, height) of the images the model generates: the canvas if set, else its sample size."""
+        if self.canvas is not None:
+            return self.canvas
         height, width = _pair(self.unet.config.sample_size)
         return width * self.vae_scale_factor, height * self.vae_scale_factor
 
     def inverse_scheduler(self) -> DDIMInverseScheduler:
         return DDIMInverseScheduler.from_config(self.scheduler.config)
 
+    def predict_noise(self, latents: torch.Tensor, timestep, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """One UNet call: inputs cast to its dtype, the noise prediction handed back in float32."""
+        noise = self.unet(latents.to(self.dtype), timestep, encoder_hidden_states=text_embeddings.to(self.dtype))
+        return noise.sample.float()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (batch, tokens, dim); the padding matches `alignment.tokenize`."""
+        """Text embeddings (batch, tokens, dim) in float32; the padding matches `alignment.tokenize`."""
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
 
     @torch.no_grad()
     def images_to_latents(self, images: list[Image.Image]) -> torch.Tensor:
-        """Latents of images already at the model's size; the posterior mean, so inversion is deterministic."""
+        """float32 latents of images already at the model's size; the posterior mean, so inversion is deterministic."""
         pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(images)
         posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return posterior.mode().to(self.dtype) * self.vae.config.scaling_factor
+        return posterior.mode().float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def latents_to_images(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -87,24 +104,55 @@ class DiffusionParts:
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")
 
 
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_precision(precision: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """`pdg.precision` as a dtype: auto is float16 on CUDA, float32 elsewhere."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return PRECISIONS[precision]
+
+
 def load_generator(
-    path_or_hub_id: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path_or_hub_id: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    canvas: tuple[int, int] | None = None,
 ) -> DiffusionParts:
-    """Loads a `StableDiffusionPipeline` folder or hub id (no safety checker) with a DDIM scheduler."""
+    """Loads a `StableDiffusionPipeline` folder or hub id (no safety checker) with a DDIM scheduler.
+
+    `dtype` (a dtype or a `pdg.precision` name) applies to the UNet and the text encoder; the VAE
+    stays float32, since Stable Diffusion's VAE decodes some latents to NaN in float16 (and it runs
+    twice per image, so its cost is small). Weights load in float32 and are cast, so a float32
+    checkpoint's VAE is not rounded through half on the way. `canvas` is the (width, height) pixel
+    canvas to fit crops into (multiples of the VAE's scale factor); None = the UNet's sample size.
+    """
+    dtype = resolve_precision(dtype, device)
     pipeline = StableDiffusionPipeline.from_pretrained(
-        str(path_or_hub_id), safety_checker=None, requires_safety_checker=False, dtype=dtype
+        str(path_or_hub_id), safety_checker=None, requires_safety_checker=False, dtype=torch.float32,
+        **pretrained_kwargs(path_or_hub_id),
     )
     pipeline.to(device)
     for module in (pipeline.vae, pipeline.unet, pipeline.text_encoder):
         module.eval().requires_grad_(False)
-    return DiffusionParts(
+    if dtype != torch.float32:
+        pipeline.unet.to(dtype)
+        pipeline.text_encoder.to(dtype)
+    parts = DiffusionParts(
         vae=pipeline.vae,
         unet=pipeline.unet,
         text_encoder=pipeline.text_encoder,
         tokenizer=pipeline.tokenizer,
         # inversion and sampling must walk the same deterministic timesteps, whatever the model trained with
         scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
+        canvas=None if canvas is None else (int(canvas[0]), int(canvas[1])),
     )
+    if parts.canvas is not None and any(side % parts.vae_scale_factor for side in parts.canvas):
+        raise ValueError(f"canvas {parts.canvas} is not a multiple of the VAE's scale factor {parts.vae_scale_factor}")
+    return parts
 
 
 def build_tiny_generator(

@@ -1,8 +1,11 @@
 """Prompt-to-Prompt attention control as diffusers attention processors.
 
-The UNet denoises source/edited pairs jointly. The conditional part of its batch is the last
-2 x num_edits rows, laid out as [source_1, edited_1, source_2, edited_2, ...]; anything before it
-(the unconditional half of classifier-free guidance) is left alone. For each pair the controller
+The UNet denoises sources and their edits jointly. The conditional part of its batch is the last
+num_groups + num_edits rows, laid out in groups, each a source row followed by its edits' rows:
+[source_1, edited_1a, edited_1b, ..., source_2, edited_2a, ...] (one group per edit, the default,
+is the pair layout [source_1, edited_1, source_2, edited_2, ...]); anything before it (the
+unconditional half of classifier-free guidance) is left alone. For each edit, against its group's
+source row, the controller
 
 - replaces the edited branch's cross-attention by the source's, moved onto the edited tokens by the
   word-swap mapper, for the first `cross_replace_steps` steps (layout follows the source wording);
@@ -54,10 +57,22 @@ class PromptToPromptController:
         settings: ControlSettings,
         latent_size: tuple[int, int],
         mask_override: torch.Tensor | None = None,
+        groups: list[int] | None = None,
     ):
+        """`groups[i]` is edit i's group (its source); edits of a group are consecutive and groups
+        numbered 0, 1, ... in order. None: every edit its own group (source/edited pairs)."""
         self.settings = settings
         self.latent_size = latent_size
         self.num_edits = len(alignments)
+        groups = list(range(self.num_edits)) if groups is None else list(groups)
+        if len(groups) != self.num_edits or groups != sorted(groups) or sorted(set(groups)) != list(range(len(set(groups)))):
+            raise ValueError(f"groups must number the edits' consecutive groups 0, 1, ..., got {groups}")
+        self.groups = groups
+        self.num_groups = len(set(groups))
+        self.num_rows = self.num_groups + self.num_edits  # conditional rows: a source per group, then its edits
+        # row of each edit, and of its group's source, within the conditional rows
+        self.edit_rows = torch.tensor([i + g + 1 for i, g in enumerate(groups)])
+        self.source_rows = torch.tensor([groups.index(g) + g for g in groups])
         self.mapper = torch.stack([a.mapper for a in alignments])  # (edits, tokens, tokens)
         length = self.mapper.shape[-1]
         self.source_words = _indicator(length, [a.source_tokens for a in alignments])
@@ -84,25 +99,30 @@ class PromptToPromptController:
 
     def edit_probabilities(self, probabilities: torch.Tensor, is_cross: bool) -> torch.Tensor:
         """Takes (batch, heads, queries, keys) probabilities and returns the controlled ones."""
-        conditional = probabilities[-2 * self.num_edits :]
-        source, edited = conditional[0::2], conditional[1::2]
+        offset = probabilities.shape[0] - self.num_rows
+        source = probabilities[offset + self.source_rows.to(probabilities.device)]  # per edit, its source row
+        edit_rows = offset + self.edit_rows.to(probabilities.device)
+        edited = probabilities[edit_rows]
         if is_cross:
             edited = self._control_cross(source, edited)
         elif self.step < self.settings.self_replace_steps:
             edited = source
-        controlled = torch.stack([source, edited], dim=1).flatten(0, 1)
-        return torch.cat([probabilities[: -2 * self.num_edits], controlled])
+        controlled = probabilities.clone()
+        controlled[edit_rows] = edited.to(controlled.dtype)
+        return controlled
 
     def blend(self, latents: torch.Tensor) -> torch.Tensor:
         """Local blend of the latents after a denoising step (a no-op before `blend_start_step`)."""
         if not self._blending or self.step < self.settings.blend_start_step:
             return latents
         mask = self.local_blend_mask().to(latents)
-        pairs = latents.unflatten(0, (self.num_edits, 2))
-        source, edited = pairs[:, 0], pairs[:, 1]
+        edit_rows = self.edit_rows.to(latents.device)
+        source, edited = latents[self.source_rows.to(latents.device)], latents[edit_rows]
         edited = mask * edited + (1 - mask) * source
         self.last_mask = mask
-        return torch.stack([source, edited], dim=1).flatten(0, 1)
+        blended = latents.clone()
+        blended[edit_rows] = edited
+        return blended
 
     def local_blend_mask(self) -> torch.Tensor:
         """(edits, 1, height, width) binary mask on the latent grid."""

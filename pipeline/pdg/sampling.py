@@ -1,4 +1,8 @@
-"""Deterministic DDIM sampling with classifier-free guidance, optionally under attention control."""
+"""Deterministic DDIM sampling with classifier-free guidance, optionally under attention control.
+
+Latents and embeddings are float32 throughout; `DiffusionParts.predict_noise` casts to the UNet's
+dtype for the call only, so the DDIM steps and the blending stay in float32 under a half UNet.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +22,19 @@ def guided_noise(
     text_embeddings: torch.Tensor,
     null_embeddings: torch.Tensor,
     guidance: float,
+    conditional: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The guided noise prediction; guidance 1 needs only the conditional pass."""
+    """The guided noise prediction; guidance 1 needs only the conditional pass. A `conditional`
+    prediction already computed for these latents and this step is reused (one UNet pass, not two)."""
     if guidance == 1:
-        return parts.unet(latents, timestep, encoder_hidden_states=text_embeddings).sample
-    noise = parts.unet(
-        torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([null_embeddings, text_embeddings])
-    ).sample
-    unconditional, conditional = noise.chunk(2)
+        return conditional if conditional is not None else parts.predict_noise(latents, timestep, text_embeddings)
+    if conditional is not None:
+        unconditional = parts.predict_noise(latents, timestep, null_embeddings)
+    else:
+        noise = parts.predict_noise(
+            torch.cat([latents, latents]), timestep, torch.cat([null_embeddings, text_embeddings])
+        )
+        unconditional, conditional = noise.chunk(2)
     return unconditional + guidance * (conditional - unconditional)
 
 
