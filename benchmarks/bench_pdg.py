@@ -227,7 +227,7 @@ def p2p_without_attention_control(parts: DiffusionParts, cfg: PdgConfig):
             parts, requests, num_steps=cfg.num_steps, guidance=cfg.guidance,
             cross_replace_fraction=cfg.cross_replace_fraction, self_replace_fraction=cfg.self_replace_fraction,
             blend_threshold=cfg.blend_threshold or None, blend_start_fraction=cfg.blend_start_fraction,
-            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps, attention_control=False,
+            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps, inversion=cfg.inversion, attention_control=False,
         )
 
     return edit
@@ -298,7 +298,8 @@ def main() -> None:
     params = load_params(args.params)
     pdg = dataclasses.replace(params.pdg, source_count=args.sources, num_samples=1)
     generator = resolve_generator(args.generator)
-    parts = load_generator(generator)
+    canvas = (pdg.canvas_width, pdg.canvas_height) if pdg.canvas_width else None
+    parts = load_generator(generator, "cpu", pdg.precision, canvas=canvas)
     probe, probe_info = ensure_probe(Path(args.probe), args.prepared, params.generator.height,
                                      params.generator.width, params.generator.seed)
 
