@@ -1,6 +1,7 @@
 """Text-to-image retrieval evaluation of a dual encoder on a prepared split.
 
-Queries are every caption of the split, the gallery every image (DESIGN.md section 3).
+Queries are every caption of the split, the gallery every image (docs/design.md, section 3,
+"Evaluation protocol").
 Under several processes each embeds an interleaved share and the shares are gathered,
 so the result is the same as one process computing everything.
 """

@@ -1,4 +1,6 @@
-"""Hardness-aware contrastive loss for the dual encoder (DESIGN.md section 1.2).
+"""Hardness-aware contrastive loss for the dual encoder.
+
+Background: docs/design.md, section 1.2, "Hardness-aware, identity-aware contrastive loss".
 
 For an anchor i (an image, or a caption in the other direction) and the in-batch candidates j
 of the other modality, with s_ij the cosine similarity and tau the temperature:

@@ -1,4 +1,6 @@
-"""Text-to-image retrieval metrics: Rank-K, mAP, mINP and the CMC curve (DESIGN.md section 3).
+"""Text-to-image retrieval metrics: Rank-K, mAP, mINP and the CMC curve.
+
+The protocol: docs/design.md, section 3, "Evaluation protocol".
 
 Each query ranks the whole gallery by similarity, descending. Ties are broken by
 gallery index: among equal similarities the lower index ranks first, so results are
