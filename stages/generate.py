@@ -87,9 +87,22 @@ def main() -> int:
     shards = plan.shards(cfg.shard_size)
     remaining = [i for i in range(len(shards)) if not (OUT_DIR / (SHARD_NAME % i)).is_file()]
     planned = plan_unet_evaluations(plan, cfg, remaining)
+    summary = {
+        "method": cfg.method,
+        "sources": plan.sources,
+        "sources_without_edit": plan.sources_without_edit,
+        "edits_not_alignable": plan.edits_not_alignable,
+        "samples": len(plan.jobs),
+        "shards": len(shards),
+        "processes": world,
+        "unet_evaluations_planned": planned,  # the unfinished shards of this run, all processes
+        "precision": str(parts.dtype).removeprefix("torch."),
+        "canvas": list(parts.image_size),
+    }
     if accelerator.is_main_process:
         log.info("planned: %d UNet evaluations for %d unfinished shard(s) (%d for the whole plan)",
                  planned, len(remaining), plan_unet_evaluations(plan, cfg))
+        write_json_atomic(METRICS, summary)  # the plan, before any work; the measured figures follow at the end
     images = load_source_images(PREPARED, {job.source.key for job in plan.jobs})
     mine = sum(len(jobs) for i, jobs in enumerate(shards) if i % world == rank)
 
@@ -112,21 +125,12 @@ def main() -> int:
         log.info("measured: %d UNet evaluations (this process) at %.1f rows/s; planned %s",
                  count.rows, editor.rows_per_s, estimate)
         write_json_atomic(METRICS, {
-            "method": cfg.method,
-            "sources": plan.sources,
-            "sources_without_edit": plan.sources_without_edit,
-            "edits_not_alignable": plan.edits_not_alignable,
-            "samples": len(plan.jobs),
-            "shards": len(plan.shards(cfg.shard_size)),
-            "processes": world,
+            **summary,
             "samples_per_s": round(report.samples_per_s * world, 3),  # the main process's rate, times processes
             "shards_kept_from_earlier_run": report.shards_kept,
-            "unet_evaluations_planned": planned,  # the unfinished shards of this run, all processes
             "unet_evaluations_measured": count.rows,  # counted by the hook, this (the main) process
             "unet_evaluations_per_s": round(editor.rows_per_s, 3),  # this process, while editing
             "estimated_hours_at_measured_rate": None if hours is None else float(f"{hours:.3g}"),
-            "precision": str(parts.dtype).removeprefix("torch."),
-            "canvas": list(parts.image_size),
         })
         _sample_sheet(plan, images, cfg.sheet_samples)
     log.info("wrote %d shard(s) (%d kept) at %.2f samples/s", report.shards_written, report.shards_kept, report.samples_per_s)
