@@ -11,13 +11,24 @@ import pytest
 FIXTURES_DIR = Path(os.environ.get("TBPS_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The tiny SynthPedes profile prepared once (tests/tiny_project.py's TINY_PROFILE), read-only."""
+    from pipeline.config import params_from_dict
+    from pipeline.data.prepare import prepare
+    from tiny_project import TINY_PROFILE
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(params_from_dict(TINY_PROFILE), out)
+    return out
+
+
 @pytest.fixture
 def cuhk_mini() -> Path:
     """The real CUHK-PEDES excerpt, read-only."""
-    path = FIXTURES_DIR / "cuhk-pedes-mini"
-    if not (path / "reid_raw.json").is_file():
-        pytest.skip(f"real CUHK-PEDES excerpt not found at {path} (set TBPS_FIXTURES to the fixtures folder)")
-    return path
+    from tiny_project import require_fixture
+
+    return require_fixture(FIXTURES_DIR / "cuhk-pedes-mini" / "reid_raw.json").parent
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.text import PALETTE, edit_caption, edit_captions, find_color_phrases
+from tiny_project import require_fixture
 
 FIXTURES = Path(os.environ.get("TBPS_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 REAL_ANNOTATIONS = FIXTURES / "cuhk-pedes-test-annotations" / "test_reid.json"
@@ -31,8 +32,7 @@ def phrases(caption: str, **kwargs) -> list[tuple[str, list[str], str]]:
 
 @pytest.fixture
 def real_captions() -> list[str]:
-    if not REAL_ANNOTATIONS.is_file():
-        pytest.skip(f"real CUHK-PEDES test annotations not found at {REAL_ANNOTATIONS} (set TBPS_FIXTURES)")
+    require_fixture(REAL_ANNOTATIONS)
     return [caption for record in json.loads(REAL_ANNOTATIONS.read_text()) for caption in record["captions"]]
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import CaptionConfig, FilterConfig, params_from_dict
+from pipeline.config import CaptionConfig, FilterConfig
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest, write_tar_atomic
 from pipeline.data.loader import StreamPlan, proximity_by_source, raw_pairs
-from pipeline.data.prepare import prepare
 from pipeline.pdg.captioning import (
     ImageCaptioner,
     assign_identities,
@@ -293,13 +292,6 @@ def _tiny_captioner(folder):
     BlipForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return ImageCaptioner(str(folder), max_tokens=5)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prepared")
-    prepare(params_from_dict(TINY_PROFILE), folder)
-    return folder
 
 
 def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared, tmp_path):

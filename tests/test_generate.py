@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import PdgConfig, params_from_dict
+from pipeline.config import PdgConfig
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
-from pipeline.data.prepare import prepare
 from pipeline.pdg.generate import (
     alignable_with,
     generation_fingerprint,
@@ -31,16 +30,9 @@ from pipeline.pdg.generate import (
     weights_digest,
 )
 from pipeline.pdg.model import build_tiny_generator, load_generator
-from tiny_project import TINY_PROFILE, make_tiny_project
+from tiny_project import make_tiny_project
 
 CFG = PdgConfig(source_count=6, num_samples=2, num_steps=4, batch_size=3, shard_size=4, sheet_samples=4)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(params_from_dict(TINY_PROFILE), out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.config import PdgConfig, params_from_dict
+from pipeline.config import PdgConfig
 from pipeline.data.canonical import manifest_path, read_manifest
-from pipeline.data.prepare import prepare
 from pipeline.pdg.cost import count_unet, plan_unet_evaluations, unet_evaluations
 from pipeline.pdg.generate import (
     alignable_with,
@@ -19,16 +18,8 @@ from pipeline.pdg.generate import (
     run_generation,
 )
 from pipeline.pdg.model import build_tiny_generator, load_generator
-from tiny_project import TINY_PROFILE
 
 CFG = PdgConfig(source_count=4, num_samples=2, num_steps=3, batch_size=3, shard_size=5, sheet_samples=0)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(params_from_dict(TINY_PROFILE), out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import yaml
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from pipeline.config import params_from_dict
-from pipeline.data.prepare import prepare
 from pipeline.data.synthpedes import COLOR_NAMES
 from pipeline.pdg.caption_tokenizer import colour_words, train_caption_tokenizer
 from pipeline.pdg.generator_training import (
@@ -69,13 +68,6 @@ TINY_GENERATOR_PARAMS = {
     "text_encoder": "clip", "text_width": 16, "text_layers": 1, "sample_steps": 3, "latent_channels": 4,
 }
 TINY_GENERATOR = params_from_dict({"generator": TINY_GENERATOR_PARAMS}).generator
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prepared")
-    prepare(params_from_dict(TINY_PROFILE), folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

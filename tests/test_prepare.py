@@ -13,7 +13,7 @@ from pipeline.config import params_from_dict
 from pipeline.data.canonical import SPLITS, iter_shard_samples, list_shards, manifest_path, read_manifest, rgb_image
 from pipeline.data.loader import StreamPlan, global_batches
 from pipeline.data.prepare import DataProblemsError, prepare, write_data_metrics
-from tiny_project import FIXTURES, TINY_PROFILE, dvc, make_tiny_project
+from tiny_project import FIXTURES, TINY_PROFILE, dvc, make_tiny_project, require_fixture
 
 CUHK_MINI = FIXTURES / "cuhk-pedes-mini"
 
@@ -46,9 +46,7 @@ def test_dvc_repro_prepare_builds_the_canonical_form_reproducibly(tmp_path):
 
 @pytest.fixture
 def cuhk_mini():
-    if not CUHK_MINI.exists():
-        pytest.skip(f"real fixture not found at {CUHK_MINI} (set TBPS_FIXTURES)")
-    return CUHK_MINI
+    return require_fixture(CUHK_MINI)
 
 
 def _cuhk_params(root, **data):

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
-from tiny_project import FIXTURES, deep_merge, dvc, make_tiny_project
+from tiny_project import FIXTURES, deep_merge, dvc, make_tiny_project, require_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,7 @@ SHORT = {
 
 
 def _cuhk_mini() -> Path:
-    path = FIXTURES / "cuhk-pedes-mini"
-    if not (path / "reid_raw.json").is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"real CUHK-PEDES excerpt missing at {path}: CI must have the shared fixtures")
-        pytest.skip(f"real CUHK-PEDES excerpt not found at {path}")
-    return path
+    return require_fixture(FIXTURES / "cuhk-pedes-mini" / "reid_raw.json").parent
 
 
 def _run_stage(project: Path, stage: str) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,16 @@ TINY_PROFILE = {
     "data": {"shard_size": 16},
     "synth": {"num_train_ids": 16, "num_val_ids": 4, "num_test_ids": 6, "images_per_id": 2, "contact_sheet_ids": 3},
 }
+
+
+def require_fixture(path: Path) -> Path:
+    """A file or folder of the shared fixtures: skipped where they are absent, a failure in CI
+    (which always has them)."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared fixture {path} missing, and CI is set: CI must have ../shared/fixtures")
+        pytest.skip(f"shared fixture {path} not found (set TBPS_FIXTURES to the fixtures folder)")
+    return path
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
