@@ -25,7 +25,7 @@ from pipeline.evaluation import embed_retrieval_split, load_retrieval_split
 from pipeline.io import write_json_atomic
 from pipeline.models import DualEncoder
 from pipeline.models.tokenization import tokenize
-from pipeline.pdg.probe import LOWER_NOUNS, UPPER_NOUNS
+from pipeline.generator.probe import LOWER_NOUNS, UPPER_NOUNS
 from pipeline.text.caption_edit import edit_captions
 
 REPO = Path(__file__).resolve().parents[1]

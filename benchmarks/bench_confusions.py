@@ -26,7 +26,7 @@ from pipeline.data.canonical import iter_shard_samples, list_shards
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.io import write_json_atomic
 from pipeline.models import DualEncoder
-from pipeline.pdg.probe import LOWER_NOUNS, UPPER_NOUNS, names_colour
+from pipeline.generator.probe import LOWER_NOUNS, UPPER_NOUNS, names_colour
 
 REPO = Path(__file__).resolve().parents[1]
 GARMENT_NOUNS = (("upper", UPPER_NOUNS), ("lower", LOWER_NOUNS))

@@ -31,15 +31,11 @@ from diffusers import AutoencoderKL
 
 from pipeline.config import load_params, params_from_dict
 from pipeline.io import write_json_atomic
-from pipeline.pdg.generator_training import (
-    load_images,
-    plot_loss_curves,
-    reconstruction_psnr,
-    save_pipeline,
-    train_generator,
-    write_sample_grid,
-)
-from pipeline.pdg.probe import (
+from pipeline.generator.checkpoint import save_pipeline
+from pipeline.generator.data import load_images
+from pipeline.generator.samples import plot_loss_curves, write_sample_grid
+from pipeline.generator.training import reconstruction_psnr, train_generator
+from pipeline.generator.probe import (
     WEIGHTS_FILE,
     AttributeProbe,
     colour_prompts,

@@ -57,12 +57,13 @@ from pipeline.config import PdgConfig, load_params
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.data.synthpedes import PALETTE
 from pipeline.io import write_json_atomic
-from pipeline.pdg.editing import EditRequest, edit_p2p_batch
+from pipeline.editing.edit import EditRequest, edit_p2p_batch
 from pipeline.pdg.generate import GenerationJob, alignable_with, load_source_images, make_editor, plan_generation
-from pipeline.pdg.generator_training import load_images, resolve_generator
-from pipeline.pdg.model import DiffusionParts, back_to_crop, fit_to_model, load_generator
+from pipeline.generator.checkpoint import resolve_generator
+from pipeline.generator.data import load_images
+from pipeline.generator.model import DiffusionParts, back_to_crop, fit_to_model, load_generator
 from pipeline.pdg.edit_check import ColourEdit, colour_edit, edit_confirmed, edit_readings, read_colours
-from pipeline.pdg.probe import CONFIG_FILE, AttributeProbe, probe_accuracy, train_probe
+from pipeline.generator.probe import CONFIG_FILE, AttributeProbe, probe_accuracy, train_probe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,15 +30,15 @@ Run from the repository root after `dvc repro`:
     python benchmarks/bench_pdg_gain.py --rows baseline pdg --seeds 0 1 2
     python benchmarks/bench_pdg_gain.py --rows offline offline+text offline+mixup filter-off img2img samples-1 samples-4 --seeds 0
 
-and on machine B (benchmarks/results/pdg_gain_amx.json, README "Two machines"), e.g.
+and on machine B (benchmarks/results/pdg_gain_amx.json, docs/reproducibility.md), e.g.
 
     python benchmarks/bench_pdg_gain.py --rows probe-filter probe-reject-wrong text-only-pdg-steps --seeds 0 1 2 --out benchmarks/results/pdg_gain_amx.json
 
-Scarce annotations (README): after `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40`,
+Scarce annotations (docs/results.md): after `dvc exp run -S synth.num_train_ids=150 -S train.epochs=40`,
 
     python benchmarks/bench_pdg_gain.py --rows baseline pdg baseline-pdg-steps offline offline+text offline+mixup text-only --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce.json
 
-and with the default DAG's generator swapped in (README gives the recipe),
+and with the default DAG's generator swapped in (docs/results.md gives the recipe),
 
     python benchmarks/bench_pdg_gain.py --rows pdg text-only-pdg-steps offline+text probe-filter probe-reject-wrong --seeds 0 1 2 --out benchmarks/results/pdg_gain_scarce_default_generator.json
 

@@ -34,8 +34,8 @@ from pipeline.losses import HardnessAwareContrastiveLoss  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.models.tokenization import tokenize  # noqa: E402
 from pipeline.pdg.cost import count_unet  # noqa: E402
-from pipeline.pdg.editing import EditRequest, edit_p2p_batch  # noqa: E402
-from pipeline.pdg.model import load_generator  # noqa: E402
+from pipeline.editing.edit import EditRequest, edit_p2p_batch  # noqa: E402
+from pipeline.generator.model import load_generator  # noqa: E402
 
 CAPTION = "a woman in a red coat and black trousers with a black backpack, walking on the street"
 EDITED = ("a woman in a green coat and black trousers with a black backpack, walking on the street",

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix
 from pipeline.models.tokenization import tokenize
+from pipeline.optimization import build_optimizer, lr_lambda
 from pipeline.text.approximate import ApproximateText, build_approximate_text
 
 log = logging.getLogger(__name__)
@@ -116,65 +116,6 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def head_parameters(model: DualEncoder) -> set[int]:
-    """Ids of the parameters no pretrained checkpoint provides: the dual encoder's own projections
-    (when they are Linear layers, not CLIP's Identity) and the learnable temperature."""
-    heads = [m for m in (model.image_projection, model.text_projection) if isinstance(m, torch.nn.Linear)]
-    ids = {id(p) for module in heads for p in module.parameters()}
-    if isinstance(model.log_temperature, torch.nn.Parameter):
-        ids.add(id(model.log_temperature))
-    return ids
-
-
-def _optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases, norms and the temperature; the heads (`head_parameters`)
-    at train.head_lr when it is set and differs from train.lr.
-
-    Groups, in this order, empty ones left out: decay, no decay (the towers; every parameter when
-    there is no separate head rate), then the heads' decay and no decay."""
-    head_lr = cfg.head_lr or cfg.lr
-    heads = head_parameters(model) if head_lr != cfg.lr else set()
-    decay, no_decay, head_decay, head_no_decay = [], [], [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            if id(parameter) in heads:
-                (head_no_decay if parameter.ndim < 2 else head_decay).append(parameter)
-            else:
-                (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if heads:
-        groups = [g for g in groups if g["params"]] + [
-            g for g in ({"params": head_decay, "weight_decay": cfg.weight_decay, "lr": head_lr},
-                        {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr}) if g["params"]
-        ]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def resolve_mixed_precision(choice: str, cpu: bool = False) -> str:
-    """train.mixed_precision as Accelerate takes it; auto: bf16 on a GPU that has it, else fp16 on a
-    GPU, else no (the CPU)."""
-    if choice != "auto":
-        return choice
-    if cpu or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def make_accelerator(params: Params, cpu: bool = False) -> Accelerator:
-    cpu = cpu or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(params.train.mixed_precision, cpu))
-
-
 def _check_mixup_layer(online: OnlineConfig, model: DualEncoder) -> None:
     if online.mixup_prob <= 0:
         return
@@ -226,9 +167,9 @@ class Trainer:
             params.model, (params.data.image_height, params.data.image_width),
             captions=(c for row in train_rows for c in row.captions),
         )
-        optimizer = _optimizer(model, self.cfg)
+        optimizer = build_optimizer(model, self.cfg)
         warmup = int(self.cfg.warmup_fraction * self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(self.total_steps, max(1, warmup)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.total_steps, max(1, warmup)))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: Accelerate would step it once per process, but our batch is global.
         self.scheduler = scheduler

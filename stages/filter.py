@@ -19,19 +19,10 @@ from pathlib import Path
 
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.io import write_json_atomic
-from pipeline.pdg.filtering import (
-    AttributeChecker,
-    NoSuchCheckpoint,
-    filter_pairs,
-    dual_encoder_folder,
-    load_scorer,
-    read_generated,
-    referenced_sources,
-    summarise,
-    write_kept,
-)
+from pipeline.pdg.filtering import AttributeChecker, filter_pairs, read_generated, referenced_sources, summarise, write_kept
+from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
 from pipeline.pdg.generate import load_source_images, pdg_shards
-from pipeline.pdg.probe import CONFIG_FILE, AttributeProbe
+from pipeline.generator.probe import CONFIG_FILE, AttributeProbe
 from pipeline.plots import plot_filter_examples
 from pipeline.runtime import inference_device, start_stage
 

@@ -32,8 +32,8 @@ from pipeline.pdg.generate import (
     shard_names,
     wait_for_shards,
 )
-from pipeline.pdg.generator_training import resolve_generator
-from pipeline.pdg.model import load_generator
+from pipeline.generator.checkpoint import resolve_generator
+from pipeline.generator.model import load_generator
 from pipeline.plots import plot_generated_pairs
 from pipeline.runtime import start_stage
 

@@ -14,7 +14,8 @@ from pipeline.config import ConfigError, FieldError
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import start_stage
-from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs, make_accelerator
+from pipeline.optimization import make_accelerator
+from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
 
 PREPARED = Path("data/prepared")
 

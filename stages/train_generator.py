@@ -7,7 +7,7 @@ StableDiffusionPipeline folder in models/generator; trains the attribute probe (
 the data carries colour labels, on the training split only) and measures with it how often
 generated images show the prompted garment colours. Real profile
 (generator.pretrained set): trains nothing; models/generator holds only pretrained.json naming the
-checkpoint, which `pipeline.pdg.generator_training.resolve_generator` hands to the next stage, so
+checkpoint, which `pipeline.generator.checkpoint.resolve_generator` hands to the next stage, so
 that changing the checkpoint reruns what depends on it; models/probe holds only a note. The reports
 are the same files in both profiles: samples.png is a sample grid from the pretrained model (a few
 val captions, person-shaped where the model is Stable Diffusion 1.x-sized), and loss_curves.png a
@@ -26,22 +26,11 @@ from pipeline.config import GeneratorConfig, SynthConfig
 from pipeline.data.synthpedes import render_generator_pool
 from pipeline.hub import looks_like_path
 from pipeline.io import write_json_atomic
-from pipeline.pdg.generator_training import (
-    LabelledImages,
-    labelled_images,
-    load_grid_images,
-    load_images,
-    load_pretrained_pipeline,
-    plot_loss_curves,
-    plot_no_training,
-    pretrained_sample_size,
-    reconstruction_psnr,
-    save_pipeline,
-    train_generator,
-    write_pretrained_pointer,
-    write_sample_grid,
-)
-from pipeline.pdg.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
+from pipeline.generator.checkpoint import load_pretrained_pipeline, pretrained_sample_size, save_pipeline, write_pretrained_pointer
+from pipeline.generator.data import labelled_images, LabelledImages, load_grid_images, load_images
+from pipeline.generator.samples import plot_loss_curves, plot_no_training, write_sample_grid
+from pipeline.generator.training import reconstruction_psnr, train_generator
+from pipeline.generator.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
 from pipeline.runtime import inference_device, start_stage
 
 PREPARED = Path("data/prepared")

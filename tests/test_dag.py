@@ -11,6 +11,8 @@ from test_generator_training import TINY_GENERATOR_PARAMS
 from test_training import TINY_TRAINING
 from tiny_project import deep_merge, dvc, make_tiny_project
 
+pytestmark = pytest.mark.slow  # real `dvc repro` of the whole tiny DAG
+
 TINY_DAG = deep_merge(TINY_TRAINING, {
     "generator": {**TINY_GENERATOR_PARAMS, "vae_steps": 4, "unet_steps": 4, "sample_steps": 2, "latent_channels": 4},
     "pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2, "sheet_samples": 2},

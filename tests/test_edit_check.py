@@ -13,7 +13,7 @@ from pipeline.data.canonical import write_tar_atomic
 from pipeline.data.synthpedes import PALETTE
 from pipeline.pdg.edit_check import colour_edit, edit_confirmed, garment_of, palette_name, read_colours
 from pipeline.pdg.filtering import AttributeChecker, filter_pairs, read_generated, summarise
-from pipeline.pdg.probe import LOWER_CLASSES, UPPER_CLASSES
+from pipeline.generator.probe import LOWER_CLASSES, UPPER_CLASSES
 
 TORSO, LEGS = (slice(14, 34), slice(8, 24)), (slice(34, 58), slice(10, 22))
 SOURCE = {"upper_color": "red", "lower_color": "blue", "lower_visible": "yes"}

@@ -22,11 +22,9 @@ from pipeline.pdg.captioning import (
     write_training_set,
 )
 from pipeline.pdg.crops import GREY, pad_to_square
+from pipeline.pdg.scorers import ClipScorer, NoSuchCheckpoint, check_clip_checkpoint
 from pipeline.pdg.filtering import (
-    ClipScorer,
-    NoSuchCheckpoint,
     ScoredPair,
-    check_clip_checkpoint,
     filter_pairs,
     noise_share,
     outside_change,
@@ -119,7 +117,7 @@ def _tiny_clip(folder):
     """A tiny random CLIP with its tokenizer and a 32-pixel image processor, saved in `folder`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from pipeline.pdg.caption_tokenizer import train_caption_tokenizer
+    from pipeline.generator.caption_tokenizer import train_caption_tokenizer
 
     tokenizer = train_caption_tokenizer(["a man in a red shirt", "a man in a green shirt"])
     config = CLIPConfig(

@@ -29,7 +29,8 @@ from pipeline.pdg.generate import (
     wait_for_shards,
     weights_digest,
 )
-from pipeline.pdg.model import build_tiny_generator, load_generator
+from pipeline.generator.model import load_generator
+from tiny_generator import build_tiny_generator
 from tiny_project import make_tiny_project
 
 CFG = PdgConfig(source_count=6, num_samples=2, num_steps=4, batch_size=3, shard_size=4, sheet_samples=4)
@@ -171,6 +172,7 @@ def test_wait_for_shards_returns_once_every_shard_exists(tmp_path):
     late.join()
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
     overrides = {"pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2,
                          "sheet_samples": 3}}

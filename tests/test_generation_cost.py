@@ -17,7 +17,8 @@ from pipeline.pdg.generate import (
     prepare_output,
     run_generation,
 )
-from pipeline.pdg.model import build_tiny_generator, load_generator
+from pipeline.generator.model import load_generator
+from tiny_generator import build_tiny_generator
 
 CFG = PdgConfig(source_count=4, num_samples=2, num_steps=3, batch_size=3, shard_size=5, sheet_samples=0)
 

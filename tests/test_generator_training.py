@@ -14,35 +14,13 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from pipeline.config import params_from_dict
 from pipeline.data.synthpedes import COLOR_NAMES
-from pipeline.pdg.caption_tokenizer import colour_words, train_caption_tokenizer
-from pipeline.pdg.generator_training import (
-    ParameterAverage,
-    _groups,
-    _random_crop,
-    build_text_encoder,
-    build_vae,
-    build_unet,
-    encode_latents,
-    generate,
-    load_grid_images,
-    load_images,
-    load_pretrained_pipeline,
-    plot_loss_curves,
-    plot_no_training,
-    plot_sample_grid,
-    pretrained_sample_size,
-    reconstruction_psnr,
-    sample_timesteps,
-    resolve_generator,
-    save_pipeline,
-    set_latent_scale,
-    tokenize_captions,
-    train_generator,
-    train_unet,
-    train_vae,
-    write_pretrained_pointer,
-)
-from pipeline.pdg.probe import (
+from pipeline.generator.caption_tokenizer import colour_words, train_caption_tokenizer
+from pipeline.generator.build import build_text_encoder, build_unet, build_vae, _groups
+from pipeline.generator.checkpoint import load_pretrained_pipeline, pretrained_sample_size, resolve_generator, save_pipeline, write_pretrained_pointer
+from pipeline.generator.data import load_grid_images, load_images
+from pipeline.generator.samples import plot_loss_curves, plot_no_training, plot_sample_grid, sample_images
+from pipeline.generator.training import encode_latents, ParameterAverage, _random_crop, reconstruction_psnr, sample_timesteps, set_latent_scale, tokenize_captions, train_generator, train_unet, train_vae
+from pipeline.generator.probe import (
     LOWER_NOUNS,
     UPPER_NOUNS,
     AttributeProbe,
@@ -57,8 +35,9 @@ from PIL import Image
 from transformers import BertModel
 
 from pipeline.models import minilm_path
-from pipeline.pdg.editing import EditRequest, edit_p2p_batch
-from pipeline.pdg.model import build_tiny_generator, load_generator
+from pipeline.editing.edit import EditRequest, edit_p2p_batch
+from pipeline.generator.model import load_generator
+from tiny_generator import build_tiny_generator
 from tiny_project import REPO, TINY_PROFILE, deep_merge, dvc, make_tiny_project
 
 HEIGHT, WIDTH = 32, 16
@@ -184,9 +163,9 @@ def test_trained_generator_saves_loads_and_samples(train_images, tmp_path):
     folder = save_pipeline(trained.pipeline, tmp_path / "generator")
     assert resolve_generator(folder) == str(folder)
     loaded = StableDiffusionPipeline.from_pretrained(folder)
-    images = generate(loaded, ["a man in a red jacket", "a woman in a blue dress"], guidance=4.0, steps=2)
+    images = sample_images(loaded, ["a man in a red jacket", "a woman in a blue dress"], guidance=4.0, steps=2)
     assert images.shape == (2, 3, HEIGHT, WIDTH) and 0 <= images.min() <= images.max() <= 1
-    again = generate(loaded, ["a man in a red jacket"], guidance=4.0, steps=2)
+    again = sample_images(loaded, ["a man in a red jacket"], guidance=4.0, steps=2)
     assert torch.allclose(again[0], images[0], atol=1e-4)  # prompt i's noise depends only on its index
     plot_loss_curves(trained, tmp_path / "curves.png")
     plot_sample_grid(train_images.pixels[:2], images[:, None], ["a", "b"], tmp_path / "grid.png", "samples")
@@ -275,6 +254,7 @@ def _assert_png(path, min_size=(200, 100)):
         assert image.format == "PNG" and image.width >= min_size[0] and image.height >= min_size[1]
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
     shutil.copytree(prepared, tmp_path / "data" / "prepared")
     metrics = _run_stage(tmp_path, {"vae_steps": 2, "unet_steps": 2, "sample_steps": 2}, generator_ids=5)

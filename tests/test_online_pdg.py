@@ -18,7 +18,8 @@ from pipeline.text.approximate import (
     lexicon_neighbours,
 )
 from pipeline.text.lexicon import COLOR_FAMILY, GARMENT_NOUNS
-from pipeline.training import Trainer, TrainOutputs, make_accelerator
+from pipeline.optimization import make_accelerator
+from pipeline.training import Trainer, TrainOutputs
 from test_training import TINY_TRAINING
 from tiny_project import TINY_PROFILE, deep_merge
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.pdg.alignment import align_word_swap, resample_matrix, tokens_in_span
-from pipeline.pdg.editing import EditRequest, edit_img2img, edit_p2p, edit_p2p_batch
-from pipeline.pdg.inversion import invert
-from pipeline.pdg.model import TINY_WORDS, back_to_crop, build_tiny_generator, fit_to_model, load_generator
-from pipeline.pdg.p2p import ControlSettings, PromptToPromptController
-from pipeline.pdg.sampling import denoise
+from pipeline.editing.alignment import align_word_swap, resample_matrix, tokens_in_span
+from pipeline.editing.edit import EditRequest, edit_img2img, edit_p2p, edit_p2p_batch
+from pipeline.editing.inversion import invert
+from pipeline.generator.model import back_to_crop, fit_to_model, load_generator
+from tiny_generator import TINY_WORDS, build_tiny_generator
+from pipeline.editing.p2p import ControlSettings, PromptToPromptController
+from pipeline.editing.sampling import denoise
 
 SOURCE = "a man in a red jacket and blue jeans"
 EDITED = "a man in a turquoise jacket and blue jeans"

@@ -23,6 +23,7 @@ def _lock_outs(project):
     return {out["path"]: out["md5"] for out in stage["outs"]}
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_dvc_repro_prepare_builds_the_canonical_form_reproducibly(tmp_path):
     project = make_tiny_project(tmp_path)
     dvc(project, "repro", "prepare")

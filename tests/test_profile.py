@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import hub
 from pipeline.config import HubConfig, load_params
-from pipeline.pdg.model import build_tiny_generator
+from tiny_generator import build_tiny_generator
 from pipeline.profile import EMBEDDED, check_inputs, profile_command, real_recipe
 from test_models import save_tiny_clip
 from tiny_project import REPO, make_tiny_project
@@ -115,6 +115,7 @@ def test_a_hub_id_is_refused_offline_and_pinned_when_allowed(tmp_path, monkeypat
     assert hub.pretrained_kwargs("openai/clip-vit-base-patch16") == {"local_files_only": True}
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_a_stage_with_a_missing_checkpoint_stops_before_any_work(tmp_path):
     project = make_tiny_project(tmp_path / "project", {
         "model": {"preset": "clip-vit-b16", "vision_path": str(tmp_path / "no-clip"), "text_path": str(tmp_path / "no-clip")},

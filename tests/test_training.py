@@ -18,7 +18,8 @@ from pipeline.config import params_from_dict
 from pipeline.data.canonical import list_shards
 from pipeline.data.loader import StreamPlan, global_batches
 from pipeline.data.prepare import prepare
-from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs, make_accelerator
+from pipeline.optimization import make_accelerator
+from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
 from tiny_project import TINY_PROFILE, deep_merge, dvc, make_tiny_project
 
 # A model and schedule small enough for a few seconds of CPU training.
@@ -72,6 +73,7 @@ def test_data_stream_is_split_exactly_across_processes(tmp_path):
     assert other_epoch != whole and sorted(sum(other_epoch, [])) == sorted(sum(whole, []))
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_training_learns_and_the_stages_write_their_outputs(tmp_path):
     project = _project(tmp_path, {"train": {"epochs": 8, "lr": 0.003}})
     dvc(project, "repro", "evaluate@baseline")
@@ -99,6 +101,7 @@ def _set_train_params(project, **train):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     straight = _project(tmp_path / "straight")
     _train(straight)
@@ -133,6 +136,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         assert torch.equal(tensor, _weights(killed)[name]), name
 
 
+@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
 def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     one = _project(tmp_path / "one")
     _train(one)

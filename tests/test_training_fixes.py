@@ -17,15 +17,8 @@ from pipeline.data.canonical import list_shards
 from pipeline.data.prepare import prepare
 from pipeline.evaluation import RetrievalSplit, embed_retrieval_split
 from pipeline.models import build_model
-from pipeline.training import (
-    Trainer,
-    TrainOutputs,
-    _lr_lambda,
-    _optimizer,
-    make_accelerator,
-    resolve_mixed_precision,
-    training_fingerprint,
-)
+from pipeline.optimization import build_optimizer, lr_lambda, make_accelerator, resolve_mixed_precision
+from pipeline.training import Trainer, TrainOutputs, training_fingerprint
 from test_models import CAPTIONS, TINY, save_tiny_clip
 from test_training import TINY_TRAINING
 from tiny_project import TINY_PROFILE, deep_merge
@@ -208,13 +201,13 @@ def test_without_a_separate_head_rate_the_groups_are_as_before(head_lr):
         ([id(p) for p in trainable if p.ndim >= 2], 5e-4, 0.05),
         ([id(p) for p in trainable if p.ndim < 2], 5e-4, 0.0),
     ]
-    assert _groups(_optimizer(model, cfg)) == expected
+    assert _groups(build_optimizer(model, cfg)) == expected
 
 
 def test_head_lr_applies_to_new_projections_and_the_temperature():
     model = _tiny_model()
     cfg = TrainConfig(lr=1e-4, head_lr=5e-4, weight_decay=0.05, warmup_fraction=0.5)
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     heads = [model.image_projection.weight, model.image_projection.bias, model.text_projection.weight,
              model.text_projection.bias, model.log_temperature]
     head_ids = {id(p) for p in heads}
@@ -230,7 +223,7 @@ def test_head_lr_applies_to_new_projections_and_the_temperature():
         id(model.image_projection.bias), id(model.text_projection.bias), id(model.log_temperature)
     }
     assert len(optimizer.param_groups[2]["params"]) == 2
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(10, 5))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 5))
     seen = []
     for _ in range(8):
         optimizer.step()
@@ -245,11 +238,11 @@ def test_clip_keeps_its_projections_at_the_tower_rate(tmp_path):
     clip = save_tiny_clip(tmp_path / "clip")
     model = _tiny_model(preset="clip-vit-b16", vision_path=str(clip), text_path=str(clip), embed_dim=24,
                         max_text_length=64)
-    groups = _groups(_optimizer(model, TrainConfig(lr=1e-5, head_lr=5e-5)))
+    groups = _groups(build_optimizer(model, TrainConfig(lr=1e-5, head_lr=5e-5)))
     assert [(len(ids), lr) for ids, lr, _ in groups][2:] == [(1, 5e-5)]
     assert groups[2][0] == [id(model.log_temperature)]  # the only head: CLIP's projections are pretrained
     fixed = _tiny_model(learn_temperature=False)
-    assert len(_optimizer(fixed, TrainConfig(lr=1e-4, head_lr=5e-4)).param_groups) == 4  # projections' W and b
+    assert len(build_optimizer(fixed, TrainConfig(lr=1e-4, head_lr=5e-4)).param_groups) == 4  # projections' W and b
 
 
 # --- train.mixed_precision: auto ---

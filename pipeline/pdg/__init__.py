@@ -1,7 +1,8 @@
-"""Proximity data generation (PDG).
+"""Proximity data generation: the making of proximity pairs from training pairs.
 
-Image editing with a Stable-Diffusion-layout model: `model` (loading, tiny test models, crop
-fitting), `alignment` (prompt token alignment), `p2p` (Prompt-to-Prompt attention processors),
-`inversion` (DDIM and null-text inversion), `sampling` (guided DDIM), `editing` (entry points).
+`generate` (planning and running the edits into shards), `cost` (UNet evaluations: the formula and
+a counting hook), `filtering` (scoring and keeping pairs), `captioning` (training texts and
+identities), `crops` (person crops for CLIP/BLIP processors), `edit_check` (the attribute probe's
+verdict on an edit). The generator is `pipeline.generator`, the editing `pipeline.editing`.
 Nothing is imported here, so light users of the package do not pay for importing diffusers.
 """

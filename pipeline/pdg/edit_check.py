@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.text.lexicon import COLOR_FAMILY
 
-from .probe import LOWER_NOUNS, UPPER_NOUNS, AttributeProbe, predict_colours
+from pipeline.generator.probe import LOWER_NOUNS, UPPER_NOUNS, AttributeProbe, predict_colours
 
 
 # Besides the SynthPedes nouns, words real captions use for a top.

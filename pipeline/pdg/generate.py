@@ -105,7 +105,7 @@ def plan_generation(
 
 def alignable_with(tokenizer) -> Callable[[CaptionEdit], bool]:
     """Whether Prompt-to-Prompt can align an edit's prompts under `tokenizer`."""
-    from pipeline.pdg.alignment import align_word_swap
+    from pipeline.editing.alignment import align_word_swap
 
     def check(edit: CaptionEdit) -> bool:
         spans = [(change.source_span, change.edited_span) for change in edit.changes]
@@ -346,7 +346,7 @@ def _counted(samples: Iterator[dict], progress: Callable[[int], None]) -> Iterat
 
 def make_editor(parts, cfg: PdgConfig) -> EditFunction:
     """Bind the configured method and its params to a loaded generator."""
-    from pipeline.pdg.editing import EditRequest, edit_img2img_batch, edit_p2p_batch
+    from pipeline.editing.edit import EditRequest, edit_img2img_batch, edit_p2p_batch
 
     def prompt_to_prompt(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
         requests = [

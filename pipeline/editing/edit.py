@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .alignment import Span, align_word_swap
-from .inversion import invert
-from .model import DiffusionParts, back_to_crop, fit_to_model
-from .p2p import ControlSettings, PromptToPromptController
-from .sampling import denoise
+from pipeline.editing.alignment import Span, align_word_swap
+from pipeline.editing.inversion import invert
+from pipeline.generator.model import DiffusionParts, back_to_crop, fit_to_model
+from pipeline.editing.p2p import ControlSettings, PromptToPromptController
+from pipeline.editing.sampling import denoise
 
 
 @dataclass(frozen=True)

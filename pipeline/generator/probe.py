@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pipeline.data.synthpedes import COLOR_NAMES
 
 if TYPE_CHECKING:  # importing the generator (diffusers) takes seconds; the filter stage only reads colours
-    from .generator_training import LabelledImages
+    from pipeline.generator.data import LabelledImages
 
 UPPER_CLASSES = COLOR_NAMES
 LOWER_CLASSES = COLOR_NAMES + ("none",)  # "none": a dress covers the lower body
@@ -222,9 +222,9 @@ def prompted_color_accuracy(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """How often (%) the probe reads the prompted upper / lower colour off the generated images."""
-    from .generator_training import generate
+    from pipeline.generator.samples import sample_images
 
-    images = generate(pipeline, [p.text for p in prompts], guidance=guidance, steps=steps, seed=seed,
+    images = sample_images(pipeline, [p.text for p in prompts], guidance=guidance, steps=steps, seed=seed,
                       batch_size=batch_size)
     upper_pred, lower_pred = predict_colours(probe, images * 2 - 1)
     upper_hits = [p.upper == read for p, read in zip(prompts, upper_pred) if p.upper]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from .alignment import TokenAlignment
+from pipeline.editing.alignment import TokenAlignment
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import DiffusionParts
-from .sampling import guided_noise
+from pipeline.generator.model import DiffusionParts
+from pipeline.editing.sampling import guided_noise
 
 # Null-text optimisation stops a timestep early once every latent is this close (mean squared error),
 # a bound that loosens by `_EARLY_STOP_SLOPE` per step as the paper's does.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .model import DiffusionParts
-from .p2p import PromptToPromptController, attention_control
+from pipeline.generator.model import DiffusionParts
+from pipeline.editing.p2p import PromptToPromptController, attention_control
 
 # The unconditional embedding: one tensor for every step, or (null-text inversion) one per step.
 NullEmbeddings = torch.Tensor | list[torch.Tensor]

@@ -1,0 +1,68 @@
+"""Where the generator lives: the embedded one saved as a StableDiffusionPipeline folder, or a pointer
+to a pretrained checkpoint that `resolve_generator` hands to the stages after train_generator."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusionPipeline,
+)
+
+
+log = logging.getLogger(__name__)
+
+
+POINTER_FILE = "pretrained.json"  # in the generator folder when params name a pretrained checkpoint
+
+def save_pipeline(pipeline: StableDiffusionPipeline, directory: str | Path) -> Path:
+    pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+def write_pretrained_pointer(directory: str | Path, pretrained: str) -> Path:
+    """Marks `directory` as standing for a pretrained checkpoint instead of holding a trained model."""
+    path = Path(directory) / POINTER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pretrained": pretrained}, indent=2) + "\n")
+    return path
+
+
+def load_pretrained_pipeline(name: str, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """A pretrained Stable Diffusion folder or hub id (as `pipeline.hub` allows), without safety
+    checker, with a DDIM scheduler as the embedded model samples with; float16 on a GPU."""
+    from pipeline.hub import pretrained_kwargs
+
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,
+                                                       dtype=dtype, **pretrained_kwargs(name))
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    for module in (pipeline.vae, pipeline.unet, pipeline.text_encoder):
+        module.eval().requires_grad_(False)
+    return pipeline.to(device)
+
+
+PERSON_SIZE = (512, 192)  # (height, width) of a person-shaped sample from a 512-pixel Stable Diffusion
+
+
+def pretrained_sample_size(pipeline: StableDiffusionPipeline) -> tuple[int, int]:
+    """(height, width) to sample a pretrained model at: person-shaped (PERSON_SIZE) for a model of
+    Stable Diffusion 1.x's 64-latent size, else the model's own size."""
+    size = pipeline.unet.config.sample_size
+    if size == 64:
+        return PERSON_SIZE
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return height * pipeline.vae_scale_factor, width * pipeline.vae_scale_factor
+
+
+def resolve_generator(directory: str | Path) -> str:
+    """What to give `load_generator`: the pretrained checkpoint the folder points at, or the folder."""
+    pointer = Path(directory) / POINTER_FILE
+    if pointer.is_file():
+        return json.loads(pointer.read_text())["pretrained"]
+    return str(directory)
