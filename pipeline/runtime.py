@@ -51,6 +51,26 @@ def _stage_arguments(description: str, with_variant: bool) -> argparse.Namespace
     return parser.parse_args()
 
 
+def machine() -> dict:
+    """Where a result was computed: the CPU model, the instruction set torch's kernels use (plus AMX),
+    the accelerator if one was used, and torch's version. Floating-point sums run in another order
+    on another CPU family, so the same seed gives other figures there."""
+    import platform
+    from pathlib import Path
+
+    model, flags = "", []
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = value.split()
+    isa = torch.backends.cpu.get_cpu_capability().lower() + ("+amx" if "amx_tile" in flags else "")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return {"cpu": model or platform.processor() or "unknown", "isa": isa, "gpu": gpu, "torch": torch.__version__}
+
+
 def inference_device() -> torch.device:
     """Where the stages that only run models (evaluate, filter, caption) put them: the GPU when
     there is one. Training and generation place themselves through Accelerate instead."""

@@ -14,7 +14,7 @@ from pipeline.io import write_json_atomic
 from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
-from pipeline.runtime import inference_device, start_stage
+from pipeline.runtime import machine, inference_device, start_stage
 
 PREPARED = Path("data/prepared")
 EXAMPLE_QUERIES = 6
@@ -52,6 +52,8 @@ def main() -> int:
         "num_queries": len(data.captions),
         "num_gallery": len(data.image_keys),
         "checkpoint_epoch": epoch,
+        # CPU results differ between kernel families (same code, same seed): say where these came from
+        "machine": machine(),
     }
     write_json_atomic(Path("metrics") / f"{args.variant}.json", result)
     reports = Path("reports/evaluate") / args.variant

@@ -2,10 +2,14 @@
 `dvc metrics diff`."""
 
 import json
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from experiments.ablation import experiments
 from pipeline.data.canonical import manifest_path, read_manifest
 from test_generator_training import TINY_GENERATOR_PARAMS
 from test_training import TINY_TRAINING
@@ -88,3 +92,34 @@ def test_a_generator_pool_retrains_the_generator_but_not_the_baseline(project):
     assert (generator["pool_images"], generator["train_images"]) == (3 * 2, 16 * 2)
     diff = dvc(project, "metrics", "diff").stdout
     assert "metrics/generator.json" in diff and "pool_images" in diff
+
+
+def test_the_ablation_queues_dvc_experiments_and_reports_them_from_exp_show(project):
+    """`experiments.ablation queue` -> `dvc exp run --run-all` -> `dvc exp show --json` -> the table."""
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "before the queue"],
+                   cwd=project, capture_output=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+    def ablation(*args):
+        result = subprocess.run([sys.executable, "-m", "experiments.ablation", *args], cwd=project, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    queued = ablation("queue", "--rows", "pdg", "baseline-pdg-steps", "--seeds", "1")
+    pdg_steps = json.loads((project / "metrics" / "train_pdg.json").read_text())["steps"]
+    baseline_epoch_steps = json.loads((project / "metrics" / "train_baseline.json").read_text())["steps"] // 2
+    matched_epochs = round(pdg_steps / baseline_epoch_steps)  # TINY_TRAINING trains 2 epochs
+    assert f"--set-param train.epochs={matched_epochs}" in queued and "--name baseline-pdg-steps-s1" in queued
+    dvc(project, "exp", "run", "--run-all")
+    names = dvc(project, "exp", "list").stdout
+    assert "pdg-s1" in names and "baseline-pdg-steps-s1" in names
+    report = ablation("report", "--rows", "pdg", "baseline-pdg-steps", "--seeds", "1", "--figure", "ablation.png")
+    shown = {exp: data for exp, data in experiments(json.loads(dvc(project, "exp", "show", "--json").stdout)).items()}
+    pdg = shown["pdg-s1"]["metrics"]["metrics/pdg.json"]
+    assert shown["pdg-s1"]["params"]["train"]["seed"] == 1
+    machine = f"{pdg['machine']['cpu']} ({pdg['machine']['isa']})"
+    assert f"| pdg | {machine} | 1 | {pdg['R1']:.2f} | {pdg['R5']:.2f} |" in report
+    steps = shown["baseline-pdg-steps-s1"]["metrics"]["metrics/train_baseline.json"]["steps"]
+    assert abs(steps - pdg_steps) <= baseline_epoch_steps / 2  # the baseline row ran pdg's optimiser steps
+    assert (project / "ablation.png").stat().st_size > 3000

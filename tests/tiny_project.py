@@ -41,7 +41,7 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 def make_tiny_project(dest: Path, overrides: dict | None = None, git: bool = False) -> Path:
     """Copy code, dvc.yaml and the tiny params into `dest` and initialise DVC there (in a git
     repository when `git`, as `dvc exp` needs one)."""
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "experiments"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)

@@ -1,0 +1,53 @@
+"""experiments.ablation's bookkeeping: experiment names, `-S` overrides, reading `dvc exp show --json`
+(DVC 3's layout) and the tables, per machine. The queue-run-report loop itself runs in test_dag.py."""
+
+from experiments.ablation import ROWS, experiment_name, experiments, markdown, queue_command, results
+
+MACHINE_B = {"cpu": "Xeon", "isa": "avx512+amx", "gpu": "", "torch": "2.13.0+cpu"}
+
+
+def _revision(name, seed, metrics, error=None):
+    return {"rev": "0" * 40, "name": name, "error": error, "data": {
+        "params": {"params.yaml": {"data": {"train": {"seed": seed}}}},
+        "metrics": {"metrics/pdg.json": {"data": metrics}} if metrics else {},
+    }}
+
+
+def _show(*revisions):
+    return [{"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
+            {"rev": "1" * 40, "name": "main", "data": {}, "error": None,
+             "experiments": [{"name": r["name"], "executor": None, "revs": [r]} for r in revisions]}]
+
+
+def _metrics(r1, machine=MACHINE_B):
+    return {"R1": r1, "R5": 50.0, "R10": 60.0, "mAP": 25.0, "mINP": 15.0, "machine": machine}
+
+
+def test_queue_commands_name_the_row_and_seed_and_set_its_params():
+    command = queue_command("offline", 2)
+    assert command[:6] == ["dvc", "exp", "run", "--queue", "--name", "offline-s2"]
+    pairs = [command[i + 1] for i, word in enumerate(command) if word == "--set-param"]
+    assert pairs == ["variants.pdg.online.text_prob=0.0", "variants.pdg.online.mixup_prob=0.0", "train.seed=2"]
+    assert "filter.enabled=false" in queue_command("filter-off", 0)  # YAML's false, not Python's False
+    assert experiment_name("text-only-pdg-steps", 1) == "text-only-pdg-steps-s1"
+    assert all(variant in ("baseline", "pdg") for variant, _, _ in ROWS.values())
+
+
+def test_exp_show_is_read_into_rows_per_seed_and_failed_runs_are_left_out():
+    show = _show(_revision("pdg-s0", 0, _metrics(24.0)), _revision("pdg-s1", 1, _metrics(22.0)),
+                 _revision("pdg-s2", 2, None, error={"msg": "failed"}), _revision("offline-s0", 0, _metrics(20.0)),
+                 _revision("pdg-plus-s0", 0, _metrics(99.0)))
+    found = experiments(show)
+    assert sorted(found) == ["offline-s0", "pdg-plus-s0", "pdg-s0", "pdg-s1"]
+    table = results(found, ["pdg", "offline"])
+    assert [r["seed"] for r in table["pdg"]] == [0, 1] and table["offline"][0]["R1"] == 20.0
+    text = markdown(table)
+    assert "| pdg | Xeon (avx512+amx) | 0, 1 | 23.00 ± 1.41 | 50.00 ± 0.00 |" in text
+    assert "| offline | Xeon (avx512+amx) | 0 | 20.00 | 50.00 |" in text
+
+
+def test_figures_from_two_machines_never_share_a_row():
+    other = {**MACHINE_B, "cpu": "EPYC", "isa": "avx2"}
+    show = _show(_revision("pdg-s0", 0, _metrics(24.0)), _revision("pdg-s1", 1, _metrics(20.0, other)))
+    lines = markdown(results(experiments(show), ["pdg"])).splitlines()
+    assert "| pdg | EPYC (avx2) | 1 | 20.00 |" in lines[2] and "| pdg | Xeon (avx512+amx) | 0 | 24.00 |" in lines[3]
