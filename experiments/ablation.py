@@ -7,9 +7,10 @@
     dvc exp show                                                             # every row and seed, as DVC lists them
 
 An experiment is named `<row>-s<seed>`; its params are the row's `-S` overrides and `train.seed`,
-so DVC reruns exactly the stages they touch (a seed retrains both variants; DVC's run cache
-restores a stage already run with the same inputs, e.g. the baseline of a seed for every row of
-that seed). A row's figures are the test metrics of its variant's evaluate stage
+so DVC reruns exactly the stages they touch (a seed retrains both variants, and the filter, whose
+scorer is that seed's baseline). Rows with the same overrides share one experiment (`baseline` and
+`pdg` are `baseline-s<seed>`): the train stages' persistent outputs keep DVC's run cache from
+restoring a stage another experiment already ran, so a second one would train it again. A row's figures are the test metrics of its variant's evaluate stage
 (`metrics/<variant>.json`), which records the machine it ran on: a table never mixes machines
 unlabelled. Run `dvc repro` first (rows matching optimiser steps read the training manifests).
 """
@@ -61,6 +62,12 @@ ROWS: dict[str, tuple[str, dict, str | None]] = {
 
 def experiment_name(row: str, seed: int) -> str:
     return f"{row}-s{seed}"
+
+
+def same_experiment(row: str) -> list[str]:
+    """The rows whose experiment is this row's (same overrides): `baseline` and `pdg` are one
+    experiment that trains both variants. Its first row in ROWS names it."""
+    return [other for other, (_, overrides, match) in ROWS.items() if (overrides, match) == ROWS[row][1:]]
 
 
 def _nested(overrides: dict) -> dict:
@@ -137,11 +144,13 @@ def results(found: dict[str, dict], rows: list[str]) -> dict[str, list[dict]]:
         variant = ROWS[row][0]
         for name, exp in sorted(found.items()):
             prefix, _, seed = name.rpartition("-s")
-            if prefix != row or not seed.isdigit():
+            if prefix not in same_experiment(row) or not seed.isdigit():
                 continue
             metrics = exp["metrics"].get(f"metrics/{variant}.json")
             if not metrics or not all(k in metrics for k in METRICS):
                 continue
+            if any(r["seed"] == int(seed) for r in table.get(row, [])):
+                continue  # one experiment per row and seed (an older run under another row's name)
             table.setdefault(row, []).append({"seed": int(seed), **{k: metrics[k] for k in METRICS},
                                               "machine": _machine_label(metrics.get("machine"))})
     return table
@@ -171,14 +180,15 @@ def markdown(table: dict[str, list[dict]]) -> str:
 def plot(table: dict[str, list[dict]], path: Path) -> None:
     from pipeline.plots import plt, save_figure
 
-    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(table), 3.2))
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.5 + 0.9 * len(table)), 3.4))
     for index, (row, records) in enumerate(table.items()):
         values = [r["R1"] for r in records]
         axis.bar(index, statistics.fmean(values), color="#8aa6c8" if ROWS[row][0] == "pdg" else "#c8c8c8")
         axis.scatter([index] * len(values), values, color="black", s=10, zorder=3)
     axis.set_xticks(range(len(table)), list(table), rotation=30, ha="right")
     axis.set_ylabel("test R1 (%)")
-    axis.set_title("PDG ablation: mean over seeds (dots: seeds)")
+    axis.set_title("test R1, mean over seeds (dots: seeds)", fontsize=10)
+    figure.tight_layout()
     save_figure(figure, path)
 
 
@@ -193,9 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.choices["report"].add_argument("--figure", type=Path, help="and a bar chart of R1 to this PNG")
     args = parser.parse_args(argv)
     if args.command == "queue":
+        queued = set()
         for row in args.rows:
             for seed in args.seeds:
-                command = queue_command(row, seed)
+                name = experiment_name(same_experiment(row)[0], seed)
+                if name in queued:
+                    continue
+                queued.add(name)
+                command = queue_command(same_experiment(row)[0], seed)
                 print(" ".join(command), flush=True)
                 subprocess.run(command, check=True)
         print("queued; run them with `dvc exp run --run-all` (or `dvc queue start`)")

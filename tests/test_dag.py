@@ -113,11 +113,11 @@ def test_the_ablation_queues_dvc_experiments_and_reports_them_from_exp_show(proj
     assert f"--set-param train.epochs={matched_epochs}" in queued and "--name baseline-pdg-steps-s1" in queued
     dvc(project, "exp", "run", "--run-all")
     names = dvc(project, "exp", "list").stdout
-    assert "pdg-s1" in names and "baseline-pdg-steps-s1" in names
+    assert "baseline-s1" in names and "baseline-pdg-steps-s1" in names  # pdg is the baseline's experiment
     report = ablation("report", "--rows", "pdg", "baseline-pdg-steps", "--seeds", "1", "--figure", "ablation.png")
     shown = {exp: data for exp, data in experiments(json.loads(dvc(project, "exp", "show", "--json").stdout)).items()}
-    pdg = shown["pdg-s1"]["metrics"]["metrics/pdg.json"]
-    assert shown["pdg-s1"]["params"]["train"]["seed"] == 1
+    pdg = shown["baseline-s1"]["metrics"]["metrics/pdg.json"]
+    assert shown["baseline-s1"]["params"]["train"]["seed"] == 1
     machine = f"{pdg['machine']['cpu']} ({pdg['machine']['isa']})"
     assert f"| pdg | {machine} | 1 | {pdg['R1']:.2f} | {pdg['R5']:.2f} |" in report
     steps = shown["baseline-pdg-steps-s1"]["metrics"]["metrics/train_baseline.json"]["steps"]

@@ -1,7 +1,7 @@
 """experiments.ablation's bookkeeping: experiment names, `-S` overrides, reading `dvc exp show --json`
 (DVC 3's layout) and the tables, per machine. The queue-run-report loop itself runs in test_dag.py."""
 
-from experiments.ablation import ROWS, experiment_name, experiments, markdown, queue_command, results
+from experiments.ablation import ROWS, experiment_name, experiments, markdown, queue_command, results, same_experiment
 
 MACHINE_B = {"cpu": "Xeon", "isa": "avx512+amx", "gpu": "", "torch": "2.13.0+cpu"}
 
@@ -30,15 +30,17 @@ def test_queue_commands_name_the_row_and_seed_and_set_its_params():
     assert pairs == ["variants.pdg.online.text_prob=0.0", "variants.pdg.online.mixup_prob=0.0", "train.seed=2"]
     assert "filter.enabled=false" in queue_command("filter-off", 0)  # YAML's false, not Python's False
     assert experiment_name("text-only-pdg-steps", 1) == "text-only-pdg-steps-s1"
+    assert same_experiment("pdg") == same_experiment("baseline") == ["baseline", "pdg"]  # one experiment, both variants
+    assert same_experiment("offline") == ["offline"]
     assert all(variant in ("baseline", "pdg") for variant, _, _ in ROWS.values())
 
 
 def test_exp_show_is_read_into_rows_per_seed_and_failed_runs_are_left_out():
-    show = _show(_revision("pdg-s0", 0, _metrics(24.0)), _revision("pdg-s1", 1, _metrics(22.0)),
+    show = _show(_revision("baseline-s0", 0, _metrics(24.0)), _revision("pdg-s1", 1, _metrics(22.0)),
                  _revision("pdg-s2", 2, None, error={"msg": "failed"}), _revision("offline-s0", 0, _metrics(20.0)),
                  _revision("pdg-plus-s0", 0, _metrics(99.0)))
     found = experiments(show)
-    assert sorted(found) == ["offline-s0", "pdg-plus-s0", "pdg-s0", "pdg-s1"]
+    assert sorted(found) == ["baseline-s0", "offline-s0", "pdg-plus-s0", "pdg-s1"]
     table = results(found, ["pdg", "offline"])
     assert [r["seed"] for r in table["pdg"]] == [0, 1] and table["offline"][0]["R1"] == 20.0
     text = markdown(table)
