@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, Params, params_from_dict
+from pipeline.config import ConfigError, Params, deep_merge, params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.training import steps_per_epoch
 
@@ -81,13 +81,6 @@ def _nested(overrides: dict) -> dict:
     return tree
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
-
-
 def row_overrides(row: str, seed: int, project: Path = Path(".")) -> dict:
     """The `-S` overrides of one experiment: the row's, its seed and, for a step-matched row, the
     epochs (under the row's own params) that give the target variant's optimiser steps."""
@@ -96,7 +89,7 @@ def row_overrides(row: str, seed: int, project: Path = Path(".")) -> dict:
     if match is not None:
         raw = yaml.safe_load((project / "params.yaml").read_text())
         try:
-            here, mine = params_from_dict(raw), params_from_dict(_merge(raw, _nested(overrides)))
+            here, mine = params_from_dict(raw), params_from_dict(deep_merge(raw, _nested(overrides)))
             target_steps = here.train.epochs * _steps_per_epoch(here, match, project)
             overrides["train.epochs"] = round(target_steps / _steps_per_epoch(mine, variant, project))
         except ConfigError as error:

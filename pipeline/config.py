@@ -397,6 +397,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise err.under(prefix) from None
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` laid over it, mapping by mapping (a raw params tree and its changes)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
 def params_from_dict(raw: dict) -> Params:
     return _build(Params, raw, "")
 

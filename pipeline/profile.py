@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from pipeline import hub
-from pipeline.config import ConfigError, Params, params_from_dict
+from pipeline.config import ConfigError, Params, deep_merge, params_from_dict
 
 REAL_SOURCES = ("cuhk-pedes", "icfg-pedes", "rstpreid")
 PROFILES = (*REAL_SOURCES, "embedded")
@@ -268,7 +268,4 @@ def profile_command(name: str, params_file: str, data_root: str | None, clip: st
 def _merged(params_file: str, updates: dict) -> dict:
     import yaml
 
-    raw = yaml.safe_load(Path(params_file).read_text()) or {}
-    for section, values in updates.items():
-        raw.setdefault(section, {}).update(values)
-    return raw
+    return deep_merge(yaml.safe_load(Path(params_file).read_text()) or {}, updates)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import deep_merge  # noqa: F401  (the tests take it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("TBPS_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
@@ -29,13 +31,6 @@ def require_fixture(path: Path) -> Path:
             pytest.fail(f"shared fixture {path} missing, and CI is set: CI must have ../shared/fixtures")
         pytest.skip(f"shared fixture {path} not found (set TBPS_FIXTURES to the fixtures folder)")
     return path
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
 
 
 def make_tiny_project(dest: Path, overrides: dict | None = None, git: bool = False) -> Path:
