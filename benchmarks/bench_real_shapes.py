@@ -113,7 +113,7 @@ def edit_throughput(parts, device: torch.device, sources: int, steps: int) -> di
         image = crop.copy()
         image.putpixel((0, 0), (index, 0, 0))  # distinct sources, one group each
         for edited in EDITED:
-            requests.append(EditRequest(image, CAPTION, edited, [(_span(CAPTION, "red"), _span(edited, edited.split()[3]))]))
+            requests.append(EditRequest(image, CAPTION, edited, [(_span(CAPTION, "red"), _span(edited, edited.split()[4]))]))
     _reset_peak(device)
     with count_unet(parts) as count:
         _sync(device)
