@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from pipeline import hub
-from pipeline.config import ConfigError, Params, deep_merge, params_from_dict
+from pipeline.config import ConfigError, Params, params_from_dict
 
 REAL_SOURCES = ("cuhk-pedes", "icfg-pedes", "rstpreid")
 PROFILES = (*REAL_SOURCES, "embedded")
@@ -70,29 +70,43 @@ def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str 
 
 
 def clip_projection_dim(path: str) -> int | None:
-    """projection_dim of a local CLIP folder's config.json (None where there is none to read)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
+    """projection_dim of a local CLIP folder's config.json (None where there is none to read: the
+    folder check then names what is wrong with it)."""
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text()).get("projection_dim", 512))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    return int(json.loads(config.read_text()).get("projection_dim", 512))
 
 
-def apply_profile(params_file: str | Path, updates: dict) -> Params:
-    """Writes `updates` (section -> key -> value) into params_file, keeping its comments and order;
-    the result is validated first, so a bad profile never reaches the file."""
-    from ruamel.yaml import YAML
+def _profiled(params_file: str | Path, updates: dict):
+    """(the YAML round-tripper, params_file's document with `updates` laid in, the result validated);
+    ConfigError naming the file when it cannot be read or parsed, or the key a value breaks."""
+    from ruamel.yaml import YAML, YAMLError
 
     path = Path(params_file)
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.representer.add_representer(float, _represent_float)
-    document = yaml.load(path.read_text())
+    try:
+        document = yaml.load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"params: cannot read {path}: {err.strerror or err}") from None
+    except YAMLError as err:
+        raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"params: {path} must hold a mapping of sections")
     for section, values in updates.items():
         target = document.setdefault(section, {})
         for key, value in values.items():
             target[key] = value
-    plain = json.loads(json.dumps(_plain(document)))
-    params = params_from_dict(plain)
+    return yaml, document, params_from_dict(json.loads(json.dumps(_plain(document))))
+
+
+def apply_profile(params_file: str | Path, updates: dict) -> Params:
+    """Writes `updates` (section -> key -> value) into params_file, keeping its comments and order;
+    the result is validated first, so a bad profile never reaches the file."""
+    path = Path(params_file)
+    yaml, document, params = _profiled(path, updates)
     buffer = io.StringIO()
     yaml.dump(document, buffer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -186,6 +200,11 @@ def _check_folder(key: str, value: str) -> str | None:
             return f"params: '{key}' {value}: no {name} in it (not a {_KIND[key]} folder)"
         if not os.access(member, os.R_OK):
             return f"params: '{key}' {value}: {name} is not readable"
+        if member.suffix == ".json":
+            try:
+                json.loads(member.read_text())
+            except ValueError as err:
+                return f"params: '{key}' {value}: {name} is not valid JSON ({err})"
     return None
 
 
@@ -249,7 +268,7 @@ def profile_command(name: str, params_file: str, data_root: str | None, clip: st
         dim = clip_projection_dim(clip) or 512
         updates = real_recipe(name, data_root, clip, sd, captioner or "", dim)
     try:
-        params = params_from_dict(_merged(params_file, updates))
+        _, _, params = _profiled(params_file, updates)
     except ConfigError as err:
         print(err)
         return 1
@@ -263,9 +282,3 @@ def profile_command(name: str, params_file: str, data_root: str | None, clip: st
     changed = sum(len(values) for values in updates.values())
     print(f"{params_file}: profile {name} ({changed} keys); `dvc status` shows what reruns, `dvc repro` runs it")
     return 0
-
-
-def _merged(params_file: str, updates: dict) -> dict:
-    import yaml
-
-    return deep_merge(yaml.safe_load(Path(params_file).read_text()) or {}, updates)

@@ -142,3 +142,15 @@ def test_the_filter_depends_on_its_scorer_folder_not_on_the_baseline_when_clip_s
     assert "models/baseline" in embedded
     real = filter_deps(make_tiny_project(tmp_path / "real", {"filter": {"scorer": str(folders["clip"])}}))
     assert Path(folders["clip"]).as_posix() in real and "models/baseline" not in real
+
+
+def test_a_broken_config_json_and_a_missing_params_file_are_one_line_each(tmp_path, folders, cuhk_mini, capsys):
+    broken = tmp_path / "broken-clip"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    params, code = _profile(tmp_path, "cuhk-pedes", data_root=str(cuhk_mini), clip=str(broken), sd=str(folders["sd"]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 1 and params.read_text() == PARAMS.read_text()
+    assert lines[0].startswith(f"params: 'model.vision_path' {broken}: config.json is not valid JSON (")
+    assert profile_command("embedded", str(tmp_path / "none.yaml"), None, None, None, None) == 1
+    assert capsys.readouterr().out.strip() == f"params: cannot read {tmp_path / 'none.yaml'}: No such file or directory"
