@@ -71,6 +71,12 @@ def machine() -> dict:
     return {"cpu": model or platform.processor() or "unknown", "isa": isa, "gpu": gpu, "torch": torch.__version__}
 
 
+def inference_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype pretrained models run inference in: float16 on a GPU, float32 on a CPU (where half
+    precision is slow or missing)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def inference_device() -> torch.device:
     """Where the stages that only run models (evaluate, filter, caption) put them: the GPU when
     there is one. Training and generation place themselves through Accelerate instead."""

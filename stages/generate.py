@@ -20,7 +20,6 @@ from pipeline.data.canonical import iter_shard_samples, manifest_path, read_mani
 from pipeline.io import write_json_atomic
 from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
 from pipeline.pdg.generate import (
-    SHARD_NAME,
     alignable_with,
     generation_fingerprint,
     load_source_images,
@@ -84,8 +83,8 @@ def main() -> int:
     prepare_output(OUT_DIR, generation_fingerprint(cfg, generator), accelerator.is_main_process)
     accelerator.wait_for_everyone()
     rank, world = accelerator.process_index, accelerator.num_processes
-    shards = plan.shards(cfg.shard_size)
-    remaining = [i for i in range(len(shards)) if not (OUT_DIR / (SHARD_NAME % i)).is_file()]
+    shards, names = plan.shards(cfg.shard_size), shard_names(plan, cfg)
+    remaining = [i for i, name in enumerate(names) if not (OUT_DIR / name).is_file()]
     planned = plan_unet_evaluations(plan, cfg, remaining)
     summary = {
         "method": cfg.method,
@@ -116,7 +115,6 @@ def main() -> int:
         report = run_generation(plan, images, editor, cfg, generator, OUT_DIR, rank, world, bar.update)
     if accelerator.is_main_process:
         # no barrier here: under NCCL it times out after 30 minutes, and ranks may finish hours apart
-        names = shard_names(plan, cfg)
         own_missing = [name for i, name in enumerate(names) if i % world == rank and not (OUT_DIR / name).is_file()]
         if own_missing:  # this process's own shards: waiting for them would never end
             raise RuntimeError(f"{len(own_missing)} shard(s) of this process were not written, e.g. {own_missing[0]}")

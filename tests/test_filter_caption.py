@@ -17,7 +17,6 @@ from pipeline.pdg.captioning import (
     contradicts_edit,
     garment_key,
     paraphrases,
-    proximity_records,
     proximity_rows,
     write_training_set,
 )
@@ -371,7 +370,7 @@ def test_proximity_pairs_share_the_batch_of_their_source(prepared, tmp_path):
                _kept_sample("pdg-b", 1, "red shirt", "blue", source=original[0].key),
                _kept_sample("pdg-c", 2, "red shirt", "pink", source=original[9].key),
                _kept_sample("pdg-orphan", 3, "red shirt", "pink", source="not-a-training-image")]
-    rows = proximity_records(samples, 1000, CaptionConfig(paraphrases=1))
+    rows, _ = proximity_rows(samples, 1000, CaptionConfig(paraphrases=1))
     write_training_set(prepared, original, samples, rows, tmp_path / "train", shard_size=4)
     shards = tuple(list_shards(tmp_path / "train", "train"))
     assert set(proximity_by_source(shards)) == {original[0].key, original[9].key}

@@ -36,11 +36,11 @@ def load_pretrained_pipeline(name: str, device: torch.device | str = "cpu") -> S
     """A pretrained Stable Diffusion folder or hub id (as `pipeline.hub` allows), without safety
     checker, with a DDIM scheduler as the embedded model samples with; float16 on a GPU."""
     from pipeline.hub import pretrained_kwargs
+    from pipeline.runtime import inference_dtype
 
     device = torch.device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,
-                                                       dtype=dtype, **pretrained_kwargs(name))
+                                                       dtype=inference_dtype(device), **pretrained_kwargs(name))
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     for module in (pipeline.vae, pipeline.unet, pipeline.text_encoder):
         module.eval().requires_grad_(False)

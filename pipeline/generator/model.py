@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline.hub import pretrained_kwargs
+from pipeline.runtime import inference_dtype
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 
@@ -104,7 +105,7 @@ def resolve_precision(precision: str | torch.dtype, device: str | torch.device) 
     if isinstance(precision, torch.dtype):
         return precision
     if precision == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return inference_dtype(device)
     return PRECISIONS[precision]
 
 

@@ -39,6 +39,7 @@ from pipeline.data.canonical import (
 )
 from pipeline.hub import pretrained_kwargs
 from pipeline.pdg.crops import padded, processor_fill
+from pipeline.runtime import inference_dtype
 from pipeline.text import find_color_phrases
 from pipeline.text.approximate import ApproximateText, lexicon_neighbours
 from pipeline.text.lexicon import COLOR_FAMILY
@@ -84,9 +85,9 @@ class ImageCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = torch.device(device)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(path, **pretrained_kwargs(path))
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **pretrained_kwargs(path))
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=inference_dtype(self.device),
+                                                                 **pretrained_kwargs(path))
         self.model = self.model.eval().to(self.device)
         self.max_tokens, self.fill = max_tokens, processor_fill(self.processor)
 
@@ -105,20 +106,13 @@ class ImageCaptioner:
 Captioner = Callable[[Sequence[Image.Image]], list[str]]  # an ImageCaptioner, or any stand-in
 
 
-def proximity_records(
-    samples: Sequence[dict[str, bytes]], first_id: int, cfg: CaptionConfig,
-    captioner: Captioner | None = None, perturb: ApproximateText | None = None,
-) -> list[ImageRecord]:
-    """One manifest row per kept sample, texts and identity assigned."""
-    return proximity_rows(samples, first_id, cfg, captioner, perturb)[0]
-
-
 def proximity_rows(
     samples: Sequence[dict[str, bytes]], first_id: int, cfg: CaptionConfig,
     captioner: Captioner | None = None, perturb: ApproximateText | None = None,
 ) -> tuple[list[ImageRecord], dict[str, int]]:
-    """`proximity_records`, and what became of the machine captions: how many were added to a
-    row's texts, and how many were dropped for naming the edited garment's old colour."""
+    """One manifest row per kept sample, texts and identity assigned, and what became of the machine
+    captions: how many were added to a row's texts, and how many were dropped for naming the
+    edited garment's old colour."""
     records = [json.loads(s["json"]) for s in samples]
     perturb = perturb or ApproximateText(1.0, cfg.paraphrase_fraction, neighbours=lexicon_neighbours())
     machine_captions = _machine_captions(samples, captioner, cfg.batch_size)

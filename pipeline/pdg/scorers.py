@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.hub import access, looks_like_path, pretrained_kwargs
 from pipeline.pdg.crops import padded, processor_fill
+from pipeline.runtime import inference_dtype
 
 
 class Scorer(Protocol):
@@ -54,8 +55,8 @@ class ClipScorer:
 
         path = check_clip_checkpoint(path)
         self.device = torch.device(device)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = CLIPModel.from_pretrained(path, dtype=dtype, **pretrained_kwargs(path)).eval().to(self.device)
+        self.model = CLIPModel.from_pretrained(path, dtype=inference_dtype(self.device), **pretrained_kwargs(path))
+        self.model = self.model.eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **pretrained_kwargs(path))
         self.processor = AutoImageProcessor.from_pretrained(path, **pretrained_kwargs(path))
         self.fill = processor_fill(self.processor)
