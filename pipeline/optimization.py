@@ -22,6 +22,13 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """The one learning-rate schedule of every loop here (the dual encoder's and the generator's):
+    linear warm-up over `warmup_fraction` of the steps (at least one), then cosine to zero."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+
+
 def head_parameters(model: DualEncoder) -> set[int]:
     """Ids of the parameters no pretrained checkpoint provides: the dual encoder's own projections
     (when they are Linear layers, not CLIP's Identity) and the learnable temperature."""

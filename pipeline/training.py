@@ -37,7 +37,7 @@ from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix
 from pipeline.models.tokenization import tokenize
-from pipeline.optimization import build_optimizer, lr_lambda
+from pipeline.optimization import build_optimizer, warmup_cosine_schedule
 from pipeline.text.approximate import ApproximateText, build_approximate_text
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class Trainer:
             captions=(c for row in train_rows for c in row.captions),
         )
         optimizer = build_optimizer(model, self.cfg)
-        warmup = int(self.cfg.warmup_fraction * self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.total_steps, max(1, warmup)))
+        scheduler = warmup_cosine_schedule(optimizer, self.total_steps, self.cfg.warmup_fraction)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: Accelerate would step it once per process, but our batch is global.
         self.scheduler = scheduler

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ from pipeline.generator.build import build_text_encoder, build_unet, build_vae, 
 from pipeline.generator.checkpoint import load_pretrained_pipeline, pretrained_sample_size, resolve_generator, save_pipeline, write_pretrained_pointer
 from pipeline.generator.data import load_grid_images, load_images
 from pipeline.generator.samples import plot_loss_curves, plot_no_training, plot_sample_grid, sample_images
-from pipeline.generator.training import encode_latents, ParameterAverage, _random_crop, reconstruction_psnr, sample_timesteps, set_latent_scale, tokenize_captions, train_generator, train_unet, train_vae
+from pipeline.generator.training import encode_latents, _random_crop, reconstruction_psnr, sample_timesteps, set_latent_scale, tokenize_captions, train_generator, train_unet, train_vae
+from pipeline.optimization import warmup_cosine_schedule
 from pipeline.generator.probe import (
     LOWER_NOUNS,
     UPPER_NOUNS,
@@ -137,17 +139,19 @@ def test_timesteps_come_from_the_noisier_half_at_the_given_share():
     assert abs(uniform.float().mean().item() - 499.5) < 8 and uniform.max() == 999
 
 
-def test_parameter_average_follows_the_warmed_up_decay():
-    weight = torch.nn.Parameter(torch.zeros(2))
-    average = ParameterAverage([weight], decay=0.9)
-    with torch.no_grad():
-        weight.fill_(1.0)
-    average.update([weight], step=0)  # decay min(0.9, 1/10) = 0.1: 0 + 0.9 * (1 - 0)
-    assert torch.allclose(average.averages[0], torch.full((2,), 0.9))
-    average.update([weight], step=100)  # decay 0.9: 0.9 + 0.1 * (1 - 0.9)
-    assert torch.allclose(average.averages[0], torch.full((2,), 0.91))
-    average.copy_to([weight])
-    assert torch.allclose(weight.detach(), torch.full((2,), 0.91))
+def test_every_loop_warms_up_then_decays_to_zero_on_one_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine_schedule(optimizer, total_steps=20, warmup_fraction=0.2)  # 4 warm-up steps
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), schedule.step()
+    assert rates[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert rates[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert rates[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16))) and rates[-1] < 0.01
+    # fewer steps than one warm-up step's share: still one warm-up step, never a division by zero
+    tiny = warmup_cosine_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 3, 0.05)
+    assert tiny.get_last_lr() == [1.0]
 
 
 def test_group_norm_groups_keep_at_least_four_channels():

@@ -24,7 +24,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import (
     CLIPTokenizer,
@@ -34,6 +34,7 @@ from transformers import (
 from pipeline.config import GeneratorConfig
 from pipeline.generator.build import SCHEDULE, assemble_pipeline, build_text_side, build_unet, build_vae, latent_downsampling
 from pipeline.generator.data import LabelledImages
+from pipeline.optimization import warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def train_vae(
     steps the decoder had learned only washed-out hues (purple came back gray, green dark; 21.5 dB)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * cfg.vae_steps), cfg.vae_steps)
+    schedule = warmup_cosine_schedule(optimizer, cfg.vae_steps, WARMUP_FRACTION)
     vae.train()
     losses = []
     progress = tqdm(range(cfg.vae_steps), desc="vae", disable=not show_progress)
@@ -150,10 +151,11 @@ def train_unet(
     frozen = None if train_text_encoder else (prompt_states(text_encoder, caption_ids), prompt_states(text_encoder, empty_ids[None])[0])
     parameters = [*unet.parameters(), *(text_encoder.parameters() if train_text_encoder else ())]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * cfg.unet_steps), cfg.unet_steps)
+    schedule = warmup_cosine_schedule(optimizer, cfg.unet_steps, WARMUP_FRACTION)
     images, per_image = caption_ids.shape[:2]
     unet.train(), text_encoder.train(train_text_encoder)
-    average = ParameterAverage(parameters, cfg.ema_decay) if cfg.ema_decay else None
+    # the moving average is what gets saved: short runs end on a noisy iterate otherwise
+    average = EMAModel(parameters, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
     losses = []
     progress = tqdm(range(cfg.unet_steps), desc="unet", disable=not show_progress)
     for step in progress:
@@ -174,7 +176,7 @@ def train_unet(
         loss = F.mse_loss(prediction, noise)
         _optimise(loss, optimizer, schedule, parameters)
         if average is not None:
-            average.update(parameters, step)
+            average.step(parameters)
         losses.append((step, loss.item()))
         progress.set_postfix(loss=f"{loss.item():.4f}")
     if average is not None:
@@ -189,25 +191,6 @@ def sample_timesteps(count: int, total: int, high_noise_fraction: float, generat
     timesteps = torch.randint(total // 2, (count,), generator=generator)
     noisier = torch.rand(count, generator=generator) < high_noise_fraction
     return torch.where(noisier, timesteps + total // 2, timesteps)
-
-
-class ParameterAverage:
-    """Exponential moving average of the parameters (decay warmed up as (1 + step) / (10 + step)),
-    which is what gets saved: short runs end on a noisy iterate otherwise."""
-
-    def __init__(self, parameters: list[torch.nn.Parameter], decay: float):
-        self.decay = decay
-        self.averages = [p.detach().clone() for p in parameters]
-
-    @torch.no_grad()
-    def update(self, parameters: list[torch.nn.Parameter], step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.averages, [p.detach() for p in parameters], 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, parameters: list[torch.nn.Parameter]) -> None:
-        for parameter, average in zip(parameters, self.averages):
-            parameter.copy_(average)
 
 
 def _ddpm_schedule() -> dict:
