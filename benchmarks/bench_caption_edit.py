@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.text import edit_caption, edit_captions, find_color_phrases  # noqa: E402
-from pipeline.text.color_phrases import tokenize  # noqa: E402
+from pipeline.text.color_phrases import word_tokens  # noqa: E402
 from pipeline.text.lexicon import COLOR_FAMILY, SHADE_MODIFIERS  # noqa: E402
 
 FIXTURES = Path(os.environ.get("TBPS_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -45,7 +45,7 @@ def load_captions(path: Path = ANNOTATIONS) -> list[str]:
 
 def no_phrase_reason(caption: str) -> str:
     """Why a caption without an editable phrase has none, from the most to the least specific."""
-    words = {token.lower for token in tokenize(caption)}
+    words = {token.lower for token in word_tokens(caption)}
     if find_color_phrases(caption, allow_hair=True):
         return "only hair colour"
     if words & COLOR_FAMILY.keys():

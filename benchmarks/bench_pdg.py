@@ -55,7 +55,7 @@ from PIL import Image
 
 from pipeline.config import PdgConfig, load_params
 from pipeline.data.canonical import manifest_path, read_manifest
-from pipeline.data.synthpedes import PALETTE
+from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.io import write_json_atomic
 from pipeline.editing.edit import EditRequest, edit_p2p_batch
 from pipeline.pdg.generate import GenerationJob, alignable_with, load_source_images, make_editor, plan_generation
@@ -74,8 +74,8 @@ GARMENT_BANDS = {"upper": (0.20, 0.60), "lower": (0.45, 0.90)}
 MAX_COLOUR_DISTANCE = 60.0
 CENTRE_COLUMNS = (0.40, 0.60)
 MIN_REGION_PIXELS = 30  # smaller garment regions (mostly hidden) are skipped: locality would be noise
-PALETTE_NAMES = tuple(PALETTE)
-PALETTE_RGB = np.array([PALETTE[name] for name in PALETTE_NAMES], dtype=np.float32)
+PALETTE_NAMES = tuple(COLOR_RGB)
+PALETTE_RGB = np.array([COLOR_RGB[name] for name in PALETTE_NAMES], dtype=np.float32)
 
 
 def arguments() -> argparse.Namespace:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import write_tar_atomic
-from pipeline.data.synthpedes import PALETTE
+from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.pdg.edit_check import colour_edit, edit_confirmed, garment_of, palette_name, read_colours
 from pipeline.pdg.filtering import AttributeChecker, filter_pairs, read_generated, summarise
 from pipeline.generator.probe import LOWER_CLASSES, UPPER_CLASSES
@@ -21,8 +21,8 @@ SOURCE = {"upper_color": "red", "lower_color": "blue", "lower_visible": "yes"}
 
 def _person(upper: str, lower: str, background: int = 120) -> np.ndarray:
     image = np.full((64, 32, 3), background, dtype=np.uint8)
-    image[TORSO] = PALETTE[upper]
-    image[LEGS] = PALETTE[lower]
+    image[TORSO] = COLOR_RGB[upper]
+    image[LEGS] = COLOR_RGB[lower]
     return image
 
 
@@ -34,7 +34,7 @@ class PaletteProbe(torch.nn.Module):
 
     def forward(self, pixels):
         rgb = (pixels + 1) * 127.5
-        palette = torch.tensor([PALETTE[name] for name in UPPER_CLASSES], dtype=torch.float32)
+        palette = torch.tensor([COLOR_RGB[name] for name in UPPER_CLASSES], dtype=torch.float32)
         upper = -torch.cdist(rgb[:, :, TORSO[0], TORSO[1]].mean((2, 3)), palette)
         lower = -torch.cdist(rgb[:, :, LEGS[0], LEGS[1]].mean((2, 3)), palette)
         return upper, torch.cat([lower, torch.full((len(pixels), 1), -1e6)], 1)  # never "none"
@@ -82,8 +82,8 @@ class _TorsoScorer:
     def embed_texts(self, texts):
         rows = []
         for text in texts:
-            colour = [word for word in text.replace(".", "").split() if word in PALETTE][-1]
-            rows.append(torch.nn.functional.normalize(torch.tensor(PALETTE[colour], dtype=torch.float32) + 1e-3, dim=0))
+            colour = [word for word in text.replace(".", "").split() if word in COLOR_RGB][-1]
+            rows.append(torch.nn.functional.normalize(torch.tensor(COLOR_RGB[colour], dtype=torch.float32) + 1e-3, dim=0))
         return torch.stack(rows)
 
 

@@ -12,7 +12,7 @@ from pipeline.data.contact_sheet import write_contact_sheet
 from pipeline.data.synthpedes import (
     COLOR_NAMES,
     IDENTITY_KEYS,
-    PALETTE,
+    COLOR_RGB,
     VIEW_PHRASES,
     render_generator_pool,
     render_synthpedes,
@@ -134,9 +134,9 @@ def test_caption_colours_are_true(records):
         identity_colors = {attributes[k] for k in COLOR_KEYS}
         for caption in record["captions"]:
             words = _words(caption)
-            assert {w for w in words if w in PALETTE} <= identity_colors, caption
+            assert {w for w in words if w in COLOR_RGB} <= identity_colors, caption
             for colour, noun in zip(words, words[1:]):
-                if colour in PALETTE and noun in _NOUN_COLOR_KEY:
+                if colour in COLOR_RGB and noun in _NOUN_COLOR_KEY:
                     assert attributes[_NOUN_COLOR_KEY[noun]] == colour, caption
 
 
@@ -181,7 +181,7 @@ def test_test_ids_are_hard_negatives_and_some_colour_pairs_are_novel(records):
 
 
 def _nearest_palette_colour(rgb: np.ndarray) -> str:
-    return min(COLOR_NAMES, key=lambda name: float(np.sum((np.array(PALETTE[name]) - rgb) ** 2)))
+    return min(COLOR_NAMES, key=lambda name: float(np.sum((np.array(COLOR_RGB[name]) - rgb) ** 2)))
 
 
 def test_upper_garment_colour_is_recognisable_in_pixels():

@@ -32,7 +32,7 @@ class TokenAlignment:
     mapper: torch.Tensor  # (max_tokens, max_tokens)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> dict:
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> dict:
     """The text encoder's tokenisation (max-length padding, truncation) with character offsets."""
     return tokenizer(
         prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -43,7 +43,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> dict:
 def tokens_in_span(tokenizer: PreTrainedTokenizerBase, prompt: str, span: Span) -> list[int]:
     """Positions of the tokens whose characters overlap `span`; special tokens have empty offsets."""
     start, end = span
-    offsets = tokenize(tokenizer, prompt)["offset_mapping"]
+    offsets = tokenize_prompt(tokenizer, prompt)["offset_mapping"]
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 

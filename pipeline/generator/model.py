@@ -77,7 +77,7 @@ class DiffusionParts:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (batch, tokens, dim) in float32; the padding matches `alignment.tokenize`."""
+        """Text embeddings (batch, tokens, dim) in float32; the padding matches `alignment.tokenize_prompt`."""
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",

@@ -83,7 +83,7 @@ class ColorPhrase:
         return frozenset().union(*(color.families for color in self.colors))
 
 
-def tokenize(caption: str) -> list[Token]:
+def word_tokens(caption: str) -> list[Token]:
     return [Token(m.group(), m.group().lower(), m.span()) for m in _TOKEN.finditer(caption)]
 
 
@@ -101,7 +101,7 @@ class _Parser:
 
     def __init__(self, caption: str, allow_hair: bool):
         self.caption = caption
-        self.tokens = tokenize(caption)
+        self.tokens = word_tokens(caption)
         self.nouns = _ANY_NOUN if allow_hair else GARMENT_NOUNS
 
     def attributive_phrases(self) -> list[ColorPhrase]:

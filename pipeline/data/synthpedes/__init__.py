@@ -17,11 +17,11 @@ import numpy as np
 
 from pipeline.config import SynthConfig
 
-from .attributes import COLOR_NAMES, IDENTITY_KEYS, PALETTE, sample_splits
+from .attributes import COLOR_NAMES, IDENTITY_KEYS, COLOR_RGB, sample_splits
 from .captions import VIEW_PHRASES, captions_for_image
 from .render import VIEWS, ImageFacts, render_image
 
-__all__ = ["COLOR_NAMES", "IDENTITY_KEYS", "PALETTE", "VIEW_PHRASES", "render_synthpedes", "render_generator_pool",
+__all__ = ["COLOR_NAMES", "IDENTITY_KEYS", "COLOR_RGB", "VIEW_PHRASES", "render_synthpedes", "render_generator_pool",
            "image_attributes"]
 
 ANNOTATION_FILE = "synthpedes.json"

@@ -18,7 +18,7 @@ import numpy as np
 
 # Canonical colour words with their rendered RGB. Confusable pairs (red/pink, blue/purple,
 # orange/yellow, brown/beige, white/gray) are close in hue but stay separable in pixels.
-PALETTE: dict[str, tuple[int, int, int]] = {
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 28),
     "white": (238, 238, 235),
     "gray": (128, 128, 128),
@@ -32,7 +32,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "brown": (110, 68, 35),
     "beige": (205, 185, 140),
 }
-COLOR_NAMES: tuple[str, ...] = tuple(PALETTE)
+COLOR_NAMES: tuple[str, ...] = tuple(COLOR_RGB)
 
 HAIR_COLORS: dict[str, tuple[int, int, int]] = {
     "black": (22, 18, 16),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .attributes import HAIR_COLORS, PALETTE, SKIN_TONES
+from .attributes import HAIR_COLORS, COLOR_RGB, SKIN_TONES
 
 VIEWS = ("front", "back", "side")
 OCCLUSIONS = ("none", "legs", "feet", "pole")
@@ -115,9 +115,9 @@ class _PersonPainter:
         self.leg_width = 0.07 * width
         self.skin = SKIN_TONES[identity["skin_tone"]]
         self.hair = HAIR_COLORS[identity["hair_color"]]
-        self.upper = PALETTE[identity["upper_color"]]
-        self.lower = PALETTE.get(identity["lower_color"], self.upper)
-        self.shoe = PALETTE[identity["shoe_color"]]
+        self.upper = COLOR_RGB[identity["upper_color"]]
+        self.lower = COLOR_RGB.get(identity["lower_color"], self.upper)
+        self.shoe = COLOR_RGB[identity["shoe_color"]]
 
     def paint(self) -> None:
         self._far_side_items()
@@ -174,7 +174,7 @@ class _PersonPainter:
             rows = rows + self._rows([(0.72, self.hip + 0.07)])
         self.f.profile(rows, self.upper)
         if self.a["upper_pattern"] == "stripes":
-            self.f.stripes(rows[1:], PALETTE[self.a["upper_pattern_color"]])
+            self.f.stripes(rows[1:], COLOR_RGB[self.a["upper_pattern_color"]])
         self._garment_details(upper_type, rows)
 
     def _garment_details(self, upper_type: str, rows) -> None:
@@ -262,7 +262,7 @@ class _PersonPainter:
         kind = self.a["headwear_type"]
         if kind == "none":
             return
-        color = PALETTE[self.a["headwear_color"]]
+        color = COLOR_RGB[self.a["headwear_color"]]
         if kind == "cap":
             self.f.ellipse(0.0, 0.04, 0.053, 0.04, color)
             self.f.rect(-0.053, 0.04, 0.053, 0.048, color)
@@ -279,7 +279,7 @@ class _PersonPainter:
         kind = self.a["bag_type"]
         if kind == "none" or kind == "handbag":
             return
-        color = PALETTE[self.a["bag_color"]]
+        color = COLOR_RGB[self.a["bag_color"]]
         view = self.pose.view
         s = self.shoulder * self.depth
         if kind == "backpack":
@@ -297,7 +297,7 @@ class _PersonPainter:
             self.f.rect(s - 0.025, 0.42, s + 0.055, 0.52, color)
 
     def _handbag(self, hand) -> None:
-        color = PALETTE[self.a["bag_color"]]
+        color = COLOR_RGB[self.a["bag_color"]]
         x, y = hand
         self.f.limb((x - 0.02, y + 0.005), (x + 0.02, y + 0.005), 0.008, shade(color, 0.8))
         self.f.rect(x - 0.04, y + 0.02, x + 0.04, y + 0.1, color)
