@@ -1,7 +1,8 @@
 """Text-to-image retrieval evaluation of a dual encoder on a prepared split.
 
 Queries are every caption of the split, the gallery every image (docs/design.md, section 3,
-"Evaluation protocol").
+"Evaluation protocol"). Colour-edit sensitivity: how often an image prefers its true caption over
+the same caption with one colour changed by the caption editor (what proximity pairs teach).
 Under several processes each embeds an interleaved share and the shares are gathered,
 so the result is the same as one process computing everything.
 """
@@ -20,6 +21,8 @@ from PIL import Image
 from pipeline.data.canonical import image_member, iter_shard_samples, list_shards
 from pipeline.metrics import retrieval_metrics
 from pipeline.models.tokenization import tokenize
+from pipeline.text.caption_edit import edit_captions
+from pipeline.text.lexicon import LOWER_GARMENTS, UPPER_GARMENTS
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,7 @@ def embed_retrieval_split(
         return model.encode_image(pixels.to(device)).float()
 
     def texts(indices: Sequence[int]) -> torch.Tensor:
-        tokens = tokenize(model.tokenizer, [data.captions[i] for i in indices], model.config.max_text_length)
-        return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
+        return _encode_captions(model, [data.captions[i] for i in indices], device)
 
     text_emb = _sharded_embed(len(data.captions), texts, batch_size, accelerator)
     image_emb = _sharded_embed(len(data.image_keys), images, batch_size, accelerator)
@@ -92,10 +94,58 @@ def embed_retrieval_split(
     return text_emb, image_emb
 
 
+def _encode_captions(model, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+    tokens = tokenize(model.tokenizer, list(captions), model.config.max_text_length)
+    return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
+
+
+def garment_kind(phrase: str) -> str:
+    """upper, lower or other, by the phrase's last word ("dark blue jeans" -> lower)."""
+    noun = phrase.lower().replace("-", "").split()[-1]
+    return "upper" if noun in UPPER_GARMENTS else "lower" if noun in LOWER_GARMENTS else "other"
+
+
+def _preference(margin: torch.Tensor) -> dict[str, float]:
+    return {"edits": len(margin), "prefers_true_pct": round(100.0 * (margin > 0).float().mean().item(), 2),
+            "mean_margin": round(margin.mean().item(), 4)}
+
+
+@torch.no_grad()
+def colour_sensitivity(
+    model, data: RetrievalSplit, text_emb: torch.Tensor, image_emb: torch.Tensor, batch_size: int,
+    device: torch.device, seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Per garment kind (and `all`): the share (%) of editable captions whose own image scores higher
+    with the true caption than with one seeded colour edit of it, and the mean margin
+    s(image, true) - s(image, edited). Captions without an editable colour are left out (counted)."""
+    edits = edit_captions(data.captions, 1, seed)
+    editable = [i for i, found in enumerate(edits) if found]
+    result = {"editable_captions": len(editable), "captions": len(data.captions)}
+    if not editable:
+        return result
+    was_training = model.training
+    model.eval()
+    edited = torch.cat([_encode_captions(model, [edits[i][0].edited for i in editable[s : s + batch_size]], device).cpu()
+                        for s in range(0, len(editable), batch_size)])
+    model.train(was_training)
+    own_images = image_emb[torch.tensor([data.caption_image_index[i] for i in editable])]
+    margin = (text_emb[editable] * own_images).sum(1) - (edited * own_images).sum(1)
+    kinds = [garment_kind(edits[i][0].changes[0].phrase_before) for i in editable]
+    result["all"] = _preference(margin)
+    for kind in ("upper", "lower", "other"):
+        mask = torch.tensor([k == kind for k in kinds])
+        if mask.any():
+            result[kind] = _preference(margin[mask])
+    return result
+
+
 def evaluate_retrieval(
     model, data: RetrievalSplit, batch_size: int, device: torch.device, accelerator=None
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics (percentages) and the [Q, G] similarity matrix."""
-    text_emb, image_emb = embed_retrieval_split(model, data, batch_size, device, accelerator)
+    return retrieval_scores(data, *embed_retrieval_split(model, data, batch_size, device, accelerator))
+
+
+def retrieval_scores(data: RetrievalSplit, text_emb: torch.Tensor, image_emb: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
     similarity = text_emb @ image_emb.t()
     return retrieval_metrics(similarity, data.caption_pids, data.image_pids), similarity

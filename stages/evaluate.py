@@ -1,4 +1,5 @@
-"""DVC stage `evaluate@<variant>`: test-split retrieval of the best-on-val checkpoint."""
+"""DVC stage `evaluate@<variant>`: test-split retrieval of the best-on-val checkpoint, and its
+colour-edit sensitivity (does the true caption beat a colour-edited one for its own image)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
+from pipeline.evaluation import colour_sensitivity, embed_retrieval_split, load_retrieval_split, retrieval_scores
 from pipeline.io import write_json_atomic
 from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
@@ -46,12 +47,15 @@ def main() -> int:
     epoch = json.loads((checkpoint / "training.json").read_text())["epoch"]
     data = load_retrieval_split(PREPARED, "test")
     log.info("evaluating %s (epoch %d): %d queries, %d gallery images", checkpoint, epoch, len(data.captions), len(data.image_keys))
-    metrics, similarity = evaluate_retrieval(model, data, params.train.eval_batch_size, device)
+    text_emb, image_emb = embed_retrieval_split(model, data, params.train.eval_batch_size, device)
+    metrics, similarity = retrieval_scores(data, text_emb, image_emb)
+    sensitivity = colour_sensitivity(model, data, text_emb, image_emb, params.train.eval_batch_size, device)
     result = {
         **{k: round(v, 4) for k, v in metrics.items()},
         "num_queries": len(data.captions),
         "num_gallery": len(data.image_keys),
         "checkpoint_epoch": epoch,
+        "colour_sensitivity": sensitivity,
         # CPU results differ between kernel families (same code, same seed): say where these came from
         "machine": machine(),
     }

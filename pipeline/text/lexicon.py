@@ -63,6 +63,22 @@ GARMENT_NOUNS = frozenset(
     """.split()
 ) | GARMENT_PARTS
 
+# The garment kinds colour-edit sensitivity is reported by (the last word of the edited phrase);
+# everything else a colour edit can name (shoes, bags, headwear, parts) is "other".
+UPPER_GARMENTS = frozenset(
+    """
+    shirt shirts tshirt tshirts teeshirt tee tees top tops tank tanks blouse blouses jacket jackets coat coats
+    overcoat hoodie hoodies hoody sweater sweaters sweatshirt sweatshirts vest vests dress dresses cardigan
+    blazer parka windbreaker pullover jumper jersey polo turtleneck camisole undershirt tunic poncho gown
+    """.split()
+)
+LOWER_GARMENTS = frozenset(
+    """
+    skirt skirts miniskirt skort pants pant trousers trouser jeans shorts leggings leggins tights capris slacks
+    sweatpants sweats joggers khakis bottoms
+    """.split()
+)
+
 HAIR_NOUNS = frozenset("hair haired ponytail bun braid braids beard mustache".split())
 
 # Words that may stand between a colour and its noun: pattern, material, cut and fit
