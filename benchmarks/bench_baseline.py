@@ -30,15 +30,16 @@ from pipeline.config import load_params
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.models import build_model
+from experiments.stage_command import stage_command
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
-def _run(project: Path, *command: str) -> float:
+def _run(project: Path, stage: str) -> float:
     start = time.perf_counter()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([sys.executable, "-m", *command], cwd=project, env=env, check=True,
+    subprocess.run(stage_command(stage), cwd=project, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - start
 
@@ -52,8 +53,8 @@ def run_seed(seed: int, workdir: Path) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["seed"] = seed
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    train_s = _run(project, "stages.train", "--variant", "baseline")
-    eval_s = _run(project, "stages.evaluate", "--variant", "baseline")
+    train_s = _run(project, "train@baseline")
+    eval_s = _run(project, "evaluate@baseline")
     result = json.loads((project / "metrics" / "baseline.json").read_text())
     training = json.loads((project / "metrics" / "train_baseline.json").read_text())
     return {"seed": seed, "train_s": train_s, "evaluate_s": eval_s, **{k: result[k] for k in METRICS},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -17,10 +19,16 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def start_stage(description: str, with_variant: bool = False) -> tuple[argparse.Namespace, Params]:
+def start_stage(
+    description: str, with_variant: bool = False, paths: Sequence[str] = ()
+) -> tuple[argparse.Namespace, Params]:
     """Parse the arguments, set up logging and load the params; a bad params file, or a variant
-    that params.yaml does not define, exits with status 1."""
-    args = _stage_arguments(description, with_variant)
+    that params.yaml does not define, exits with status 1.
+
+    `paths` name what the stage reads and writes: each is a required `--<name>` argument (a Path),
+    given on the stage's command line in dvc.yaml beside its deps and outs, so a path is written
+    once, where DVC tracks it."""
+    args = _stage_arguments(description, with_variant, paths)
     setup_logging()
     try:
         params = load_params(args.params)
@@ -42,12 +50,15 @@ def _stage_name(caller: dict) -> str:
     return (spec.name if spec is not None else caller.get("__name__", "")).rpartition(".")[2]
 
 
-def _stage_arguments(description: str, with_variant: bool) -> argparse.Namespace:
-    """Parse the arguments every stage takes (where params live; the variant, for variant stages)."""
+def _stage_arguments(description: str, with_variant: bool, paths: Sequence[str]) -> argparse.Namespace:
+    """Parse the arguments every stage takes (where params live; the variant, for variant stages)
+    and the stage's own paths."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     if with_variant:
         parser.add_argument("--variant", required=True, help="a name under 'variants' in params.yaml")
+    for name in paths:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH")
     return parser.parse_args()
 
 
@@ -56,7 +67,6 @@ def machine() -> dict:
     the accelerator if one was used, and torch's version. Floating-point sums run in another order
     on another CPU family, so the same seed gives other figures there."""
     import platform
-    from pathlib import Path
 
     model, flags = "", []
     cpuinfo = Path("/proc/cpuinfo")

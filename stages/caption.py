@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
@@ -18,22 +17,17 @@ from pipeline.pdg.captioning import ImageCaptioner, proximity_rows, read_kept, w
 from pipeline.pdg.generate import pdg_shards
 from pipeline.runtime import inference_device, start_stage
 
-PREPARED = Path("data/prepared")
-FILTERED = Path("data/pdg/filtered")
-OUT_DIR = Path("data/pdg/train")
-METRICS = Path("metrics/caption.json")
-
 log = logging.getLogger("stages.caption")
 
 
 def main() -> int:
-    _, params = start_stage(__doc__)
+    args, params = start_stage(__doc__, paths=("prepared", "filtered", "out", "metrics"))
     cfg = params.caption
-    if not FILTERED.is_dir():
-        log.error("no %s: run `dvc repro filter` first", FILTERED)
+    if not args.filtered.is_dir():
+        log.error("no %s: run `dvc repro filter` first", args.filtered)
         return 1
-    kept = read_kept(pdg_shards(FILTERED))
-    original = read_manifest(manifest_path(PREPARED, "train"))
+    kept = read_kept(pdg_shards(args.filtered))
+    original = read_manifest(manifest_path(args.prepared, "train"))
     first_id = max(row.person_id for row in original) + 1
     device = inference_device()
     try:
@@ -42,12 +36,12 @@ def main() -> int:
         log.error("params: 'caption.captioner' %r could not be loaded as an image-to-text model: %s", cfg.captioner, err)
         return 1
     rows, machine = proximity_rows(kept, first_id, cfg, captioner)
-    counts = write_training_set(PREPARED, original, kept, rows, OUT_DIR, params.data.shard_size)
+    counts = write_training_set(args.prepared, original, kept, rows, args.out, params.data.shard_size)
     counts.update(machine)
-    counts["shards"] = len(list_shards(OUT_DIR, "train"))
+    counts["shards"] = len(list_shards(args.out, "train"))
     counts["captioner"] = cfg.captioner or None
-    write_json_atomic(METRICS, counts)
-    log.info("training set in %s: %s", OUT_DIR, counts)
+    write_json_atomic(args.metrics, counts)
+    log.info("training set in %s: %s", args.out, counts)
     return 0
 
 

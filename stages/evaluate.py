@@ -17,7 +17,6 @@ from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
 from pipeline.runtime import machine, inference_device, start_stage
 
-PREPARED = Path("data/prepared")
 EXAMPLE_QUERIES = 6
 EXAMPLE_TOP_K = 10
 
@@ -37,15 +36,15 @@ def _retrieval_examples(data, similarity: torch.Tensor, path: Path, title: str) 
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, with_variant=True)
-    checkpoint = Path("models") / args.variant / "best"
+    args, params = start_stage(__doc__, with_variant=True, paths=("model", "prepared", "metrics", "reports"))
+    checkpoint = args.model / "best"
     if not (checkpoint / "training.json").is_file():
         log.error("no trained model in %s: run `dvc repro train@%s` first", checkpoint, args.variant)
         return 1
     device = inference_device()
     model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)
     epoch = json.loads((checkpoint / "training.json").read_text())["epoch"]
-    data = load_retrieval_split(PREPARED, "test")
+    data = load_retrieval_split(args.prepared, "test")
     log.info("evaluating %s (epoch %d): %d queries, %d gallery images", checkpoint, epoch, len(data.captions), len(data.image_keys))
     text_emb, image_emb = embed_retrieval_split(model, data, params.train.eval_batch_size, device)
     metrics, similarity = retrieval_scores(data, text_emb, image_emb)
@@ -59,8 +58,8 @@ def main() -> int:
         # CPU results differ between kernel families (same code, same seed): say where these came from
         "machine": machine(),
     }
-    write_json_atomic(Path("metrics") / f"{args.variant}.json", result)
-    reports = Path("reports/evaluate") / args.variant
+    write_json_atomic(args.metrics, result)
+    reports = args.reports
     cmc = cmc_curve(similarity, data.caption_pids, data.image_pids, max_rank=min(50, len(data.image_keys)))
     plot_cmc(cmc, reports / "cmc.png", f"CMC, {args.variant} (test)")
     _retrieval_examples(data, similarity, reports / "retrievals.png", f"{args.variant}: top-{EXAMPLE_TOP_K} (green = same person)")

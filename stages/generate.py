@@ -36,18 +36,12 @@ from pipeline.generator.model import load_generator
 from pipeline.plots import plot_generated_pairs
 from pipeline.runtime import start_stage
 
-PREPARED = Path("data/prepared")
-GENERATOR_DIR = Path("models/generator")
-OUT_DIR = Path("data/pdg/raw")
-METRICS = Path("metrics/generate.json")
-SHEET = Path("reports/pdg/sample_sheet.png")
-
 log = logging.getLogger("stages.generate")
 
 
-def _sample_sheet(plan, sources: dict[str, bytes], count: int) -> None:
+def _sample_sheet(plan, sources: dict[str, bytes], count: int, out_dir: Path, sheet: Path) -> None:
     wanted = {job.key: job for job in plan.jobs[:count]}
-    shards = pdg_shards(OUT_DIR)
+    shards = pdg_shards(out_dir)
     rows = []
     for sample in iter_shard_samples(shards):
         job = wanted.get(sample["__key__"])
@@ -59,7 +53,7 @@ def _sample_sheet(plan, sources: dict[str, bytes], count: int) -> None:
         if len(rows) == len(wanted):
             break
     if rows:
-        plot_generated_pairs(rows, SHEET, "proximity pairs: source, generated, blend mask")
+        plot_generated_pairs(rows, sheet, "proximity pairs: source, generated, blend mask")
 
 
 def _estimate(planned: int, rows_per_s: float, processes: int) -> tuple[float | None, str]:
@@ -70,21 +64,21 @@ def _estimate(planned: int, rows_per_s: float, processes: int) -> tuple[float | 
 
 
 def main() -> int:
-    _, params = start_stage(__doc__)
+    args, params = start_stage(__doc__, paths=("prepared", "generator", "out", "metrics", "sheet"))
     cfg = params.pdg
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    generator = resolve_generator(GENERATOR_DIR)
+    generator = resolve_generator(args.generator)
     canvas = (cfg.canvas_width, cfg.canvas_height) if cfg.canvas_width else None
     parts = load_generator(generator, accelerator.device, cfg.precision, canvas=canvas)
-    plan = plan_generation(read_manifest(manifest_path(PREPARED, "train")), cfg, alignable_with(parts.tokenizer))
+    plan = plan_generation(read_manifest(manifest_path(args.prepared, "train")), cfg, alignable_with(parts.tokenizer))
     log.info("%d samples planned from %d sources (%d without an editable caption, %d edits not alignable); "
              "generator at %dx%d pixels in %s", len(plan.jobs), plan.sources, plan.sources_without_edit,
              plan.edits_not_alignable, *parts.image_size, parts.dtype)
-    prepare_output(OUT_DIR, generation_fingerprint(cfg, generator), accelerator.is_main_process)
+    prepare_output(args.out, generation_fingerprint(cfg, generator), accelerator.is_main_process)
     accelerator.wait_for_everyone()
     rank, world = accelerator.process_index, accelerator.num_processes
     shards, names = plan.shards(cfg.shard_size), shard_names(plan, cfg)
-    remaining = [i for i, name in enumerate(names) if not (OUT_DIR / name).is_file()]
+    remaining = [i for i, name in enumerate(names) if not (args.out / name).is_file()]
     planned = plan_unet_evaluations(plan, cfg, remaining)
     summary = {
         "method": cfg.method,
@@ -101,8 +95,8 @@ def main() -> int:
     if accelerator.is_main_process:
         log.info("planned: %d UNet evaluations for %d unfinished shard(s) (%d for the whole plan)",
                  planned, len(remaining), plan_unet_evaluations(plan, cfg))
-        write_json_atomic(METRICS, summary)  # the plan, before any work; the measured figures follow at the end
-    images = load_source_images(PREPARED, {job.source.key for job in plan.jobs})
+        write_json_atomic(args.metrics, summary)  # the plan, before any work; the measured figures follow at the end
+    images = load_source_images(args.prepared, {job.source.key for job in plan.jobs})
     mine = sum(len(jobs) for i, jobs in enumerate(shards) if i % world == rank)
 
     def first_batch(rows: int, seconds: float) -> None:
@@ -112,17 +106,17 @@ def main() -> int:
     with count_unet(parts) as count, tqdm(total=mine, unit="sample", desc=f"generate ({cfg.method})",
                                           disable=not accelerator.is_main_process) as bar:
         editor = MeteredEditor(make_editor(parts, cfg), count, first_batch)
-        report = run_generation(plan, images, editor, cfg, generator, OUT_DIR, rank, world, bar.update)
+        report = run_generation(plan, images, editor, cfg, generator, args.out, rank, world, bar.update)
     if accelerator.is_main_process:
         # no barrier here: under NCCL it times out after 30 minutes, and ranks may finish hours apart
-        own_missing = [name for i, name in enumerate(names) if i % world == rank and not (OUT_DIR / name).is_file()]
+        own_missing = [name for i, name in enumerate(names) if i % world == rank and not (args.out / name).is_file()]
         if own_missing:  # this process's own shards: waiting for them would never end
             raise RuntimeError(f"{len(own_missing)} shard(s) of this process were not written, e.g. {own_missing[0]}")
-        wait_for_shards(OUT_DIR, names, poll_s=10.0)
+        wait_for_shards(args.out, names, poll_s=10.0)
         hours, estimate = _estimate(planned, editor.rows_per_s, world)
         log.info("measured: %d UNet evaluations (this process) at %.1f rows/s; planned %s",
                  count.rows, editor.rows_per_s, estimate)
-        write_json_atomic(METRICS, {
+        write_json_atomic(args.metrics, {
             **summary,
             "samples_per_s": round(report.samples_per_s * world, 3),  # the main process's rate, times processes
             "shards_kept_from_earlier_run": report.shards_kept,
@@ -130,7 +124,7 @@ def main() -> int:
             "unet_evaluations_per_s": round(editor.rows_per_s, 3),  # this process, while editing
             "estimated_hours_at_measured_rate": None if hours is None else float(f"{hours:.3g}"),
         })
-        _sample_sheet(plan, images, cfg.sheet_samples)
+        _sample_sheet(plan, images, cfg.sheet_samples, args.out, args.sheet)
     log.info("wrote %d shard(s) (%d kept) at %.2f samples/s", report.shards_written, report.shards_kept, report.samples_per_s)
     accelerator.end_training()
     return 0

@@ -33,11 +33,6 @@ from pipeline.generator.training import reconstruction_psnr, train_generator
 from pipeline.generator.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
 from pipeline.runtime import inference_device, start_stage
 
-PREPARED = Path("data/prepared")
-GENERATOR_DIR = Path("models/generator")
-PROBE_DIR = Path("models/probe")
-METRICS = Path("metrics/generator.json")
-REPORTS = Path("reports/generator")
 EVALUATION_PROMPTS = 200  # val captions naming a garment colour, for the prompted-colour accuracy
 # The sample grid of a pretrained checkpoint: few images, since a real Stable Diffusion on a CPU is slow.
 PRETRAINED_GRID_PROMPTS = 4
@@ -47,34 +42,34 @@ log = logging.getLogger("stages.train_generator")
 
 
 def main() -> int:
-    _, params = start_stage(__doc__)
+    paths, params = start_stage(__doc__, paths=("prepared", "generator", "probe", "metrics", "reports"))
     cfg = params.generator
     started = time.perf_counter()
-    for folder in (GENERATOR_DIR, PROBE_DIR, REPORTS):
+    for folder in (paths.generator, paths.probe, paths.reports):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     try:
-        metrics = point_at_pretrained(cfg) if cfg.pretrained else train_embedded(cfg, params.synth)
+        metrics = point_at_pretrained(cfg, paths) if cfg.pretrained else train_embedded(cfg, params.synth, paths)
     except PretrainedNotLoadable as err:
         log.error("%s", err)
         return 1
     metrics["stage_seconds"] = time.perf_counter() - started
-    write_json_atomic(METRICS, metrics)
+    write_json_atomic(paths.metrics, metrics)
     log.info("metrics: %s", metrics)
     return 0
 
 
-def point_at_pretrained(cfg: GeneratorConfig) -> dict:
-    """Points models/generator at the checkpoint; the reports are a sample grid from it and a figure
+def point_at_pretrained(cfg: GeneratorConfig, paths) -> dict:
+    """Points the generator folder at the checkpoint; the reports are a sample grid from it and a figure
     saying that nothing was trained (the stage's outputs are the same in both profiles)."""
     pipeline = load_pretrained(cfg.pretrained)
-    write_pretrained_pointer(GENERATOR_DIR, cfg.pretrained)
-    write_json_atomic(PROBE_DIR / "absent.json", {"reason": "generator.pretrained is set: nothing is trained"})
-    plot_no_training(cfg.pretrained, REPORTS / "loss_curves.png")
+    write_pretrained_pointer(paths.generator, cfg.pretrained)
+    write_json_atomic(paths.probe / "absent.json", {"reason": "generator.pretrained is set: nothing is trained"})
+    plot_no_training(cfg.pretrained, paths.reports / "loss_curves.png")
     height, width = pretrained_sample_size(pipeline)
     started = time.perf_counter()
-    val = load_grid_images(PREPARED, "val", height, width, PRETRAINED_GRID_PROMPTS)
-    write_sample_grid(pipeline, val, REPORTS / "samples.png", guidance=cfg.guidance, steps=cfg.sample_steps,
+    val = load_grid_images(paths.prepared, "val", height, width, PRETRAINED_GRID_PROMPTS)
+    write_sample_grid(pipeline, val, paths.reports / "samples.png", guidance=cfg.guidance, steps=cfg.sample_steps,
                       seed=cfg.seed, prompts=PRETRAINED_GRID_PROMPTS, samples=PRETRAINED_GRID_SAMPLES,
                       height=height, width=width)
     seconds = time.perf_counter() - started
@@ -102,12 +97,12 @@ def load_pretrained(pretrained: str):
                                     f"Stable Diffusion pipeline: {err}") from None
 
 
-def train_embedded(cfg: GeneratorConfig, synth: SynthConfig) -> dict:
-    train = load_images(PREPARED, "train", cfg.height, cfg.width)
-    val = load_images(PREPARED, "val", cfg.height, cfg.width)
-    probe, probe_metrics = fit_probe(train, val, cfg)  # the measuring instrument: annotated images only
+def train_embedded(cfg: GeneratorConfig, synth: SynthConfig, paths) -> dict:
+    train = load_images(paths.prepared, "train", cfg.height, cfg.width)
+    val = load_images(paths.prepared, "val", cfg.height, cfg.width)
+    probe, probe_metrics = fit_probe(train, val, cfg, paths.probe)  # the measuring instrument: annotated images only
     pool = generator_pool(synth, cfg)
-    generator = fit_generator(train + pool, val, cfg, probe)
+    generator = fit_generator(train + pool, val, cfg, probe, paths)
     return {"pretrained": "", "probe": probe_metrics,
             "generator": {"train_images": len(train), "pool_images": len(pool), **generator}}
 
@@ -122,27 +117,29 @@ def generator_pool(synth: SynthConfig, cfg: GeneratorConfig) -> LabelledImages:
     return pool
 
 
-def fit_probe(train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig) -> tuple[AttributeProbe | None, dict]:
+def fit_probe(train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig, folder: Path) -> tuple[AttributeProbe | None, dict]:
     """Trains and saves the probe; None (and a note in its folder) when the data has no colour labels."""
     if not all(row.get("upper_color") for row in train.attributes):
-        write_json_atomic(PROBE_DIR / "absent.json", {"reason": "the training data carries no colour labels"})
+        write_json_atomic(folder / "absent.json", {"reason": "the training data carries no colour labels"})
         return None, {}
     started = time.perf_counter()
     probe, _ = train_probe(train, seed=cfg.seed)
-    probe.save(PROBE_DIR)
+    probe.save(folder)
     metrics = {"val_accuracy": probe_accuracy(probe, val), "seconds": time.perf_counter() - started}
     log.info("probe: %s", metrics)
     return probe, metrics
 
 
-def fit_generator(train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig, probe: AttributeProbe | None) -> dict:
+def fit_generator(
+    train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig, probe: AttributeProbe | None, paths
+) -> dict:
     trained = train_generator(cfg, train)
-    save_pipeline(trained.pipeline, GENERATOR_DIR)
-    plot_loss_curves(trained, REPORTS / "loss_curves.png")
+    save_pipeline(trained.pipeline, paths.generator)
+    plot_loss_curves(trained, paths.reports / "loss_curves.png")
     psnr = reconstruction_psnr(trained.pipeline.vae, val.pixels)
     log.info("generator: val PSNR %.2f dB, seconds %s", psnr, trained.seconds)
     started = time.perf_counter()
-    write_sample_grid(trained.pipeline, val, REPORTS / "samples.png", guidance=cfg.guidance,
+    write_sample_grid(trained.pipeline, val, paths.reports / "samples.png", guidance=cfg.guidance,
                       steps=cfg.sample_steps, seed=cfg.seed)
     metrics = {"vae_val_psnr_db": psnr, "guidance": cfg.guidance}
     if probe is not None:

@@ -6,7 +6,6 @@ import shutil
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -31,7 +30,7 @@ from pipeline.pdg.generate import (
 )
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
-from tiny_project import make_tiny_project
+from tiny_project import make_tiny_project, stage_command
 
 CFG = PdgConfig(source_count=6, num_samples=2, num_steps=4, batch_size=3, shard_size=4, sheet_samples=4)
 
@@ -177,10 +176,10 @@ def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
     overrides = {"pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2,
                          "sheet_samples": 3}}
     project = make_tiny_project(tmp_path, overrides)
-    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project, check=True, capture_output=True)
+    subprocess.run(stage_command("prepare"), cwd=project, check=True, capture_output=True)
     (project / "models").mkdir()
     shutil.copytree(generator, project / "models" / "generator")
-    result = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=project, capture_output=True, text=True,
+    result = subprocess.run(stage_command("generate"), cwd=project, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((project / "metrics" / "generate.json").read_text())

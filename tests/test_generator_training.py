@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ from pipeline.models import minilm_path
 from pipeline.editing.edit import EditRequest, edit_p2p_batch
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
-from tiny_project import REPO, TINY_PROFILE, deep_merge, dvc, make_tiny_project
+from tiny_project import REPO, TINY_PROFILE, deep_merge, dvc, make_tiny_project, stage_command
 
 HEIGHT, WIDTH = 32, 16
 TINY_GENERATOR_PARAMS = {
@@ -243,7 +242,7 @@ def _run_stage(project, generator_overrides, generator_ids=0, returncode=0):
                                  "synth": {"num_generator_ids": generator_ids}})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "stages.train_generator"], cwd=project, env=env,
+    result = subprocess.run(stage_command("train_generator"), cwd=project, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == returncode, result.stderr[-3000:]
     if returncode:

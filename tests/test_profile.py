@@ -4,7 +4,6 @@ before any work, each problem one line naming its key."""
 import contextlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from pipeline.config import HubConfig, load_params
 from tiny_generator import build_tiny_generator
 from pipeline.profile import EMBEDDED, check_inputs, profile_command, real_recipe
 from test_models import save_tiny_clip
-from tiny_project import REPO, make_tiny_project
+from tiny_project import REPO, make_tiny_project, stage_command
 
 PARAMS = REPO / "params.yaml"
 
@@ -122,7 +121,7 @@ def test_a_stage_with_a_missing_checkpoint_stops_before_any_work(tmp_path):
         "filter": {"scorer": str(tmp_path / "no-clip")},
     })
     for stage, key in (("train", "model.vision_path"), ("filter", "filter.scorer")):
-        args = [sys.executable, "-m", f"stages.{stage}"] + (["--variant", "baseline"] if stage == "train" else [])
+        args = stage_command("train@baseline" if stage == "train" else stage)
         result = subprocess.run(args, cwd=project, capture_output=True, text=True)
         assert result.returncode == 1, result.stderr
         assert f"params: '{key}' {tmp_path / 'no-clip'}: no such folder" in result.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments.stage_command import stage_command  # noqa: F401  (the tests take it from here)
 from pipeline.config import deep_merge  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +59,4 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([str(bin_dir / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
+

@@ -1,0 +1,21 @@
+"""A stage's command as dvc.yaml gives it, for running one stage by hand (benchmarks, tests)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_command(name: str, *extra: str, repo: Path = REPO) -> list[str]:
+    """The command of stage `name` (e.g. "train@baseline"), rendered by DVC from `repo`'s
+    dvc.yaml and params, with this interpreter for `python`: exactly what `dvc repro` runs."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        words = shlex.split(dvc_repo.stage.collect(name)[0].cmd)
+    if words[0] != "python":
+        raise ValueError(f"stage {name}: the command does not start with python: {words}")
+    return [sys.executable, *words[1:], *extra]
