@@ -51,10 +51,8 @@ ROWS: dict[str, tuple[str, dict, str | None]] = {
     "samples-4": ("pdg", {"pdg.num_samples": 4}, None),
     "text-only": ("pdg", {**NO_MIXUP, **ORIGINAL_PAIRS}, None),  # approximate text on the original pairs
     "text-only-pdg-steps": ("pdg", {**NO_MIXUP, **ORIGINAL_PAIRS}, "pdg"),
-    # diagnostics of docs/results.md: pairs in the batch of their source; the attribute probe as an
-    # oracle filter (SynthPedes labels): only confirmed edits, or without the edits it reads wrong
-    "source-batch": ("pdg", {"variants.pdg.batch_with_source": True}, None),
-    "text-source-batch": ("pdg", {**NO_MIXUP, "variants.pdg.batch_with_source": True}, None),
+    # diagnostics of docs/results.md: the attribute probe as an oracle filter (SynthPedes labels):
+    # only confirmed edits, or without the edits it reads wrong
     "probe-filter": ("pdg", {"filter.attribute_probe": "confirmed_only"}, None),
     "probe-reject-wrong": ("pdg", {"filter.attribute_probe": "reject_wrong"}, None),
 }

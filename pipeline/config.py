@@ -294,7 +294,6 @@ class VariantConfig:
 
     data: str = "data/prepared"
     online: OnlineConfig = field(default_factory=OnlineConfig)
-    batch_with_source: bool = False  # a proximity image and its texts share the batch of its source image
 
 
 def _default_variants() -> dict:

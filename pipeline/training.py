@@ -251,7 +251,6 @@ class Trainer:
             world_size=self.accelerator.num_processes,
             shuffle_buffer=self.cfg.shuffle_buffer,
             augment=augment,
-            batch_with_source=self.variant.batch_with_source,
         )
 
     def _loader(self, epoch: int, start_step: int):

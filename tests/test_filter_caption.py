@@ -10,7 +10,6 @@ from PIL import Image
 
 from pipeline.config import CaptionConfig, FilterConfig
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest, write_tar_atomic
-from pipeline.data.loader import StreamPlan, proximity_by_source, raw_pairs
 from pipeline.pdg.captioning import (
     ImageCaptioner,
     assign_identities,
@@ -315,7 +314,7 @@ def test_training_set_holds_original_and_proximity_pairs_with_all_texts(prepared
     assert [r.key for r in manifest] == [r.key for r in original] + ["pdg-a", "pdg-b", "pdg-c"]
     read_back = {s["__key__"]: json.loads(s["json"]) for s in iter_shard_samples(list_shards(tmp_path / "train", "train"))}
     assert len(read_back) == len(original) + 3 and read_back["pdg-c"]["person_id"] == first_id + 1
-    assert read_back["pdg-c"]["source_key"] == original[5].key  # for the loader's batch_with_source
+    assert read_back["pdg-c"]["source_key"] == original[5].key  # its provenance
     assert "source_key" not in read_back[original[0].key]
 
 
@@ -362,33 +361,3 @@ def test_a_machine_caption_giving_the_edited_garment_its_old_colour_is_dropped()
     assert [r.captions[1:] for r in rows] == [[], ["a man in an orange shirt"], [], ["a man in a red shirt"]]
     assert proximity_rows(samples, 50, CaptionConfig(paraphrases=0))[1] == {
         "machine_captions_added": 0, "machine_captions_dropped_contradicting": 0}
-
-
-def test_proximity_pairs_share_the_batch_of_their_source(prepared, tmp_path):
-    original = read_manifest(manifest_path(prepared, "train"))
-    samples = [_kept_sample("pdg-a", 1, "red shirt", "green", source=original[0].key),
-               _kept_sample("pdg-b", 1, "red shirt", "blue", source=original[0].key),
-               _kept_sample("pdg-c", 2, "red shirt", "pink", source=original[9].key),
-               _kept_sample("pdg-orphan", 3, "red shirt", "pink", source="not-a-training-image")]
-    rows, _ = proximity_rows(samples, 1000, CaptionConfig(paraphrases=1))
-    write_training_set(prepared, original, samples, rows, tmp_path / "train", shard_size=4)
-    shards = tuple(list_shards(tmp_path / "train", "train"))
-    assert set(proximity_by_source(shards)) == {original[0].key, original[9].key}
-
-    def stream(together, seed):
-        return [(p.key, p.caption) for p in raw_pairs(StreamPlan(shards, 8, seed=seed, shuffle_buffer=16,
-                                                                  batch_with_source=together))]
-
-    for seed in range(3):
-        alone, together = stream(False, seed), stream(True, seed)
-        assert sorted(together) == sorted(alone)  # the same pairs, each once
-        keys = [key for key, _ in together]
-        for source, children in ((original[0].key, ["pdg-a", "pdg-b"]), (original[9].key, ["pdg-c"])):
-            start = keys.index(source)  # the source's 2 captions, then 2 texts per proximity image
-            assert keys[start : start + 2 + 2 * len(children)] == [source] * 2 + [c for c in children for _ in (0, 1)]
-        assert keys.count("pdg-orphan") == 2
-    gaps = []  # without it, a proximity image lands far from its source
-    for seed in range(3):
-        keys = [key for key, _ in stream(False, seed)]
-        gaps.append(abs(keys.index("pdg-a") - keys.index(original[0].key)))
-    assert max(gaps) > 8

@@ -6,11 +6,6 @@ augments only its own slice of each global batch, and loader workers take whole
 batches in turn. So N processes see exactly the global batches one process
 would see (the distributed loss then equals the single-process loss), and
 resuming at step k just skips k global batches without decoding them.
-
-With `batch_with_source`, a proximity image (a row naming its `source_key`) and its texts
-travel through the shuffle together with the training image it was edited from, so they land
-in one batch: the edited caption is a hard negative of the source image and the source caption
-one of the proximity image, the near misses proximity data exists to provide.
 """
 
 from __future__ import annotations
@@ -51,7 +46,6 @@ class StreamPlan:
     world_size: int = 1
     shuffle_buffer: int = 2000
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
-    batch_with_source: bool = False  # proximity pairs follow their source image into its batch
 
     def __post_init__(self):
         if self.global_batch_size % self.world_size:
@@ -76,52 +70,20 @@ def _shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> It
 
 
 def raw_pairs(plan: StreamPlan) -> Iterator[RawPair]:
-    """The epoch's pair stream: shards in a seeded order, one pair per caption, buffer-shuffled.
-
-    The shuffle moves units: one pair each, except that with `batch_with_source` a source image's
-    pairs and those of its proximity images form one unit (in that order)."""
+    """The epoch's pair stream: shards in a seeded order, one pair per caption, buffer-shuffled."""
     rng = np.random.default_rng((plan.seed, plan.epoch))
     shard_order = [plan.shards[i] for i in rng.permutation(len(plan.shards))]
-    children = proximity_by_source(plan.shards) if plan.batch_with_source else {}
-    moved = {pair[0] for family in children.values() for pair in family}
 
-    def units() -> Iterator[list[tuple]]:
+    def pairs() -> Iterator[tuple]:
         for shard in shard_order:
             for sample in iter_shard_samples([shard]):
-                key = sample["__key__"]
-                if key in moved:  # travels with its source
-                    continue
-                pairs = _caption_pairs(sample, shard)
-                if key in children:
-                    yield pairs + children[key]
-                else:
-                    yield from ([pair] for pair in pairs)
+                row = json.loads(sample["json"])
+                image = image_member(sample, shard)
+                for caption in row["captions"]:
+                    yield sample["__key__"], image, caption, row["person_id"]
 
-    index = 0
-    for unit in _shuffled(units(), plan.shuffle_buffer, rng):
-        for key, image, caption, pid in unit:
-            yield RawPair(index, key, image, caption, pid)
-            index += 1
-
-
-def _caption_pairs(sample: dict, shard: str) -> list[tuple]:
-    row = json.loads(sample["json"])
-    image = image_member(sample, shard)
-    return [(sample["__key__"], image, caption, row["person_id"]) for caption in row["captions"]]
-
-
-def proximity_by_source(shards: tuple[str, ...]) -> dict[str, list[tuple]]:
-    """The pairs of every proximity image whose source image is in `shards`, by source key.
-
-    A proximity image whose source is absent streams on its own like any other image."""
-    keys, children = set(), {}
-    for shard in shards:
-        for sample in iter_shard_samples([shard]):
-            keys.add(sample["__key__"])
-            source = json.loads(sample["json"]).get("source_key")
-            if source:
-                children.setdefault(source, []).extend(_caption_pairs(sample, shard))
-    return {source: pairs for source, pairs in children.items() if source in keys}
+    for index, (key, image, caption, pid) in enumerate(_shuffled(pairs(), plan.shuffle_buffer, rng)):
+        yield RawPair(index, key, image, caption, pid)
 
 
 def global_batches(plan: StreamPlan) -> Iterator[tuple[int, list[RawPair]]]:

@@ -214,8 +214,7 @@ def write_training_set(
 
 
 def _training_sample(sample: dict[str, bytes], row: ImageRecord) -> dict[str, bytes]:
-    """The canonical row plus the key of the training image it was edited from (see the loader's
-    `batch_with_source`)."""
+    """The canonical row plus the key of the training image it was edited from (its provenance)."""
     source_key = json.loads(sample["json"])["source_key"]
     fields = {**record_to_json(row), "source_key": source_key}
     return {"__key__": row.key, "png": sample["png"], "json": json.dumps(fields, sort_keys=True).encode("utf-8")}
