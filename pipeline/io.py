@@ -1,10 +1,14 @@
-"""Atomic writes: a killed stage never leaves a half-written file under its final name."""
+"""Atomic writes: a killed stage never leaves a half-written file or directory under its final name."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def temp_path_for(path: str | Path) -> Path:
@@ -28,3 +32,75 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> None:
 def write_json_atomic(path: str | Path, payload) -> None:
     """Pretty, key-sorted JSON so that equal content gives equal bytes."""
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# -- directories ---------------------------------------------------------------------------------
+# A directory output is written in full under a staging name next to it, then swapped in with two
+# renames: target -> old, staging -> target; old is deleted last. The previous directory stays whole
+# until the new one is in place, so a process killed at any point leaves either of them under the
+# final name, or (between the two renames) only `old`: `recover_directory` puts it back.
+
+
+def staging_path(target: str | Path) -> Path:
+    """Where `target`'s next version is written (a sibling, so the swap is a rename)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.staging")
+
+
+def old_path(target: str | Path) -> Path:
+    target = Path(target)
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_directory(target: str | Path) -> None:
+    """Undo what a killed swap or write left next to `target`: a previous version whose swap stopped
+    between its two renames goes back under `target`; leftover old and staging folders are deleted."""
+    target, old, staging = Path(target), old_path(target), staging_path(target)
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+        logging.getLogger(__name__).info("%s: restored the previous version from an interrupted swap", target)
+    for leftover in (old, staging):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def start_directory(target: str | Path) -> Path:
+    """Recover `target` and return its empty, freshly made staging folder, to write the new version in."""
+    recover_directory(target)
+    staging = staging_path(target)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_directory(staging: str | Path, target: str | Path) -> None:
+    """Swap the complete `staging` folder in as `target`, keeping the old `target` until it is in place."""
+    staging, target, old = Path(staging), Path(target), old_path(target)
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def remove_directory(target: str | Path) -> None:
+    """Delete `target` as one step: renamed away first, so a kill never leaves half of it."""
+    target, old = Path(target), old_path(target)
+    recover_directory(target)
+    if target.exists():
+        os.replace(target, old)
+        shutil.rmtree(old)
+
+
+@contextmanager
+def writing_directory(target: str | Path) -> Iterator[Path]:
+    """`with writing_directory(out) as tmp: write into tmp`: swapped in as `out` when the block
+    ends without an error; on an error the staging folder goes and `out` is as it was."""
+    staging = start_directory(target)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, target)

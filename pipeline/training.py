@@ -2,12 +2,15 @@
 
 One process on a CPU or N processes on GPUs run the same code. Every `checkpoint_every`
 steps the full state (weights, optimiser, schedule, RNGs, and our progress record) is
-saved with `accelerator.save_state`; a restarted run resumes from the newest state and,
+saved by pipeline/checkpointing.py (safetensors and JSON: nothing is unpickled on resume) and swapped
+in as a whole folder (pipeline/io.py); a restarted run resumes from the newest state and,
 because the data stream is a pure function of (seed, epoch, step), continues exactly
 where it stopped; a finished run of the same fingerprint is done (rerunning the stage, e.g.
 `dvc repro` after `accelerate launch -m stages.train`, trains nothing). After each epoch the
 model is scored on the validation split; the best-on-val and the last model are saved with
-`save_pretrained`.
+`save_pretrained`. Nothing measured on the clock goes under models/: timings (pairs/s, the data
+wait share) go to the optional `timing_file` (reports/train/<variant>/timing.json), so two runs of
+one configuration write byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +29,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from pipeline.checkpointing import (StateError, TrainOutputs, apply_training_state, load_model_weights, read_progress,
+                                    read_training_state, save_training_state)
 from pipeline.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_directory, staging_path, start_directory, write_json_atomic
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix
@@ -42,8 +46,6 @@ from pipeline.text.approximate import ApproximateText, build_approximate_text
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite (train.nonfinite_loss: stop)."""
@@ -51,7 +53,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Progress:
-    """What the loop needs, beyond Accelerate's state, to resume; saved as JSON."""
+    """What the loop needs, beyond the model's, optimiser's and RNGs' states, to resume; saved as JSON
+    (nothing measured on the clock: that is `Trainer.timing`)."""
 
     fingerprint: str
     epoch: int = 0
@@ -61,26 +64,7 @@ class Progress:
     best_epoch: int = -1
     best_score: float = -1.0
     losses: list = field(default_factory=list)  # [global_step, loss]
-    epochs: list = field(default_factory=list)  # per-epoch records (val metrics, timings)
-
-
-@dataclass(frozen=True)
-class TrainOutputs:
-    """best/ and last/ models and state/, the resumable training state, under one folder."""
-
-    out_dir: Path
-
-    @property
-    def state_dir(self) -> Path:
-        return self.out_dir / "state"
-
-    @property
-    def best(self) -> Path:
-        return self.out_dir / "best"
-
-    @property
-    def last(self) -> Path:
-        return self.out_dir / "last"
+    epochs: list = field(default_factory=list)  # per-epoch records (val metrics)
 
 
 # train.* keys that do not change the trained weights, left out of the fingerprint so that a run
@@ -147,9 +131,11 @@ class Trainer:
 
     def __init__(
         self, params: Params, prepared_dir: str | Path, outputs: TrainOutputs, accelerator: Accelerator,
-        variant: VariantConfig | None = None,
+        variant: VariantConfig | None = None, timing_file: str | Path | None = None,
     ):
         self.params = params
+        self.timing_file = Path(timing_file) if timing_file else None
+        self.timing: list[dict] = []  # per epoch: pairs_per_s, data_wait_share (never under models/)
         self.cfg = params.train
         self.variant = variant or VariantConfig(data=str(prepared_dir))
         self.online = self.variant.online
@@ -172,7 +158,6 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # Not prepared: Accelerate would step it once per process, but our batch is global.
         self.scheduler = scheduler
-        accelerator.register_for_checkpointing(scheduler)
         self.criterion = HardnessAwareContrastiveLoss.from_config(params.loss)
         self.val_data = load_retrieval_split(prepared_dir, "val")
         self.progress = Progress(fingerprint=training_fingerprint(params, self.shards, self.variant))
@@ -187,10 +172,15 @@ class Trainer:
 
     def resume_if_possible(self) -> bool:
         """Continue the saved state of this run (same fingerprint), or clear the outputs; True when
-        resumed. A finished run of the same fingerprint is resumed too, at its end: it is done."""
+        resumed. A finished run of the same fingerprint is resumed too, at its end: it is done. A
+        state that cannot be read (a file missing or broken: named in a warning) is started afresh."""
         state = self.outputs.state_dir
-        progress_file = state / PROGRESS_FILE
-        saved = Progress(**json.loads(progress_file.read_text())) if progress_file.is_file() else None
+        self._on_main(self.outputs.recover)
+        try:
+            saved = read_progress(state, Progress)
+        except StateError as err:
+            log.warning("%s: starting afresh", err)
+            saved = None
         if saved is not None and saved.fingerprint == self.progress.fingerprint and saved.epoch >= self.cfg.epochs:
             if not self.outputs.best.is_dir() and saved.best_epoch != saved.epoch:
                 log.info("saved state in %s is a finished run, but its best model (epoch %d) is gone: "
@@ -206,7 +196,13 @@ class Trainer:
                 log.info("saved state in %s is from another configuration: starting afresh", state)
             self._clear_outputs()
             return False
-        self.accelerator.load_state(str(state))
+        try:
+            saved_state = read_training_state(state, self.accelerator)
+        except StateError as err:
+            log.warning("%s: starting afresh", err)
+            self._clear_outputs()
+            return False
+        apply_training_state(saved_state, self.accelerator, self.model, self.optimizer, self.scheduler)
         self.progress = saved
         log.info("resumed at epoch %d step %d (global step %d)", saved.epoch, saved.step_in_epoch, saved.global_step)
         return True
@@ -215,27 +211,24 @@ class Trainer:
     def finished(self) -> bool:
         return self.progress.epoch >= self.cfg.epochs
 
-    def _clear_outputs(self) -> None:
+    def _on_main(self, action) -> None:
+        """`action` on the main process only, every process waiting for it."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            for directory in (self.outputs.best, self.outputs.last, self.outputs.state_dir):
-                shutil.rmtree(directory, ignore_errors=True)
+            action()
         self.accelerator.wait_for_everyone()
 
+    def _clear_outputs(self) -> None:
+        self._on_main(self.outputs.clear)
+
     def save_state(self) -> None:
-        """Accelerate's state then our progress record, both replacing the previous state atomically."""
+        """The whole state into a staging folder, swapped in for the previous state (pipeline/io.py)."""
         state = self.outputs.state_dir
-        staging = state.with_name(state.name + ".saving")
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging), safe_serialization=True)
-        if self.accelerator.is_main_process:
-            write_json_atomic(staging / PROGRESS_FILE, dataclasses.asdict(self.progress))
-            shutil.rmtree(state, ignore_errors=True)
-            staging.rename(state)
-        self.accelerator.wait_for_everyone()
+        staging = staging_path(state)  # made by the main process, written by every one
+        self._on_main(lambda: start_directory(state))
+        save_training_state(staging, self.accelerator, self.model, self.optimizer, self.scheduler,
+                            dataclasses.asdict(self.progress))
+        self._on_main(lambda: replace_directory(staging, state))
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -348,33 +341,46 @@ class Trainer:
             "val_R1": metrics["R1"],
             "val_mAP": metrics["mAP"],
             "temperature": self.unwrapped.temperature().item(),
-            **timing,
         }
         self.progress.epochs.append(record)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items()})
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in {**record, **timing}.items()})
         score = metrics["R1"] + metrics["mAP"]  # ties in R1 are common on small val sets
         if score > self.progress.best_score:
             self.progress.best_score, self.progress.best_epoch = score, epoch + 1
             self._save_model(self.outputs.best)
 
     def _save_model(self, directory: Path) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            staging = directory.with_name(directory.name + ".saving")
-            shutil.rmtree(staging, ignore_errors=True)
+        def save() -> None:
+            staging = start_directory(directory)
             self.unwrapped.save_pretrained(staging)
-            write_json_atomic(staging / "training.json", {"epoch": self.progress.epochs[-1]["epoch"], "fingerprint": self.progress.fingerprint})
-            shutil.rmtree(directory, ignore_errors=True)
-            staging.rename(directory)
-        self.accelerator.wait_for_everyone()
+            write_json_atomic(staging / "training.json", {"epoch": self.progress.epochs[-1]["epoch"],
+                                                          "fingerprint": self.progress.fingerprint})
+            replace_directory(staging, directory)
+
+        self._on_main(save)
+
+    def _record_timing(self, record: dict) -> None:
+        self.timing = [t for t in self.timing if t["epoch"] < record["epoch"]] + [record]
+        if self.timing_file is not None and self.accelerator.is_main_process:
+            write_json_atomic(self.timing_file, self.timing)
+
+    def _read_timing(self) -> None:
+        """The timings of this run's epochs done before a restart (a report: unreadable means none)."""
+        try:
+            records = json.loads(self.timing_file.read_text()) if self.timing_file else []
+            self.timing = [r for r in records if r["epoch"] <= self.progress.epoch]
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            log.info("%s: no earlier timings (%s)", self.timing_file, err)
 
     def fit(self) -> Progress:
         """Train to the end (resuming this run's saved state) and return its progress; a finished run
         is not trained again: its best/ and last/ stay, a missing one written from the state."""
-        if self.resume_if_possible() and self.finished:
+        if self.resume_if_possible():
+            self._read_timing()
+        if self.finished:
             missing = [d for d in (self.outputs.best, self.outputs.last) if not d.is_dir()]
             if missing:  # best/ only when the last epoch was the best (resume_if_possible)
-                self.accelerator.load_state(str(self.outputs.state_dir))
+                load_model_weights(self.outputs.state_dir, self.accelerator, self.model)
                 for directory in missing:
                     log.info("writing %s from the saved state", directory)
                     self._save_model(directory)
@@ -382,6 +388,7 @@ class Trainer:
         while self.progress.epoch < self.cfg.epochs:
             epoch = self.progress.epoch
             timing = self._run_epoch(epoch)
+            self._record_timing({"epoch": epoch + 1, **timing})
             self._validate(epoch, timing)
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.save_state()

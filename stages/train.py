@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.checkpointing import StateError
 from pipeline.config import ConfigError, FieldError
 from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.plots import plot_training_curves
@@ -18,12 +19,16 @@ from pipeline.optimization import make_accelerator
 from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
 
 PREPARED = Path("data/prepared")
+REPORTS = Path("reports/train")
 
 log = logging.getLogger("stages.train")
 
 
-def _write_reports(progress, variant: str) -> None:
+def _write_reports(progress, timing: list[dict], variant: str) -> None:
+    """metrics/train_<variant>.json and the reports; the timings (from reports/train/<variant>/timing.json,
+    never from models/, where a clock figure would change the output's hash) are the last epoch's."""
     best = next(e for e in progress.epochs if e["epoch"] == progress.best_epoch)
+    last_timing = timing[-1] if timing else {}
     summary = {
         "best_epoch": progress.best_epoch,
         "best_val_R1": best["val_R1"],
@@ -31,12 +36,13 @@ def _write_reports(progress, variant: str) -> None:
         "final_train_loss": progress.epochs[-1]["train_loss"],
         "steps": progress.global_step,
         "skipped_batches": progress.skipped_batches,
-        "pairs_per_s": progress.epochs[-1]["pairs_per_s"],
-        "data_wait_share": progress.epochs[-1]["data_wait_share"],
+        "pairs_per_s": last_timing.get("pairs_per_s"),
+        "data_wait_share": last_timing.get("data_wait_share"),
     }
-    reports = Path("reports/train") / variant
+    reports = REPORTS / variant
     write_json_atomic(Path("metrics") / f"train_{variant}.json", summary)
-    write_json_atomic(reports / "epochs.json", progress.epochs)
+    timing_of = {t["epoch"]: t for t in timing}
+    write_json_atomic(reports / "epochs.json", [{**timing_of.get(e["epoch"], {}), **e} for e in progress.epochs])
     steps_csv = "step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in progress.losses)
     write_bytes_atomic(reports / "steps.csv", steps_csv.encode())
     plot_training_curves(progress.losses, progress.epochs, reports / "curves.png", f"train@{variant}")
@@ -48,15 +54,15 @@ def main() -> int:
         accelerator = make_accelerator(params)
         try:
             trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator,
-                              params.variant(args.variant))
+                              params.variant(args.variant), timing_file=REPORTS / args.variant / "timing.json")
         except FieldError as err:  # a check on the variant's settings: name them in full
             raise err.under(f"variants.{args.variant}") from None
         progress = trainer.fit()
-    except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, StateError) as err:
         log.error("%s", err)
         return 1
     if accelerator.is_main_process:
-        _write_reports(progress, args.variant)
+        _write_reports(progress, trainer.timing, args.variant)
     accelerator.end_training()
     return 0
 
