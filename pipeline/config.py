@@ -8,6 +8,7 @@ raises `ConfigError` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class DataConfig:
     # annotation order (grouped by identity and by source camera set): at real scale the training
     # shuffle buffer holds a few percent of the data, so without it a batch sees about two shards
     permute_records: bool = False
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class SynthConfig:
     # Share of test identities whose (upper colour, lower colour) pair never occurs in training.
     novel_combination_fraction: float = field(default=0.25, metadata=_range(0.0, 1.0))
     contact_sheet_ids: int = field(default=8, metadata=_range(1, 64))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
 
 MODEL_PRESETS = ("tiny", "clip-vit-b16", "vit-bert")
@@ -138,7 +139,7 @@ class TrainConfig:
     crop_padding: int = field(default=4, metadata=_range(0, 64))
     erase_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
     eval_batch_size: int = field(default=256, metadata=_range(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,10 @@ class GeneratorConfig:
     minilm_layers: int = field(default=3, metadata=_range(1, 6))  # the UNet reads the states of MiniLM layer 3 of 6
     text_width: int = field(default=64, metadata=_range(16, 1024))
     text_layers: int = field(default=2, metadata=_range(1, 24))
-    global_text: bool = False  # the pooled prompt also joins the UNet's time embedding
     caption_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # for classifier-free guidance
     guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
     sample_steps: int = field(default=25, metadata=_range(1, 1000))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class PdgConfig:
 
     method: str = field(default="p2p", metadata={"choices": ("p2p", "img2img")})
     num_samples: int = field(default=2, metadata=_range(1, 64))  # proximity samples per source pair
-    source_count: int = field(default=300, metadata=_range(0))  # training images used as sources; 0 = fraction
+    source_count: int = field(default=200, metadata=_range(0))  # training images used as sources; 0 = fraction
     source_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))  # used when source_count is 0
     num_steps: int = field(default=20, metadata=_range(1, 1000))
     guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
@@ -206,12 +206,15 @@ class PdgConfig:
     # img2img: SDEdit
     strength: float = field(default=0.6, metadata=_range(0.01, 1.0))
     allow_hair: bool = False  # caption editing may change hair colour too
-    batch_size: int = field(default=8, metadata=_range(1, 1024))
+    batch_size: int = field(default=16, metadata=_range(1, 1024))
     shard_size: int = field(default=64, metadata=_range(1))
     sheet_samples: int = field(default=12, metadata=_range(0, 200))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
     def __post_init__(self):
+        if self.method == "img2img" and round(self.strength * self.num_steps) < 1:
+            raise FieldError("strength", f"{self.strength} leaves none of the {self.num_steps} steps (pdg.num_steps) "
+                             "to run: raise it, or raise pdg.num_steps")
         if self.inversion == "null-text" and self.null_text_steps == 0:
             raise FieldError("null_text_steps", "must be at least 1 with inversion: null-text")
         if self.inversion != "null-text" and self.null_text_steps:
@@ -264,7 +267,7 @@ class CaptionConfig:
     paraphrases: int = field(default=1, metadata=_range(0, 16))  # approximate-text variants per caption
     paraphrase_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
     batch_size: int = field(default=32, metadata=_range(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,8 @@ class VariantConfig:
     """One trained model: `train@<name>` reads the training shards in `data` (plus val from data/prepared)."""
 
     data: str = "data/prepared"
-    online: OnlineConfig = field(default_factory=OnlineConfig)
+    # `online: false`: no online PDG (a baseline); otherwise every key of the section
+    online: OnlineConfig = field(default_factory=OnlineConfig, metadata={"false_means": lambda: OnlineConfig()})
 
 
 def _default_variants() -> dict:
@@ -315,6 +319,10 @@ class Params:
     variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
 
     def __post_init__(self):
+        size, patch = (self.data.image_height, self.data.image_width), self.model.patch_size
+        if self.model.preset == "tiny" and (size[0] % patch or size[1] % patch):
+            raise ConfigError(f"params: 'model.patch_size' {patch} does not divide the image size "
+                              f"{size[0]}x{size[1]} (data.image_height x data.image_width)")
         # the generator pool is rendered SynthPedes people for the embedded generator: with another
         # source, or a pretrained generator that trains on nothing, it would be silently ignored
         if self.synth.num_generator_ids and self.data.source != "synthpedes":
@@ -339,9 +347,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
+def _check_value(key: str, value: Any, tp: Any, meta: dict, complete: bool = False) -> Any:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        if value is False and "false_means" in meta:  # e.g. `online: false`: the section switched off
+            return meta["false_means"]()
+        return _build(tp, value, key, complete)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -353,7 +363,7 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         if not isinstance(value, dict) or not value:
             raise ConfigError(f"params: '{key}' must be a non-empty mapping, got {value!r}")
         _, item_tp = typing.get_args(tp)
-        return {str(k): _check_value(f"{key}.{k}", v, item_tp, {}) for k, v in value.items()}
+        return {str(k): _check_value(f"{key}.{k}", v, item_tp, {}, complete) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"params: '{key}' must be a list, got {value!r}")
@@ -363,6 +373,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
         value = meta["false_means"]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"params: '{key}' must be a finite number, got {value!r}")
     if tp is not Any and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}")
     choices = meta.get("choices")
@@ -374,7 +386,7 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, complete: bool = False) -> Any:
     where = prefix or "top level"
     if raw is None:
         raw = {}
@@ -386,10 +398,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         names = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in unknown)
         raise ConfigError(f"params: unknown key {names} (known in {where}: {', '.join(fields)})")
+    missing = [name for name in fields if name not in raw] if complete else []
+    if missing:
+        names = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in missing)
+        raise ConfigError(f"params: missing key {names}: a params file sets every key (params.yaml as shipped "
+                          "has them all, with comments)")
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
-        values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata))
+        values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata), complete)
     try:
         return cls(**values)
     except FieldError as err:
@@ -404,16 +421,37 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def params_from_dict(raw: dict) -> Params:
-    return _build(Params, raw, "")
+def params_from_dict(raw: dict, complete: bool = False) -> Params:
+    """Validated params; `complete` (what a params file must be) makes a missing key an error, else
+    it takes the value of the shipped params.yaml, which the field defaults equal (tested)."""
+    return _build(Params, raw, "", complete)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's later-wins for a repeated key would silently drop the first value: refuse it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"params: key '{key}' appears twice in one mapping (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}): keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_yaml(path: Path) -> Any:
+    """The raw tree of a params file; a repeated key is a ConfigError naming it and its lines."""
+    return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_params_yaml(path)
     except FileNotFoundError:
         raise ConfigError(f"params: no such file {path}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
-    return params_from_dict(raw or {})
+    return params_from_dict(raw or {}, complete=True)

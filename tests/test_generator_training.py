@@ -95,7 +95,6 @@ def test_vae_and_unet_losses_fall(train_images):
     assert latents.shape == (64, 4, HEIGHT // 2, WIDTH // 2)  # every image and its mirror image
     scale = set_latent_scale(vae, latents)
     unet, text_encoder = build_unet(TINY_GENERATOR), build_text_encoder(TINY_GENERATOR, tokenizer)
-    assert unet.config.addition_embed_type is None  # no pooled prompt in the time embedding by default
     unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scale, TINY_GENERATOR,
                              show_progress=False)
     assert all(torch.isfinite(torch.tensor([loss for _, loss in unet_losses])))
@@ -103,8 +102,7 @@ def test_vae_and_unet_losses_fall(train_images):
 
 
 def test_vae_on_crops_and_the_unet_with_biased_timesteps_and_averaging_learn(train_images):
-    cfg = dataclasses.replace(TINY_GENERATOR, vae_crop_fraction=0.5, high_noise_fraction=0.8, ema_decay=0.9,
-                              global_text=True)
+    cfg = dataclasses.replace(TINY_GENERATOR, vae_crop_fraction=0.5, high_noise_fraction=0.8, ema_decay=0.9)
     torch.manual_seed(0)
     vae = build_vae(cfg)
     vae_losses = train_vae(vae, train_images.pixels, cfg, show_progress=False)
@@ -114,7 +112,6 @@ def test_vae_on_crops_and_the_unet_with_biased_timesteps_and_averaging_learn(tra
     caption_ids, empty_ids = tokenize_captions(tokenizer, train_images.captions)
     latents = encode_latents(vae, train_images.pixels)
     unet, text_encoder = build_unet(cfg), build_text_encoder(cfg, tokenizer)
-    assert unet.config.addition_embed_type == "text"  # the pooled prompt joins the time embedding
     losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, set_latent_scale(vae, latents), cfg,
                         show_progress=False)
     assert _mean(losses[-10:]) < 0.8 * _mean(losses[:10])

@@ -49,10 +49,8 @@ def build_vae(cfg: GeneratorConfig) -> AutoencoderKL:
 
 def build_unet(cfg: GeneratorConfig, text_dim: int | None = None) -> UNet2DConditionModel:
     """Cross-attention only at the lowest resolution: a step with it at 16x8 too cost +81% (+23% in
-    the down path only, which did not help: docs/generator.md). With `global_text`, an attention-pooled prompt
-    embedding is added to the time embedding too (diffusers' addition_embed_type "text"): off by
-    default, since it lets the model paint the whole person in the dominant colour and carries the
-    edited prompt to every block during a Prompt-to-Prompt edit."""
+    the down path only, which did not help: docs/generator.md). The prompt enters through
+    cross-attention only, not the time embedding (docs/generator.md: it painted the whole person one colour)."""
     levels = len(cfg.unet_channels)
     scale = latent_downsampling(cfg)
     return UNet2DConditionModel(
@@ -61,8 +59,7 @@ def build_unet(cfg: GeneratorConfig, text_dim: int | None = None) -> UNet2DCondi
         down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
         cross_attention_dim=text_dim or cfg.text_width, attention_head_dim=8,
-        norm_num_groups=_groups(cfg.unet_channels), addition_embed_type="text" if cfg.global_text else None,
-        addition_embed_type_num_heads=max(1, (text_dim or cfg.text_width) // 16),
+        norm_num_groups=_groups(cfg.unet_channels),
     )
 
 
