@@ -216,7 +216,8 @@ def source_reading(edits: list[GarmentEdit], readings: list[dict[str, str]]) -> 
 
 
 def p2p_without_attention_control(parts: DiffusionParts, cfg: PdgConfig):
-    """Prompt-to-Prompt as `make_editor` binds it, with attention injection and reweighting off."""
+    """Prompt-to-Prompt as `make_editor` binds it, with attention injection and reweighting off
+    (no steps of cross- or self-attention replaced, reweight 1): joint denoising and blending stay."""
 
     def edit(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
         requests = [
@@ -226,9 +227,9 @@ def p2p_without_attention_control(parts: DiffusionParts, cfg: PdgConfig):
         ]
         return edit_p2p_batch(
             parts, requests, num_steps=cfg.num_steps, guidance=cfg.guidance,
-            cross_replace_fraction=cfg.cross_replace_fraction, self_replace_fraction=cfg.self_replace_fraction,
+            cross_replace_fraction=0.0, self_replace_fraction=0.0, reweight=1.0,
             blend_threshold=cfg.blend_threshold or None, blend_start_fraction=cfg.blend_start_fraction,
-            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps, inversion=cfg.inversion, attention_control=False,
+            null_text_steps=cfg.null_text_steps, inversion=cfg.inversion,
         )
 
     return edit

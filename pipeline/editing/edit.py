@@ -68,7 +68,6 @@ def edit_p2p_batch(
     reweight: float = 2.0,
     null_text_steps: int = 0,
     inversion: str | None = None,
-    attention_control: bool = True,
     mask_override: torch.Tensor | None = None,
     decode_reconstruction: bool = False,
 ) -> list[EditResult]:
@@ -77,8 +76,7 @@ def edit_p2p_batch(
     Requests with the same image (by content) and source caption form a group: one inversion and
     one source branch serve all its edits, laid out [source_1, edit_1a, edit_1b, ..., source_2, ...].
     `inversion` is ddim, negative-prompt or null-text (None: null-text if `null_text_steps`, else
-    ddim). `blend_threshold=None` turns local blending off; `attention_control=False` keeps the joint
-    denoising (and blending) but injects and reweights no attention, for ablations.
+    ddim). `blend_threshold=None` turns local blending off.
     `mask_override` (broadcastable to (edits, 1, latent height, latent width)) replaces the
     attention-derived blend mask. `decode_reconstruction` also decodes the source branch into
     `EditResult.reconstruction` (one more VAE decode per group; off by default, nothing downstream reads it).
@@ -95,9 +93,9 @@ def edit_p2p_batch(
         null_text_steps=null_text_steps, method=inversion,
     )
     settings = ControlSettings(
-        cross_replace_steps=round(cross_replace_fraction * num_steps) if attention_control else 0,
-        self_replace_steps=round(self_replace_fraction * num_steps) if attention_control else 0,
-        reweight=reweight if attention_control else 1.0,
+        cross_replace_steps=round(cross_replace_fraction * num_steps),
+        self_replace_steps=round(self_replace_fraction * num_steps),
+        reweight=reweight,
         blend_threshold=blend_threshold,
         blend_start_step=round(blend_start_fraction * num_steps),
     )
