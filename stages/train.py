@@ -18,14 +18,12 @@ from pipeline.runtime import start_stage
 from pipeline.optimization import make_accelerator
 from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
 
-PREPARED = Path("data/prepared")
-REPORTS = Path("reports/train")
 
 log = logging.getLogger("stages.train")
 
 
-def _write_reports(progress, timing: list[dict], variant: str) -> None:
-    """metrics/train_<variant>.json and the reports; the timings (from reports/train/<variant>/timing.json,
+def _write_reports(progress, timing: list[dict], metrics: Path, reports: Path, variant: str) -> None:
+    """The metrics file and the reports; the timings (from <reports>/timing.json,
     never from models/, where a clock figure would change the output's hash) are the last epoch's."""
     best = next(e for e in progress.epochs if e["epoch"] == progress.best_epoch)
     last_timing = timing[-1] if timing else {}
@@ -39,8 +37,7 @@ def _write_reports(progress, timing: list[dict], variant: str) -> None:
         "pairs_per_s": last_timing.get("pairs_per_s"),
         "data_wait_share": last_timing.get("data_wait_share"),
     }
-    reports = REPORTS / variant
-    write_json_atomic(Path("metrics") / f"train_{variant}.json", summary)
+    write_json_atomic(metrics, summary)
     timing_of = {t["epoch"]: t for t in timing}
     write_json_atomic(reports / "epochs.json", [{**timing_of.get(e["epoch"], {}), **e} for e in progress.epochs])
     steps_csv = "step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in progress.losses)
@@ -49,12 +46,12 @@ def _write_reports(progress, timing: list[dict], variant: str) -> None:
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, with_variant=True)
+    args, params = start_stage(__doc__, with_variant=True, paths=("prepared", "model", "metrics", "reports"))
     try:
         accelerator = make_accelerator(params)
         try:
-            trainer = Trainer(params, PREPARED, TrainOutputs(Path("models") / args.variant), accelerator,
-                              params.variant(args.variant), timing_file=REPORTS / args.variant / "timing.json")
+            trainer = Trainer(params, args.prepared, TrainOutputs(args.model), accelerator,
+                              params.variant(args.variant), timing_file=args.reports / "timing.json")
         except FieldError as err:  # a check on the variant's settings: name them in full
             raise err.under(f"variants.{args.variant}") from None
         progress = trainer.fit()
@@ -62,7 +59,7 @@ def main() -> int:
         log.error("%s", err)
         return 1
     if accelerator.is_main_process:
-        _write_reports(progress, trainer.timing, args.variant)
+        _write_reports(progress, trainer.timing, args.metrics, args.reports, args.variant)
     accelerator.end_training()
     return 0
 

@@ -20,7 +20,7 @@ from pipeline.data.loader import StreamPlan, global_batches
 from pipeline.data.prepare import prepare
 from pipeline.optimization import make_accelerator
 from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
-from tiny_project import TINY_PROFILE, deep_merge, dvc, make_tiny_project
+from tiny_project import TINY_PROFILE, deep_merge, dvc, make_tiny_project, stage_command
 
 # A model and schedule small enough for a few seconds of CPU training.
 TINY_TRAINING = {
@@ -43,8 +43,13 @@ def _env(project):
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
 
 
+def train_arguments() -> list[str]:
+    """`stages.train` and its arguments for the baseline, as dvc.yaml gives them (after `python -m`)."""
+    return stage_command("train@baseline")[2:]
+
+
 def _train(project, launcher=(sys.executable, "-m"), check=True):
-    result = subprocess.run([*launcher, "stages.train", "--variant", "baseline"], cwd=project,
+    result = subprocess.run([*launcher, *train_arguments()], cwd=project,
                             env=_env(project), capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -113,7 +118,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert _model_files(straight) == finished
 
     killed = _project(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, "-m", "stages.train", "--variant", "baseline"], cwd=killed,
+    process = subprocess.Popen([sys.executable, "-m", *train_arguments()], cwd=killed,
                                env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = killed / "models" / "baseline" / "state" / "progress.json"
     deadline = time.time() + 300
