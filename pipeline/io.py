@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -104,3 +105,9 @@ def writing_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_directory(staging, target)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's contents (what fingerprints use: sizes and mtimes miss same-size edits)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -36,7 +36,8 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
-from pipeline.io import replace_directory, staging_path, start_directory, write_json_atomic
+from pipeline.imports import code_digest
+from pipeline.io import file_digest, replace_directory, staging_path, start_directory, write_json_atomic
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix
@@ -75,29 +76,23 @@ class Progress:
 RUN_ONLY_TRAIN_KEYS = ("num_workers", "eval_batch_size", "checkpoint_every")
 
 
-def training_fingerprint(params: Params, shards: list[str], variant: VariantConfig | None = None) -> str:
+def training_fingerprint(params: Params, data_files: list[str | Path], variant: VariantConfig | None = None) -> str:
     """Identifies the run a saved state belongs to: a state of another run is never resumed.
 
-    It covers the params (but not RUN_ONLY_TRAIN_KEYS), the shards' names and sizes, and the
-    library's source code, so a state saved by other code is not continued by this one.
+    It covers the params (but not RUN_ONLY_TRAIN_KEYS), the contents of the data files (train
+    shards, their manifest, the val shards: an edited caption keeps a tar's size, not its hash), the
+    code `stages.train` runs (pipeline.imports.code_digest) and torch's thread count, which changes
+    the floating-point sums and so the weights.
     """
     relevant = {k: dataclasses.asdict(getattr(params, k)) for k in ("model", "loss", "train")}
     for key in RUN_ONLY_TRAIN_KEYS:
         del relevant["train"][key]
     relevant["variant"] = dataclasses.asdict(variant or VariantConfig())
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
-    relevant["shards"] = [[Path(s).name, Path(s).stat().st_size] for s in shards]
-    relevant["code"] = _source_digest()
+    relevant["data"] = [[Path(f).parent.name, Path(f).name, file_digest(f)] for f in data_files]
+    relevant["code"] = code_digest("stages.train")
+    relevant["torch_threads"] = torch.get_num_threads()
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _source_digest() -> str:
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _check_mixup_layer(online: OnlineConfig, model: DualEncoder) -> None:
@@ -160,7 +155,8 @@ class Trainer:
         self.scheduler = scheduler
         self.criterion = HardnessAwareContrastiveLoss.from_config(params.loss)
         self.val_data = load_retrieval_split(prepared_dir, "val")
-        self.progress = Progress(fingerprint=training_fingerprint(params, self.shards, self.variant))
+        data_files = [*self.shards, manifest_path(train_dir, "train"), *list_shards(prepared_dir, "val")]
+        self.progress = Progress(fingerprint=training_fingerprint(params, data_files, self.variant))
         self.approximate_text = _approximate_text(self.online, (c for row in train_rows for c in row.captions))
         _check_mixup_layer(self.online, model)
 
@@ -352,7 +348,9 @@ class Trainer:
     def _save_model(self, directory: Path) -> None:
         def save() -> None:
             staging = start_directory(directory)
-            self.unwrapped.save_pretrained(staging)
+            model = self.unwrapped  # its tokenizer saves the padding of its last call: make it this one's
+            tokenize(model.tokenizer, [""], model.config.max_text_length)
+            model.save_pretrained(staging)
             write_json_atomic(staging / "training.json", {"epoch": self.progress.epochs[-1]["epoch"],
                                                           "fingerprint": self.progress.fingerprint})
             replace_directory(staging, directory)

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
+from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
 from pipeline.pdg.generate import (
@@ -74,7 +74,8 @@ def main() -> int:
     log.info("%d samples planned from %d sources (%d without an editable caption, %d edits not alignable); "
              "generator at %dx%d pixels in %s", len(plan.jobs), plan.sources, plan.sources_without_edit,
              plan.edits_not_alignable, *parts.image_size, parts.dtype)
-    prepare_output(args.out, generation_fingerprint(cfg, generator), accelerator.is_main_process)
+    sources = [manifest_path(args.prepared, "train"), *list_shards(args.prepared, "train")]
+    prepare_output(args.out, generation_fingerprint(cfg, generator, sources), accelerator.is_main_process)
     accelerator.wait_for_everyone()
     rank, world = accelerator.process_index, accelerator.num_processes
     shards, names = plan.shards(cfg.shard_size), shard_names(plan, cfg)

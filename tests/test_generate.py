@@ -51,7 +51,7 @@ def _train_rows(prepared):
 
 def _run(prepared, parts, generator, out_dir, cfg=CFG, rank=0, world=1, edit=None):
     plan = plan_generation(_train_rows(prepared), cfg, alignable_with(parts.tokenizer))
-    prepare_output(out_dir, generation_fingerprint(cfg, generator), is_main=True)
+    prepare_output(out_dir, generation_fingerprint(cfg, generator, []), is_main=True)
     images = load_source_images(prepared, {job.source.key for job in plan.jobs})
     return plan, run_generation(plan, images, edit or make_editor(parts, cfg), cfg, generator, out_dir, rank, world)
 
@@ -143,9 +143,22 @@ def test_a_changed_batch_size_keeps_the_finished_shards(prepared, parts, generat
     _, report = _run(prepared, parts, generator, tmp_path, cfg=replace(CFG, batch_size=5))
     assert report.shards_kept == len(before) and report.shards_written == 0
     assert _digests(tmp_path) == before
-    fingerprint = generation_fingerprint(CFG, generator)
-    assert generation_fingerprint(replace(CFG, batch_size=5, sheet_samples=0), generator) == fingerprint
-    assert generation_fingerprint(replace(CFG, precision="bfloat16"), generator) != fingerprint
+    fingerprint = generation_fingerprint(CFG, generator, [])
+    assert generation_fingerprint(replace(CFG, batch_size=5, sheet_samples=0), generator, []) == fingerprint
+    assert generation_fingerprint(replace(CFG, precision="bfloat16"), generator, []) != fingerprint
+
+
+def test_the_generation_fingerprint_sees_source_contents_and_code(generator, tmp_path, monkeypatch):
+    import pipeline.pdg.generate as generate_module
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"caption": "a red jacket"}\n')
+    base = generation_fingerprint(CFG, generator, [manifest])
+    manifest.write_text('{"caption": "a tan jacket"}\n')  # same size, other source text
+    assert generation_fingerprint(CFG, generator, [manifest]) != base
+    edited = generation_fingerprint(CFG, generator, [manifest])
+    monkeypatch.setattr(generate_module, "code_digest", lambda entry: "other code")
+    assert generation_fingerprint(CFG, generator, [manifest]) != edited
 
 
 def test_weights_digest_hashes_file_stats_not_contents(generator, tmp_path):

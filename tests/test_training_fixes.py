@@ -258,3 +258,14 @@ def test_auto_mixed_precision_picks_bf16_then_fp16_on_a_gpu(monkeypatch, cuda, b
     assert resolve_mixed_precision("auto", cpu=True) == "no"
     for explicit in ("no", "bf16", "fp16"):
         assert resolve_mixed_precision(explicit) == explicit
+
+
+def test_the_fingerprint_sees_same_size_edits_and_the_thread_count(tmp_path, monkeypatch):
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"a red jacket" + bytes(100))
+    base = training_fingerprint(_params(), [shard])
+    shard.write_bytes(b"a tan jacket" + bytes(100))  # the same size: a caption edited in place
+    edited = training_fingerprint(_params(), [shard])
+    assert edited != base
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert training_fingerprint(_params(), [shard]) not in (base, edited)

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,7 +30,8 @@ from PIL import Image
 
 from pipeline.config import PdgConfig
 from pipeline.data.canonical import ImageRecord, image_member, iter_shard_samples, list_shards, write_tar_atomic
-from pipeline.io import write_json_atomic
+from pipeline.imports import code_digest
+from pipeline.io import file_digest, write_json_atomic
 from pipeline.text import find_color_phrases
 from pipeline.text.caption_edit import CaptionEdit, edit_captions
 
@@ -129,12 +130,16 @@ _NOT_SHAPING = ("batch_size", "sheet_samples")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
-def generation_fingerprint(cfg: PdgConfig, generator: str) -> dict:
-    """What the samples depend on: the params that shape them and the generator's weights."""
+def generation_fingerprint(cfg: PdgConfig, generator: str, data_files: Sequence[str | Path]) -> dict:
+    """What the samples depend on: the params that shape them, the generator's weights, the contents
+    of the source data (`data_files`: the train manifest and shards) and the code `stages.generate`
+    runs, so that shards made by other code or from other sources are not kept."""
     shaping = dataclasses.asdict(cfg)
     for bookkeeping in _NOT_SHAPING:
         shaping.pop(bookkeeping)
-    return {"pdg": shaping, "generator": generator, "generator_weights": weights_digest(generator)}
+    return {"pdg": shaping, "generator": generator, "generator_weights": weights_digest(generator),
+            "data": [[Path(f).parent.name, Path(f).name, file_digest(f)] for f in data_files],
+            "code": code_digest("stages.generate")}
 
 
 def weights_digest(generator: str) -> str:
