@@ -30,7 +30,7 @@ from pipeline.config import load_params
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.models import build_model
-from experiments.stage_command import stage_command
+from pipeline.stage_command import stage_command
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")

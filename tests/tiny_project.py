@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.stage_command import stage_command  # noqa: F401  (the tests take it from here)
+from pipeline.stage_command import stage_command  # noqa: F401  (the tests take it from here)
 from pipeline.config import deep_merge  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[1]

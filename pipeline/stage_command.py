@@ -1,4 +1,9 @@
-"""A stage's command as dvc.yaml gives it, for running one stage by hand (benchmarks, tests)."""
+"""A stage's command as dvc.yaml gives it, for running one stage by hand: under a launcher,
+
+    accelerate launch --multi_gpu --num_processes 4 -m $(python -m pipeline.stage_command train@baseline)
+
+prints `stages.train --variant baseline --prepared data/prepared ...` (what follows `python -m`);
+benchmarks and tests run stages with it too."""
 
 from __future__ import annotations
 
@@ -19,3 +24,9 @@ def stage_command(name: str, *extra: str, repo: Path = REPO) -> list[str]:
     if words[0] != "python":
         raise ValueError(f"stage {name}: the command does not start with python: {words}")
     return [sys.executable, *words[1:], *extra]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m pipeline.stage_command <stage>   (e.g. train@baseline)")
+    print(shlex.join(stage_command(sys.argv[1])[2:]))
