@@ -62,10 +62,11 @@ from pipeline.pdg.generate import GenerationJob, alignable_with, load_source_ima
 from pipeline.generator.checkpoint import resolve_generator
 from pipeline.generator.data import load_images
 from pipeline.generator.model import DiffusionParts, back_to_crop, fit_to_model, load_generator
-from pipeline.pdg.edit_check import ColourEdit, colour_edit, edit_confirmed, edit_readings, read_colours
 from pipeline.generator.probe import CONFIG_FILE, AttributeProbe, probe_accuracy, train_probe
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # experiments/ (research code, not installed)
+from experiments.edit_check import ColourEdit, colour_edit, edit_confirmed, edit_readings, read_colours  # noqa: E402
 
 # Vertical bands (fractions of the image height) where each garment sits in a SynthPedes render.
 GARMENT_BANDS = {"upper": (0.20, 0.60), "lower": (0.45, 0.90)}

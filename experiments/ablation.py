@@ -51,10 +51,6 @@ ROWS: dict[str, tuple[str, dict, str | None]] = {
     "samples-4": ("pdg", {"pdg.num_samples": 4}, None),
     "text-only": ("pdg", {**NO_MIXUP, **ORIGINAL_PAIRS}, None),  # approximate text on the original pairs
     "text-only-pdg-steps": ("pdg", {**NO_MIXUP, **ORIGINAL_PAIRS}, "pdg"),
-    # diagnostics of docs/results.md: the attribute probe as an oracle filter (SynthPedes labels):
-    # only confirmed edits, or without the edits it reads wrong
-    "probe-filter": ("pdg", {"filter.attribute_probe": "confirmed_only"}, None),
-    "probe-reject-wrong": ("pdg", {"filter.attribute_probe": "reject_wrong"}, None),
 }
 
 

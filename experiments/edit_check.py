@@ -2,8 +2,9 @@
 colour on the edited top or bottom, and the source's colour on the other one?
 
 Only edits the probe can read are judged: a single change recolouring the top or the (visible)
-bottom, from the colour the source really has (SynthPedes colour labels). Used by the filter
-stage (report, and optionally a criterion) and by benchmarks/bench_pdg.py.
+bottom, from the colour the source really has (SynthPedes colour labels). Used by
+experiments/attribute_check.py (the probe's verdict on the filter's kept and rejected pairs) and
+by benchmarks/bench_pdg.py.
 """
 
 from __future__ import annotations
@@ -102,3 +103,18 @@ def read_colours(probe: AttributeProbe, images: Sequence[Image.Image]) -> list[d
     """The probe's reading {"upper": colour, "lower": colour} of each image."""
     upper, lower = predict_colours(probe, probe_pixels(images, probe))
     return [{"upper": u, "lower": l} for u, l in zip(upper, lower)]
+
+
+class AttributeChecker:
+    """The attribute probe's verdict on each edit: True (it reads the new colour on the edited
+    garment, and the other garment unchanged), False, or None (an edit it cannot judge)."""
+
+    def __init__(self, probe: AttributeProbe, attributes_by_source: dict[str, dict]):
+        self.probe, self.attributes_by_source = probe, attributes_by_source
+
+    def verdicts(self, records: Sequence[dict], images: Sequence[Image.Image]) -> list[bool | None]:
+        verdicts = []
+        for record, reading in zip(records, read_colours(self.probe, images)):
+            edit, _ = colour_edit(record["changes"], self.attributes_by_source.get(record["source_key"], {}))
+            verdicts.append(None if edit is None else edit_confirmed(edit, reading))
+        return verdicts

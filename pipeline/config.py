@@ -248,12 +248,6 @@ class FilterConfig:
     # near-duplicates: a kept image whose embedding is this similar to an earlier kept one from the
     # same source is dropped
     duplicate_similarity: float = field(default=0.995, metadata=_range(0.0, 1.0))
-    # the attribute probe (models/probe; SynthPedes colour labels) as a criterion, a diagnostic of
-    # edit errors: reject_wrong drops edits it reads wrong (no new colour on the edited top or
-    # bottom, or the other garment changed); confirmed_only also drops those it cannot read
-    # (shoes, bags, hair); off: reported only
-    attribute_probe: str = field(default="off", metadata={"choices": ("off", "reject_wrong", "confirmed_only"),
-                                                         "false_means": "off"})
     batch_size: int = field(default=128, metadata=_range(1))
     sheet_samples: int = field(default=8, metadata=_range(0, 100))  # kept and rejected examples each
 
@@ -331,11 +325,6 @@ class Params:
         if self.synth.num_generator_ids and self.generator.pretrained:
             raise ConfigError("params: 'synth.num_generator_ids' is training data for the embedded generator, but "
                               "generator.pretrained is set (it trains nothing): set only one of them")
-        # the probe learns SynthPedes colour labels, and train_generator trains it only for the embedded generator
-        if self.filter.attribute_probe != "off" and (self.data.source != "synthpedes" or self.generator.pretrained):
-            raise ConfigError("params: 'filter.attribute_probe' needs the attribute probe that train_generator "
-                              "trains on SynthPedes colour labels (data.source synthpedes, generator.pretrained \"\"): "
-                              "set it to off")
 
     def variant(self, name: str) -> VariantConfig:
         if name not in self.variants:

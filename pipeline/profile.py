@@ -36,8 +36,7 @@ EMBEDDED = {
     "pdg": {"source_count": 200, "source_fraction": 1.0, "num_steps": 20, "guidance": 4.0, "canvas_height": 0,
             "canvas_width": 0, "precision": "auto", "inversion": "ddim", "null_text_steps": 0, "batch_size": 16,
             "shard_size": 64},
-    "filter": {"scorer": "models/baseline", "margin": 0.02, "min_similarity": 0.1, "duplicate_similarity": 0.995,
-               "attribute_probe": "off"},
+    "filter": {"scorer": "models/baseline", "margin": 0.02, "min_similarity": 0.1, "duplicate_similarity": 0.995},
     "caption": {"captioner": ""},
 }
 
@@ -63,8 +62,7 @@ def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str 
                 "batch_size": 8, "shard_size": 256},
         # CLIP cosines: matching person/caption pairs lie around 0.2-0.35 and a one-colour edit moves
         # them by about 0.01-0.03; starting points, calibrated from metrics/filter.json's distributions
-        "filter": {"scorer": clip, "margin": 0.005, "min_similarity": 0.18, "duplicate_similarity": 0.97,
-                   "attribute_probe": "off"},
+        "filter": {"scorer": clip, "margin": 0.005, "min_similarity": 0.18, "duplicate_similarity": 0.97},
         "caption": {"captioner": captioner},
     }
 

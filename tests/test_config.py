@@ -48,10 +48,6 @@ def test_int_is_accepted_for_float():
         ({"data": {"source": "cuhk-pedes"}, "synth": {"num_generator_ids": 5}},
          "'synth.num_generator_ids' renders SynthPedes identities, but data.source is 'cuhk-pedes'"),
         ({"synth": {"num_generator_ids": 5}, "generator": {"pretrained": "some/sd"}}, "generator.pretrained is set"),
-        ({"data": {"source": "rstpreid"}, "filter": {"attribute_probe": "reject_wrong"}}, "'filter.attribute_probe' needs"),
-        ({"filter": {"attribute_probe": "confirmed_only"}, "generator": {"pretrained": "some/sd"}},
-         "'filter.attribute_probe' needs"),
-        ({"filter": {"attribute_probe": "yes"}}, "'filter.attribute_probe' must be one of"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):

@@ -1,19 +1,22 @@
-"""Judging garment-colour edits with an attribute probe, and the filter's use of the verdicts."""
+"""Judging garment-colour edits with an attribute probe (experiments/edit_check.py), and the attribute
+check of the filter's kept and rejected pairs (experiments/attribute_check.py)."""
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+import yaml
 from PIL import Image
 
+from experiments.attribute_check import agreement, attribute_check, markdown
+from experiments.edit_check import AttributeChecker, colour_edit, edit_confirmed, garment_of, palette_name, read_colours
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import write_tar_atomic
 from pipeline.data.synthpedes import COLOR_RGB
-from pipeline.pdg.edit_check import colour_edit, edit_confirmed, garment_of, palette_name, read_colours
-from pipeline.pdg.filtering import AttributeChecker, filter_pairs, read_generated, summarise
 from pipeline.generator.probe import LOWER_CLASSES, UPPER_CLASSES
+from pipeline.pdg.filtering import read_generated, write_kept
 
 TORSO, LEGS = (slice(14, 34), slice(8, 24)), (slice(34, 58), slice(10, 22))
 SOURCE = {"upper_color": "red", "lower_color": "blue", "lower_visible": "yes"}
@@ -112,41 +115,37 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_the_report_says_how_often_kept_and_rejected_edits_are_right(tmp_path):
+def test_the_check_says_how_often_kept_and_rejected_edits_are_right(tmp_path):
     samples, sources, checker = _shard(tmp_path)
     cfg = FilterConfig(margin=0.05, min_similarity=0.5)
-    pairs = filter_pairs(samples, sources, _TorsoScorer(), cfg, show_progress=False, checker=checker)
-    assert {p.key: p.attribute_verdict for p in pairs} == {"right": True, "not-done": False, "spilled": False,
-                                                          "shoes": None}
+    pairs, check = attribute_check(samples, sources, _TorsoScorer(), cfg, checker)
     undone = ["consistency_margin", "consistency_similarity"]  # a red shirt, captioned green
     assert {p.key: p.reasons for p in pairs} == {"right": [], "not-done": undone, "spilled": [], "shoes": []}
-    check = summarise(pairs, enabled=True, attribute_checked=True).to_json()["attribute_check"]
     assert check["judged"] == 3 and check["not_judged"] == 1
+    assert check["not_judged_because"] == {"not_upper_or_lower_garment": 1}  # the shoes
     assert check["judged_kept"] == 2 and check["judged_rejected"] == 1
     assert check["confirmed_percent"] == {"all": 33.33, "kept": 50.0, "rejected": 0.0}
     # the right edit's margin beats the undone one's and ties the spilled one's (same torso): (1 + 0.5) / 2
     assert check["margin_auc"] == 0.75
-    assert "attribute_check" not in summarise(pairs, enabled=True).to_json()
+    assert "| 4 | 3 (2 / 1) | 33.33 | 50.00 | 0.00 | 0.7500 |" in markdown({"pairs": 4, "attribute_check": check})
+    # with the filter off every pair is kept: the rejected group is empty
+    _, unfiltered = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(enabled=False), checker)
+    assert unfiltered["judged_kept"] == 3 and unfiltered["confirmed_percent"]["rejected"] is None
 
 
-def test_the_probe_as_a_criterion_keeps_only_confirmed_edits(tmp_path):
+def test_the_check_agrees_with_what_the_filter_stage_wrote(tmp_path):
     samples, sources, checker = _shard(tmp_path)
-    cfg = FilterConfig(margin=0.05, min_similarity=0.5, attribute_probe="confirmed_only")
-    pairs = filter_pairs(samples, sources, _TorsoScorer(), cfg, show_progress=False, checker=checker)
-    assert {p.key: p.reasons for p in pairs} == {
-        "right": [], "not-done": ["consistency_margin", "consistency_similarity", "attribute_wrong"],
-        "spilled": ["attribute_wrong"],
-        "shoes": ["attribute_unverified"]}
-    report = summarise(pairs, enabled=True, attribute_checked=True).to_json()
-    assert report["kept"] == 1 and report["failed_by_reason"]["attribute_wrong"] == 2
-    assert report["rejected_by_first_reason"]["attribute_unverified"] == 1
-    with pytest.raises(ValueError, match="no attribute probe"):
-        filter_pairs(samples, sources, _TorsoScorer(), cfg, show_progress=False)
+    cfg = FilterConfig(margin=0.05, min_similarity=0.5)
+    pairs, _ = attribute_check(samples, sources, _TorsoScorer(), cfg, checker)
+    write_kept(pairs, tmp_path / "filtered", shard_size=2)
+    assert agreement(pairs, tmp_path / "filtered", enabled=True) == {
+        "kept_keys_agree": True, "stage_kept": 3, "kept": 3, "max_score_difference": 0.0}
+    stricter, _ = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(margin=0.9), checker)
+    assert not agreement(stricter, tmp_path / "filtered", enabled=True)["kept_keys_agree"]
 
 
-def test_rejecting_only_wrong_edits_keeps_those_the_probe_cannot_read(tmp_path):
-    samples, sources, checker = _shard(tmp_path)
-    cfg = FilterConfig(margin=0.05, min_similarity=0.5, attribute_probe="reject_wrong")
-    pairs = filter_pairs(samples, sources, _TorsoScorer(), cfg, show_progress=False, checker=checker)
-    assert [p.key for p in pairs if p.kept] == ["right", "shoes"]
-    assert {p.key: p.reasons for p in pairs}["spilled"] == ["attribute_wrong"]
+def test_the_filter_stage_does_not_read_the_probe():
+    repo = Path(__file__).resolve().parents[1]
+    filter_stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["filter"]
+    assert not [dep for dep in filter_stage["deps"] if "probe" in dep or "edit_check" in dep]
+    assert "probe" not in (repo / "pipeline" / "pdg" / "filtering.py").read_text()

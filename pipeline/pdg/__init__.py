@@ -2,7 +2,7 @@
 
 `generate` (planning and running the edits into shards), `cost` (UNet evaluations: the formula and
 a counting hook), `filtering` (scoring and keeping pairs), `captioning` (training texts and
-identities), `crops` (person crops for CLIP/BLIP processors), `edit_check` (the attribute probe's
-verdict on an edit). The generator is `pipeline.generator`, the editing `pipeline.editing`.
+identities), `crops` (person crops for CLIP/BLIP processors). The generator is `pipeline.generator`,
+the editing `pipeline.editing`.
 Nothing is imported here, so light users of the package do not pay for importing diffusers.
 """

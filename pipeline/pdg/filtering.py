@@ -12,10 +12,8 @@ Every pair gets four scores, each against its own param:
 - near-duplicates: among kept pairs from the same source image, one whose image embedding is at
   least `duplicate_similarity` like an earlier kept one is dropped; so are exact pixel duplicates.
 
-Where the sources carry colour labels (SynthPedes) and an attribute probe is given, every pair
-also gets the probe's verdict on its edit (confirmed, wrong, or not judgeable: only a recoloured
-top or bottom can be read), reported for kept and rejected pairs; `attribute_probe` makes it a
-criterion too (reject the wrong edits, or keep only the confirmed ones).
+Whether the kept edits are right by SynthPedes' colour labels is a diagnostic, not a criterion:
+experiments/attribute_check.py.
 """
 
 from __future__ import annotations
@@ -36,31 +34,13 @@ from tqdm.auto import tqdm
 
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
-from pipeline.pdg.edit_check import colour_edit, edit_confirmed, read_colours
 from pipeline.pdg.generate import SHARD_NAME
-from pipeline.generator.probe import AttributeProbe
 from pipeline.pdg.scorers import Scorer
 
 log = logging.getLogger(__name__)
 
 EDIT_AREA = 0.3  # share of a crop a garment colour edit may cover; the rest must stay as it was
-REASONS = ("consistency_margin", "consistency_similarity", "fidelity", "blank", "noise", "duplicate",
-           "attribute_wrong", "attribute_unverified")
-
-
-class AttributeChecker:
-    """The attribute probe's verdict on each edit: True (it reads the new colour on the edited
-    garment, and the other garment unchanged), False, or None (an edit it cannot judge)."""
-
-    def __init__(self, probe: AttributeProbe, attributes_by_source: dict[str, dict]):
-        self.probe, self.attributes_by_source = probe, attributes_by_source
-
-    def verdicts(self, records: Sequence[dict], images: Sequence[Image.Image]) -> list[bool | None]:
-        verdicts = []
-        for record, reading in zip(records, read_colours(self.probe, images)):
-            edit, _ = colour_edit(record["changes"], self.attributes_by_source.get(record["source_key"], {}))
-            verdicts.append(None if edit is None else edit_confirmed(edit, reading))
-        return verdicts
+REASONS = ("consistency_margin", "consistency_similarity", "fidelity", "blank", "noise", "duplicate")
 
 
 # ------------------------------------------------------------------ pixel statistics
@@ -102,16 +82,13 @@ class ScoredPair:
     scores: dict[str, float]
     embedding: torch.Tensor  # the generated image's, for near-duplicate removal
     reasons: list[str] = field(default_factory=list)
-    attribute_verdict: bool | None = None  # the probe's (AttributeChecker); None: not judged
 
     @property
     def kept(self) -> bool:
         return not self.reasons
 
 
-def score_batch(
-    samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer, checker: AttributeChecker | None = None,
-) -> list[ScoredPair]:
+def score_batch(samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer) -> list[ScoredPair]:
     records = [json.loads(s["json"]) for s in samples]
     images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples]
     originals = [Image.open(io.BytesIO(sources[r["source_key"]])).convert("RGB") for r in records]
@@ -120,7 +97,6 @@ def score_batch(
     source_emb = scorer.embed_texts([r["source_caption"] for r in records])
     edited_sim = (image_emb * edited_emb).sum(-1).tolist()
     source_sim = (image_emb * source_emb).sum(-1).tolist()
-    verdicts = checker.verdicts(records, images) if checker else [None] * len(samples)
     pairs = []
     for i, (sample, record) in enumerate(zip(samples, records)):
         scores = {
@@ -131,7 +107,7 @@ def score_batch(
             "pixel_std": pixel_std(images[i]),
             "noise_share": noise_share(images[i]),
         }
-        pairs.append(ScoredPair(sample["__key__"], record, sample, scores, image_emb[i], attribute_verdict=verdicts[i]))
+        pairs.append(ScoredPair(sample["__key__"], record, sample, scores, image_emb[i]))
     return pairs
 
 
@@ -149,10 +125,6 @@ def judge(pair: ScoredPair, cfg: FilterConfig) -> list[str]:
         failed.append("blank")
     if s["noise_share"] > cfg.max_noise_share:
         failed.append("noise")
-    if cfg.attribute_probe != "off" and pair.attribute_verdict is False:
-        failed.append("attribute_wrong")
-    if cfg.attribute_probe == "confirmed_only" and pair.attribute_verdict is None:
-        failed.append("attribute_unverified")
     return failed
 
 
@@ -183,12 +155,10 @@ class FilterReport:
     rejected_by_first_reason: dict[str, int]
     enabled: bool
     score_means: dict[str, float]
-    attribute_check: dict | None = None
     score_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        check = {"attribute_check": self.attribute_check} if self.attribute_check is not None else {}
-        return {**check,
+        return {
             "pairs_in": self.pairs_in, "kept": self.kept, "rejected": self.rejected,
             "acceptance_rate": round(self.kept / self.pairs_in, 4) if self.pairs_in else 0.0,
             "filter_enabled": self.enabled,
@@ -201,15 +171,12 @@ class FilterReport:
 
 def filter_pairs(
     samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer, cfg: FilterConfig,
-    show_progress: bool = True, checker: AttributeChecker | None = None,
+    show_progress: bool = True,
 ) -> list[ScoredPair]:
     """Scores and judges every generated pair (from `read_generated`), in order."""
-    if cfg.attribute_probe != "off" and checker is None:
-        raise ValueError(f"filter.attribute_probe is {cfg.attribute_probe}, but no attribute probe was given "
-                         "to check the edits")
     pairs: list[ScoredPair] = []
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc="filter", unit="batch", disable=not show_progress):
-        pairs += score_batch(samples[start : start + cfg.batch_size], sources, scorer, checker)
+        pairs += score_batch(samples[start : start + cfg.batch_size], sources, scorer)
     for pair in pairs:
         pair.reasons = judge(pair, cfg)
     mark_duplicates(pairs, cfg.duplicate_similarity)
@@ -230,7 +197,7 @@ def read_generated(shards: list[str]) -> list[dict[str, bytes]]:
     return samples
 
 
-def summarise(pairs: list[ScoredPair], enabled: bool, attribute_checked: bool = False) -> FilterReport:
+def summarise(pairs: list[ScoredPair], enabled: bool) -> FilterReport:
     failed = Counter(reason for pair in pairs for reason in pair.reasons)
     first = Counter(pair.reasons[0] for pair in pairs if pair.reasons)
     rejected = sum(not written(pair, enabled) for pair in pairs)
@@ -238,7 +205,6 @@ def summarise(pairs: list[ScoredPair], enabled: bool, attribute_checked: bool = 
              ("edited_similarity", "source_similarity", "margin", "outside_change", "pixel_std", "noise_share")} if pairs else {}
     return FilterReport(len(pairs), len(pairs) - rejected, rejected, {r: failed.get(r, 0) for r in REASONS},
                         {r: first.get(r, 0) for r in REASONS}, enabled, means,
-                        attribute_summary(pairs, enabled) if attribute_checked else None,
                         {name: quantiles([p.scores[name] for p in pairs]) for name in QUANTILE_SCORES} if pairs else {})
 
 
@@ -252,36 +218,6 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
     """min, p05, p25, median, p75, p95, max of `values` (linear interpolation between order statistics)."""
     points = np.quantile(np.asarray(values, dtype=np.float64), list(QUANTILES.values()))
     return {name: float(value) for name, value in zip(QUANTILES, points)}
-
-
-def attribute_summary(pairs: list[ScoredPair], enabled: bool) -> dict:
-    """How often the probe confirms the edits of kept and of rejected pairs (does the filter keep
-    the right ones?), and how well the consistency margin alone tells confirmed from wrong edits."""
-    judged = [p for p in pairs if p.attribute_verdict is not None]
-    kept = [p for p in judged if written(p, enabled)]
-    rejected = [p for p in judged if not written(p, enabled)]
-    return {
-        "judged": len(judged), "not_judged": len(pairs) - len(judged),
-        "judged_kept": len(kept), "judged_rejected": len(rejected),
-        "confirmed_percent": {"all": _confirmed_percent(judged), "kept": _confirmed_percent(kept),
-                              "rejected": _confirmed_percent(rejected)},
-        "margin_auc": _margin_auc(judged),
-    }
-
-
-def _confirmed_percent(pairs: list[ScoredPair]) -> float | None:
-    return round(100.0 * sum(bool(p.attribute_verdict) for p in pairs) / len(pairs), 2) if pairs else None
-
-
-def _margin_auc(pairs: list[ScoredPair]) -> float | None:
-    """Chance that a confirmed edit has a larger consistency margin than a wrong one (ties count
-    half): 0.5 means the margin is blind to whether the colour edit worked."""
-    confirmed = np.array([p.scores["margin"] for p in pairs if p.attribute_verdict])
-    wrong = np.array([p.scores["margin"] for p in pairs if not p.attribute_verdict])
-    if not len(confirmed) or not len(wrong):
-        return None
-    above = (confirmed[:, None] > wrong[None, :]).mean() + 0.5 * (confirmed[:, None] == wrong[None, :]).mean()
-    return round(float(above), 4)
 
 
 def written(pair: ScoredPair, enabled: bool) -> bool:
