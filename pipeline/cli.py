@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.data.validate import FORMATS, check_data_command
 from pipeline.profile import PROFILES, profile_command
+from pipeline.search.command import add_commands as add_search_commands
 from pipeline.text.edit_command import edit_captions_command
 
 
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--no-check", action="store_true", help="write even if a folder is missing or unreadable")
     profile.set_defaults(run=lambda a: profile_command(a.name, a.params, a.data_root, a.clip, a.sd, a.captioner,
                                                        check=not a.no_check))
+
+    add_search_commands(commands)  # search, serve
     return parser
 
 

@@ -264,6 +264,20 @@ class CaptionConfig:
     seed: int = field(default=0, metadata=_range(0))
 
 
+SEARCH_INDEXES = ("auto", "exact", "hnsw")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What `index@<variant>` embeds and how `python -m pipeline search` / `serve` answer (docs/search.md)."""
+
+    gallery: str = "test"  # test | val (of data/prepared) | a folder of person crops (recursive; jpg, png, webp)
+    # exact: a matrix product over every embedding; hnsw: FAISS HNSW (approximate); auto: exact up to
+    # 200,000 images, hnsw above (the measured crossover, benchmarks/results/search.json)
+    index: str = field(default="auto", metadata={"choices": SEARCH_INDEXES})
+    top_k: int = field(default=10, metadata=_range(1, 1000))  # results per query unless -k says otherwise
+
+
 @dataclass(frozen=True)
 class OnlineConfig:
     """Online PDG during training; each part is off at probability 0."""
@@ -310,6 +324,7 @@ class Params:
     pdg: PdgConfig = field(default_factory=PdgConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
 
     def __post_init__(self):

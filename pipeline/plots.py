@@ -69,7 +69,8 @@ def plot_retrievals(
     path: str | Path,
     title: str,
 ) -> None:
-    """One row per query: its text, then its top-K gallery images, correct ones framed green."""
+    """One row per query: its text, then its top-K gallery images, correct ones framed green (grey where
+    correctness is unknown: None)."""
     rows, top_k = len(queries), max(len(r) for r in ranked_images)
     figure, axes = plt.subplots(rows, top_k + 1, figsize=(1.1 * top_k + 3.2, 2.2 * rows), squeeze=False,
                                 gridspec_kw={"width_ratios": [3] + [1] * top_k})
@@ -84,7 +85,7 @@ def plot_retrievals(
                 axis.axis("off")
                 continue
             axis.imshow(Image.open(io.BytesIO(images[column])).convert("RGB"))
-            colour = "tab:green" if correct[column] else "tab:red"
+            colour = "tab:grey" if correct[column] is None else "tab:green" if correct[column] else "tab:red"
             for spine in axis.spines.values():
                 spine.set_color(colour), spine.set_linewidth(3)
             if row == 0:

@@ -1,0 +1,181 @@
+"""The gallery a search answers from: a split of data/prepared (its tar shards) or a folder of crops.
+
+A gallery is a table, one row per image: `key`, where the image is (`file`, and `member` inside a
+shard; "" for a loose file), `person_id` (-1 where unknown) and `source`. Reading an image back
+needs only its row, so the web page serves images straight from the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.canonical import IMAGE_EXTENSIONS, list_shards
+from pipeline.io import commit_temp, temp_path_for
+
+PREPARED_SPLITS = ("test", "val")
+FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+UNKNOWN_PERSON = -1
+TABLE_NAME = "gallery.parquet"
+GALLERY_SCHEMA = pa.schema([("key", pa.string()), ("file", pa.string()), ("member", pa.string()),
+                            ("person_id", pa.int64()), ("source", pa.string())])
+
+
+class GalleryError(ValueError):
+    """A gallery that cannot be searched: the message names the folder or file."""
+
+
+@dataclass
+class Gallery:
+    keys: list[str]
+    files: list[str]
+    members: list[str]  # the tar member of a shard image, "" for a loose file
+    person_ids: list[int]
+    source: str  # "data/prepared:test" or the folder
+    skipped: list[str] = field(default_factory=list)  # unreadable files of a folder, left out
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def image_bytes(self, index: int) -> bytes:
+        """The encoded image of row `index` (from its shard or its file)."""
+        if not self.members[index]:
+            return Path(self.files[index]).read_bytes()
+        with tarfile.open(self.files[index], "r") as tar:
+            return tar.extractfile(self.members[index]).read()
+
+    def location(self, index: int) -> str:
+        return f"{self.files[index]}:{self.members[index]}" if self.members[index] else self.files[index]
+
+    def person_id(self, index: int) -> int | None:
+        return None if self.person_ids[index] == UNKNOWN_PERSON else self.person_ids[index]
+
+
+def describe(spec: str, prepared: str | Path) -> str:
+    """What `search.gallery` names, for messages and the fingerprint."""
+    return f"{Path(prepared)}:{spec}" if spec in PREPARED_SPLITS else str(Path(spec))
+
+
+def open_gallery(spec: str, prepared: str | Path = "data/prepared") -> tuple[Gallery, list[bytes | None]]:
+    """The gallery `search.gallery` names and, per row, its image bytes when they were read anyway
+    (shards) or None (a folder: read while embedding). GalleryError when there is nothing to search."""
+    if spec in PREPARED_SPLITS:
+        return _prepared_gallery(Path(prepared), spec)
+    return folder_gallery(spec), []
+
+
+def _prepared_gallery(prepared: Path, split: str) -> tuple[Gallery, list[bytes]]:
+    shards = list_shards(prepared, split)
+    if not shards:
+        raise GalleryError(f"search.gallery '{split}': no {split} shards under {prepared / 'shards'} "
+                           f"(run `dvc repro prepare`)")
+    keys, files, members, pids, images = [], [], [], [], []
+    for shard in shards:
+        with tarfile.open(shard, "r") as tar:
+            rows: dict[str, dict] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                entry = rows.setdefault(key, {})
+                if ext == "json":
+                    entry["json"] = json.loads(tar.extractfile(member).read())
+                elif ext in IMAGE_EXTENSIONS and "member" not in entry:
+                    entry["member"], entry["bytes"] = member.name, tar.extractfile(member).read()
+            for key, entry in rows.items():
+                if "member" not in entry:
+                    raise GalleryError(f"{shard}: sample {key} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
+                keys.append(key)
+                files.append(shard)
+                members.append(entry["member"])
+                pids.append(int(entry.get("json", {}).get("person_id", UNKNOWN_PERSON)))
+                images.append(entry["bytes"])
+    return Gallery(keys, files, members, pids, describe(split, prepared)), images
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """Every jpg/png/webp under `folder` (recursive), sorted by relative path."""
+    return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
+def folder_gallery(spec: str) -> Gallery:
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise GalleryError(f"search.gallery '{spec}': no such folder (and not one of {', '.join(PREPARED_SPLITS)})")
+    paths = folder_images(folder)
+    if not paths:
+        raise GalleryError(f"search.gallery '{spec}': no images in it (looked for "
+                           f"{', '.join(FOLDER_EXTENSIONS)}, recursively)")
+    keys = [p.relative_to(folder).as_posix() for p in paths]
+    return Gallery(keys, [str(p) for p in paths], [""] * len(paths), [UNKNOWN_PERSON] * len(paths), str(folder))
+
+
+def decode(payload: bytes) -> Image.Image:
+    """An RGB image, fully decoded (a truncated file fails here, not later)."""
+    with Image.open(io.BytesIO(payload)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def iter_images(gallery: Gallery, images: list[bytes | None]) -> Iterator[tuple[int, Image.Image | None]]:
+    """(row, decoded image) in gallery order; None for a folder file that cannot be read as an image
+    (the caller skips and counts it)."""
+    for index in range(len(gallery)):
+        payload = images[index] if images else None
+        try:
+            yield index, decode(payload if payload is not None else gallery.image_bytes(index))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            if gallery.members[index]:
+                raise GalleryError(f"{gallery.location(index)}: not a readable image") from None
+            yield index, None
+
+
+def subset(gallery: Gallery, rows: list[int]) -> Gallery:
+    """The gallery restricted to `rows`, the others recorded as skipped."""
+    kept = set(rows)
+    skipped = gallery.skipped + [gallery.keys[i] for i in range(len(gallery)) if i not in kept]
+    return Gallery([gallery.keys[i] for i in rows], [gallery.files[i] for i in rows],
+                   [gallery.members[i] for i in rows], [gallery.person_ids[i] for i in rows], gallery.source, skipped)
+
+
+def gallery_fingerprint(spec: str, prepared: str | Path = "data/prepared") -> str:
+    """A digest of what the gallery holds: a prepared split's shard contents, or a folder's image
+    files by relative path, size and modification time (hashing every file of a large folder would
+    cost as much as reading it)."""
+    digest = hashlib.sha256(spec.encode() if spec in PREPARED_SPLITS else str(Path(spec)).encode())
+    if spec in PREPARED_SPLITS:
+        for shard in list_shards(prepared, spec):
+            digest.update(Path(shard).name.encode())
+            with open(shard, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+    folder = Path(spec).expanduser()
+    for path in folder_images(folder) if folder.is_dir() else []:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def write_table(gallery: Gallery, path: Path) -> None:
+    table = pa.table({"key": gallery.keys, "file": gallery.files, "member": gallery.members,
+                      "person_id": gallery.person_ids, "source": [gallery.source] * len(gallery)},
+                     schema=GALLERY_SCHEMA)
+    tmp = temp_path_for(path)
+    pq.write_table(table, tmp, compression="zstd")
+    commit_temp(tmp, path)
+
+
+def read_table(path: Path) -> Gallery:
+    table = pq.read_table(path, schema=GALLERY_SCHEMA).to_pydict()
+    source = table["source"][0] if table["source"] else ""
+    return Gallery(table["key"], table["file"], table["member"], table["person_id"], source)
+

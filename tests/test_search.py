@@ -1,0 +1,293 @@
+"""Search: the index stage's work, the CLI, fingerprints, bad input, FAISS recall, a CLIP-backed model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.cli import main as cli
+from pipeline.config import ConfigError, ModelConfig, params_from_dict
+from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
+from pipeline.models import build_model
+from pipeline.search.build import build_index
+from pipeline.search.embed import SearchError
+from pipeline.search.gallery import GalleryError, open_gallery
+from pipeline.search.index import build_hnsw, exact_top_k, hnsw_top_k, recall_at, write_index
+from pipeline.search.query import Searcher
+from tiny_project import REPO, TINY_PROFILE, deep_merge
+
+CPU = torch.device("cpu")
+TINY_MODEL = {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
+              "max_text_length": 32}
+
+
+def project_params(overrides: dict | None = None) -> dict:
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
+    return deep_merge(raw, deep_merge({"model": TINY_MODEL, "train": {"eval_batch_size": 5}}, overrides or {}))
+
+
+def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    captions = load_retrieval_split(prepared, "train").captions
+    model, _ = build_model(ModelConfig(**TINY_MODEL), (64, 32), captions=captions)
+    model.save_pretrained(folder)
+
+
+def make_search_project(root: Path, prepared: Path, overrides: dict | None = None) -> Path:
+    """A project folder: data/prepared (the shared fixture, linked), a random tiny models/baseline/best,
+    params.yaml; its index built as `index@baseline` would."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "prepared").symlink_to(prepared)
+    save_tiny_model(root / "models" / "baseline" / "best", prepared)
+    raw = project_params(overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    build_index(params_from_dict(raw), "baseline", CPU, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(prepared, tmp_path_factory) -> Path:
+    return make_search_project(tmp_path_factory.mktemp("search") / "project", prepared)
+
+
+def run_cli(root: Path, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.chdir(root)
+    code = cli(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_search_order_and_scores_equal_evaluate_s_similarity_rows(project):
+    params = params_from_dict(project_params())
+    searcher = Searcher.for_variant(params, "baseline", project)
+    data = load_retrieval_split(project / "data" / "prepared", "test")
+    _, similarity = evaluate_retrieval(searcher.model, data, params.train.eval_batch_size, CPU)
+    assert len(searcher.index) == len(data.image_keys) == 12
+    for q in (0, 7, len(data.captions) - 1):
+        answer = searcher.search([data.captions[q]], len(data.image_keys))[0]
+        expected = torch.sort(similarity[q], descending=True, stable=True)
+        assert [h.key for h in answer.hits] == [data.image_keys[g] for g in expected.indices.tolist()]
+        np.testing.assert_allclose([h.score for h in answer.hits], expected.values.numpy(), atol=1e-5)
+        assert [h.person_id for h in answer.hits] == data.image_pids[expected.indices].tolist()
+    # the index's rows are evaluate's gallery embeddings, bit for bit (same batches)
+    assert searcher.index.embeddings.shape == (12, 32)
+
+
+def test_index_metrics_and_table(project):
+    metrics = json.loads((project / "metrics" / "index_baseline.json").read_text())
+    assert metrics["gallery"] == "data/prepared:test" and metrics["gallery_size"] == 12
+    assert metrics["index_kind"] == "exact" and metrics["recall_at_10"] is None and metrics["skipped_images"] == 0
+    meta = json.loads((project / "index" / "baseline" / "index.json").read_text())
+    assert meta["size"] == 12 and meta["dim"] == 32 and len(meta["model"]["digest"]) == 64
+    assert not list((project / "index").glob(".*"))  # no temporary folder left behind
+
+
+def test_cli_table_json_queries_and_picture(project, monkeypatch, capsys, tmp_path):
+    query = "a woman in a red shirt and blue trousers"
+    code, table, _ = run_cli(project, monkeypatch, capsys, "search", query, "--variant", "baseline", "-k", "3",
+                             "--out", str(tmp_path / "top.png"))
+    assert code == 0 and table.splitlines()[0] == f"query: {query}" and len(table.splitlines()) == 3 + 3
+    code, printed, _ = run_cli(project, monkeypatch, capsys, "search", query, "--variant", "baseline", "-k", "3", "--json")
+    answer = json.loads(printed)
+    assert [r["rank"] for r in answer["results"]] == [1, 2, 3] and answer["index"]["kind"] == "exact"
+    assert [r["path"].rsplit(":", 1)[1].split(".")[0] for r in answer["results"]] == [r["key"] for r in answer["results"]]
+    for row, hit in zip(table.splitlines()[3:], answer["results"]):
+        assert row.split()[:2] == [str(hit["rank"]), f"{hit['score']:.4f}"]
+    assert (tmp_path / "top.png").stat().st_size > 3000
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"{query}\na man with a black backpack\n")
+    code, lines, _ = run_cli(project, monkeypatch, capsys, "search", "--queries", str(queries), "--variant", "baseline")
+    answers = [json.loads(line) for line in lines.splitlines()]
+    assert code == 0 and len(answers) == 2 and len(answers[0]["results"]) == 10  # search.top_k
+    # batched: the same ranking, scores equal up to float rounding of a batch of 2
+    assert [r["key"] for r in answers[0]["results"][:3]] == [r["key"] for r in answer["results"]]
+    np.testing.assert_allclose([r["score"] for r in answers[0]["results"][:3]], [r["score"] for r in answer["results"]],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["   "], "the query is empty"),
+    ([""], "the query is empty"),
+    (["a man", "-k", "0"], "k is 0: it must be at least 1"),
+    (["a man", "-k", "-3"], "k is -3: it must be at least 1"),
+    (["a man", "-k", "13"], "k is 13, but the gallery has 12 images"),
+    (["a man", "--variant", "pdg"], "no trained model in models/pdg/best: run `dvc repro train@pdg`"),
+    (["a man", "--variant", "nobody"], "no variant 'nobody'"),
+])
+def test_bad_input_is_one_line_and_status_1(project, monkeypatch, capsys, caplog, args, message):
+    argv = ["search", *args] if "--variant" in args else ["search", *args, "--variant", "baseline"]
+    code, out, _ = run_cli(project, monkeypatch, capsys, *argv)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 1 and out == "" and len(errors) == 1 and message in errors[0]
+
+
+def test_a_long_query_is_truncated_and_says_so(project, monkeypatch, capsys, caplog):
+    long_query = " ".join(["a woman in a red coat with a black backpack"] * 10)
+    code, out, _ = run_cli(project, monkeypatch, capsys, "search", long_query, "--variant", "baseline", "--json")
+    warning = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert code == 0 and json.loads(out)["truncated_tokens"] > 32
+    assert len(warning) == 1 and "the model reads 32: truncated" in warning[0]
+
+
+def test_missing_index_another_model_and_another_gallery_are_refused(project, prepared, tmp_path, monkeypatch, capsys, caplog):
+    other = tmp_path / "other"
+    shutil.copytree(project, other, symlinks=True)
+    params = params_from_dict(project_params())
+    shutil.rmtree(other / "index")
+    with pytest.raises(SearchError, match=r"no index in .*index/baseline: build it with `dvc repro index@baseline`"):
+        Searcher.for_variant(params, "baseline", other)
+    shutil.copytree(project / "index", other / "index")
+    save_tiny_model(other / "models" / "baseline" / "best", prepared, seed=1)  # "retrained"
+    with pytest.raises(SearchError, match=r"built by another model .*: rebuild it with `dvc repro index@baseline`"):
+        Searcher.for_variant(params, "baseline", other)
+    shutil.rmtree(other / "models")
+    shutil.copytree(project / "models", other / "models")
+    val = params_from_dict(project_params({"search": {"gallery": "val"}}))
+    with pytest.raises(SearchError, match=r"indexes the gallery data/prepared:test, but search.gallery is "
+                                          r"data/prepared:val: rebuild it with `dvc repro index@baseline`"):
+        Searcher.for_variant(val, "baseline", other)
+    code, out, _ = run_cli(other, monkeypatch, capsys, "search", "a man", "--variant", "baseline")
+    assert code == 0 and out  # the same model and gallery again: answered
+
+
+def _crop_folder(prepared: Path, folder: Path) -> list[Path]:
+    gallery, images = open_gallery("test", prepared)
+    written = []
+    for i, key in enumerate(gallery.keys[:6]):
+        path = folder / ("cam_a" if i % 2 else "cam_b/deeper") / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(images[i])
+        written.append(path)
+    return written
+
+
+def test_a_folder_gallery_skips_and_names_unreadable_files_and_search_gallery_dir_agrees(project, prepared, tmp_path,
+                                                                                          monkeypatch, capsys):
+    crops = tmp_path / "crops"
+    _crop_folder(prepared, crops)
+    (crops / "cam_a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (crops / "notes.png").write_text("a text file with an image's name")
+    (crops / "readme.txt").write_text("not an image extension: not even looked at")
+    root = tmp_path / "folder-project"
+    shutil.copytree(project, root, symlinks=True)
+    raw = project_params({"search": {"gallery": str(crops), "index": "hnsw"}})
+    metrics = build_index(params_from_dict(raw), "baseline", CPU, root)
+    assert metrics["gallery_size"] == 6 and metrics["skipped_images"] == 2
+    assert sorted(metrics["skipped"]) == ["cam_a/broken.jpg", "notes.png"]
+    assert metrics["index_kind"] == "hnsw" and metrics["recall_at_10"] == 1.0  # 6 items: HNSW finds them all
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    code, indexed, _ = run_cli(root, monkeypatch, capsys, "search", "a red shirt", "--variant", "baseline", "-k", "6", "--json")
+    code2, direct, _ = run_cli(root, monkeypatch, capsys, "search", "a red shirt", "--variant", "baseline", "-k", "6",
+                               "--json", "--gallery", str(crops))
+    keys = [r["key"] for r in json.loads(indexed)["results"]]
+    assert code == code2 == 0 and keys == [r["key"] for r in json.loads(direct)["results"]]
+    assert all(r["person_id"] is None for r in json.loads(direct)["results"])
+    assert sorted(keys) == sorted(p.relative_to(crops).as_posix() for p in crops.rglob("*.png") if p.name != "notes.png")
+    shutil.copy(crops / keys[0], crops / "cam_a" / "new.png")  # one more crop
+    with pytest.raises(SearchError, match=r"the gallery .*crops changed since the index was built: rebuild it with "
+                                          r"`dvc repro index@baseline`"):
+        Searcher.for_variant(params_from_dict(raw), "baseline", root)
+
+
+def test_an_empty_or_missing_gallery_folder_stops_before_anything_is_written(project, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project, root, symlinks=True)
+    before = (root / "metrics" / "index_baseline.json").read_bytes()
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "a.txt").write_text("x")
+    for folder, message in ((tmp_path / "empty", "no images in it"), (tmp_path / "nowhere", "no such folder")):
+        with pytest.raises(GalleryError, match=message):
+            build_index(params_from_dict(project_params({"search": {"gallery": str(folder)}})), "baseline", CPU, root)
+    assert (root / "metrics" / "index_baseline.json").read_bytes() == before
+    assert json.loads((root / "index" / "baseline" / "index.json").read_text())["gallery"]["name"] == "data/prepared:test"
+
+
+def test_bad_search_params_name_the_key():
+    with pytest.raises(ConfigError, match=r"'search.index' must be one of \['auto', 'exact', 'hnsw'\], got 'fast'"):
+        params_from_dict({"search": {"index": "fast"}})
+    with pytest.raises(ConfigError, match=r"'search.top_k' must be in \[1, 1000\], got 0"):
+        params_from_dict({"search": {"top_k": 0}})
+    with pytest.raises(ConfigError, match=r"unknown key 'search.galery'"):
+        params_from_dict({"search": {"galery": "test"}})
+
+
+def _structured(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 8)).astype(np.float32) @ rng.standard_normal((8, dim)).astype(np.float32)
+    x += 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_hnsw_recall_against_exact_on_known_data():
+    data = _structured(5200)
+    gallery, queries = data[:5000], data[5000:]
+    scores, rows = exact_top_k(gallery, queries, 10)
+    brute = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :10]
+    assert (rows == brute).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ gallery.T, brute, 1), rtol=0, atol=1e-6)
+    found = hnsw_top_k(build_hnsw(gallery), queries, 10)[1]
+    assert recall_at(found, rows) >= 0.95
+    assert recall_at(rows[:, ::-1], rows) == 1.0 and recall_at(rows[:, :5].repeat(2, 1), rows) == 0.5
+
+
+def test_exact_ties_go_to_the_lower_row_as_in_evaluate():
+    gallery = _structured(50, dim=16)
+    gallery[30] = gallery[40] = gallery[3]
+    scores, rows = exact_top_k(gallery, gallery[[3]], 3)
+    assert rows[0].tolist() == [3, 30, 40] and np.ptp(scores) < 1e-6
+
+
+def test_write_index_replaces_an_old_index_whole(tmp_path):
+    from pipeline.search.gallery import Gallery
+    from pipeline.search.index import load_index
+
+    gallery = Gallery(["a", "b"], ["x.png", "y.png"], ["", ""], [-1, -1], "crops")
+    for size in (4, 8):
+        write_index(tmp_path / "index" / "v", np.ones((2, size), np.float32), gallery, {"kind": "exact", "size": 2})
+    assert load_index(tmp_path / "index" / "v", "v").embeddings.shape == (2, 8)
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["v"]
+
+
+def test_serve_on_a_busy_port_is_one_line(project, monkeypatch, capsys, caplog):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, _ = run_cli(project, monkeypatch, capsys, "serve", "--variant", "baseline", "--port", str(port))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 1 and errors == [f"port {port} on 127.0.0.1 is in use: stop what holds it, or pick another with --port"]
+
+
+def test_a_clip_backed_dual_encoder_indexes_and_searches(prepared, tmp_path, cuhk_mini):
+    from test_models import save_tiny_clip
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    config = ModelConfig(preset="clip-vit-b16", vision_path=str(clip), text_path=str(clip), embed_dim=24,
+                         max_text_length=64)
+    root = tmp_path / "clip-project"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "prepared").symlink_to(prepared)
+    build_model(config, (64, 32))[0].save_pretrained(root / "models" / "clip" / "best")
+    raw = project_params({"variants": {"clip": {"data": "data/prepared"}}})
+    params = params_from_dict(raw)
+    assert build_index(params, "clip", CPU, root)["dim"] == 24
+    searcher = Searcher.for_variant(params, "clip", root)
+    data = load_retrieval_split(root / "data" / "prepared", "test")
+    _, similarity = evaluate_retrieval(searcher.model, data, params.train.eval_batch_size, CPU)
+    answer = searcher.search([data.captions[5]], 12)[0]
+    np.testing.assert_allclose([h.score for h in answer.hits],
+                               torch.sort(similarity[5], descending=True, stable=True).values.numpy(), atol=1e-5)
+    # the real crops of CUHK-PEDES as a folder gallery (their own sizes, resized by the model's preprocessor)
+    crops = params_from_dict(deep_merge(raw, {"search": {"gallery": str(cuhk_mini / "imgs")}}))
+    metrics = build_index(crops, "clip", CPU, root)
+    assert metrics["gallery_size"] == 32 and metrics["skipped_images"] == 0
+    hits = Searcher.for_variant(crops, "clip", root).search(["a man in a black jacket"], 5)[0].hits
+    assert len(hits) == 5 and all(h.path.startswith(str(cuhk_mini / "imgs")) for h in hits)
