@@ -113,7 +113,7 @@ def end_to_end(variant: str = "pdg") -> dict | None:
     import torch
 
     from pipeline.config import load_params
-    from pipeline.search.build import build_index
+    from pipeline.search.build import IndexPaths, build_index
     from pipeline.search.query import Searcher, format_table
 
     os.chdir(REPO)
@@ -126,7 +126,7 @@ def end_to_end(variant: str = "pdg") -> dict | None:
     for name in ("models", "data"):
         if not (scratch / name).exists():
             (scratch / name).symlink_to(REPO / name)
-    built = build_index(params, variant, torch.device("cpu"), scratch)
+    built = build_index(params, variant, torch.device("cpu"), IndexPaths.under(scratch, variant))
     searcher = Searcher.for_variant(params, variant, scratch)
     queries = ["a woman in a red coat with a black backpack", "a man wearing a blue shirt and grey trousers",
                "a person in a green jacket carrying a bag", "a girl with long blond hair in a white dress"]

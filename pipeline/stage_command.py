@@ -7,6 +7,7 @@ benchmarks and tests run stages with it too."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def stage_command(name: str, *extra: str, repo: Path = REPO) -> list[str]:
     dvc.yaml and params, with this interpreter for `python`: exactly what `dvc repro` runs."""
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as dvc_repo:
+    with contextlib.chdir(repo), Repo(str(repo)) as dvc_repo:  # DVC resolves stage names from the cwd
         words = shlex.split(dvc_repo.stage.collect(name)[0].cmd)
     if words[0] != "python":
         raise ValueError(f"stage {name}: the command does not start with python: {words}")

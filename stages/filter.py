@@ -23,21 +23,16 @@ from pipeline.pdg.generate import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
 from pipeline.runtime import inference_device, start_stage
 
-PREPARED = Path("data/prepared")
-RAW = Path("data/pdg/raw")
-OUT_DIR = Path("data/pdg/filtered")
-METRICS = Path("metrics/filter.json")
-SHEET = Path("reports/filter/examples.png")
 
 log = logging.getLogger("stages.filter")
 
 
 def main() -> int:
-    _, params = start_stage(__doc__)
+    args, params = start_stage(__doc__, paths=("prepared", "raw", "out", "metrics", "sheet"))
     cfg = params.filter
-    shards = pdg_shards(RAW)
+    shards = pdg_shards(args.raw)
     if not shards:
-        log.error("no generated shards in %s: run `dvc repro generate` first", RAW)
+        log.error("no generated shards in %s: run `dvc repro generate` first", args.raw)
         return 1
     if cfg.scorer.startswith("models/") and dual_encoder_folder(cfg.scorer) is None:
         log.error("params: 'filter.scorer' %s holds no trained dual encoder: run `dvc repro train@%s`", cfg.scorer,
@@ -53,13 +48,13 @@ def main() -> int:
         log.error("params: 'filter.scorer' %r could not be loaded as a CLIP model: %s", cfg.scorer, err)
         return 1
     samples = read_generated(shards)
-    sources = load_source_images(PREPARED, referenced_sources(samples))
+    sources = load_source_images(args.prepared, referenced_sources(samples))
     pairs = filter_pairs(samples, sources, scorer, cfg)
-    shutil.rmtree(OUT_DIR, ignore_errors=True)
-    written = write_kept(pairs, OUT_DIR, params.pdg.shard_size, cfg.enabled)
+    shutil.rmtree(args.out, ignore_errors=True)
+    written = write_kept(pairs, args.out, params.pdg.shard_size, cfg.enabled)
     report = summarise(pairs, cfg.enabled).to_json()
-    write_json_atomic(METRICS, report)
-    plot_filter_examples(pairs, sources, SHEET, cfg.sheet_samples)
+    write_json_atomic(args.metrics, report)
+    plot_filter_examples(pairs, sources, args.sheet, cfg.sheet_samples)
     log.info("kept %d of %d pairs: %s", written, len(pairs), report)
     return 0
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from pipeline.runtime import inference_device, start_stage
-from pipeline.search.build import build_index
+from pipeline.search.build import IndexPaths, build_index
 from pipeline.search.embed import SearchError
 from pipeline.search.gallery import GalleryError
 
@@ -15,9 +14,9 @@ log = logging.getLogger("stages.index")
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, with_variant=True)
+    args, params = start_stage(__doc__, with_variant=True, paths=("model", "prepared", "index", "metrics"))
     try:
-        build_index(params, args.variant, inference_device(), Path("."))
+        build_index(params, args.variant, inference_device(), IndexPaths(args.model, args.prepared, args.index, args.metrics))
     except (SearchError, GalleryError) as err:
         log.error("%s", err)
         return 1

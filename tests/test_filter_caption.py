@@ -209,7 +209,9 @@ def test_filter_stage_names_the_key_and_the_path_of_a_missing_scorer(tmp_path, m
     filter_stage = importlib.import_module("stages.filter")
     _generated_shard(tmp_path / "data" / "pdg" / "raw")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["filter"])
+    from tiny_project import stage_command
+
+    monkeypatch.setattr("sys.argv", ["filter", *stage_command("filter")[3:]])
 
     def error_line(scorer):
         _stage_params(tmp_path, {"filter": {"scorer": str(scorer)}})

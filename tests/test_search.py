@@ -16,7 +16,7 @@ from pipeline.cli import main as cli
 from pipeline.config import ConfigError, ModelConfig, params_from_dict
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.models import build_model
-from pipeline.search.build import build_index
+from pipeline.search.build import IndexPaths, build_index
 from pipeline.search.embed import SearchError
 from pipeline.search.gallery import GalleryError, open_gallery
 from pipeline.search.index import build_hnsw, exact_top_k, hnsw_top_k, recall_at, write_index
@@ -49,7 +49,7 @@ def make_search_project(root: Path, prepared: Path, overrides: dict | None = Non
     save_tiny_model(root / "models" / "baseline" / "best", prepared)
     raw = project_params(overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    build_index(params_from_dict(raw), "baseline", CPU, root)
+    build_index(params_from_dict(raw), "baseline", CPU, IndexPaths.under(root, "baseline"))
     return root
 
 
@@ -179,7 +179,7 @@ def test_a_folder_gallery_skips_and_names_unreadable_files_and_search_gallery_di
     root = tmp_path / "folder-project"
     shutil.copytree(project, root, symlinks=True)
     raw = project_params({"search": {"gallery": str(crops), "index": "hnsw"}})
-    metrics = build_index(params_from_dict(raw), "baseline", CPU, root)
+    metrics = build_index(params_from_dict(raw), "baseline", CPU, IndexPaths.under(root, "baseline"))
     assert metrics["gallery_size"] == 6 and metrics["skipped_images"] == 2
     assert sorted(metrics["skipped"]) == ["cam_a/broken.jpg", "notes.png"]
     assert metrics["index_kind"] == "hnsw" and metrics["recall_at_10"] == 1.0  # 6 items: HNSW finds them all
@@ -205,7 +205,7 @@ def test_an_empty_or_missing_gallery_folder_stops_before_anything_is_written(pro
     (tmp_path / "empty" / "sub" / "a.txt").write_text("x")
     for folder, message in ((tmp_path / "empty", "no images in it"), (tmp_path / "nowhere", "no such folder")):
         with pytest.raises(GalleryError, match=message):
-            build_index(params_from_dict(project_params({"search": {"gallery": str(folder)}})), "baseline", CPU, root)
+            build_index(params_from_dict(project_params({"search": {"gallery": str(folder)}})), "baseline", CPU, IndexPaths.under(root, "baseline"))
     assert (root / "metrics" / "index_baseline.json").read_bytes() == before
     assert json.loads((root / "index" / "baseline" / "index.json").read_text())["gallery"]["name"] == "data/prepared:test"
 
@@ -278,7 +278,7 @@ def test_a_clip_backed_dual_encoder_indexes_and_searches(prepared, tmp_path, cuh
     build_model(config, (64, 32))[0].save_pretrained(root / "models" / "clip" / "best")
     raw = project_params({"variants": {"clip": {"data": "data/prepared"}}})
     params = params_from_dict(raw)
-    assert build_index(params, "clip", CPU, root)["dim"] == 24
+    assert build_index(params, "clip", CPU, IndexPaths.under(root, "clip"))["dim"] == 24
     searcher = Searcher.for_variant(params, "clip", root)
     data = load_retrieval_split(root / "data" / "prepared", "test")
     _, similarity = evaluate_retrieval(searcher.model, data, params.train.eval_batch_size, CPU)
@@ -287,7 +287,7 @@ def test_a_clip_backed_dual_encoder_indexes_and_searches(prepared, tmp_path, cuh
                                torch.sort(similarity[5], descending=True, stable=True).values.numpy(), atol=1e-5)
     # the real crops of CUHK-PEDES as a folder gallery (their own sizes, resized by the model's preprocessor)
     crops = params_from_dict(deep_merge(raw, {"search": {"gallery": str(cuhk_mini / "imgs")}}))
-    metrics = build_index(crops, "clip", CPU, root)
+    metrics = build_index(crops, "clip", CPU, IndexPaths.under(root, "clip"))
     assert metrics["gallery_size"] == 32 and metrics["skipped_images"] == 0
     hits = Searcher.for_variant(crops, "clip", root).search(["a man in a black jacket"], 5)[0].hits
     assert len(hits) == 5 and all(h.path.startswith(str(cuhk_mini / "imgs")) for h in hits)

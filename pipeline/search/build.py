@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.io import write_json_atomic
 
-from .embed import embed_gallery, encode_queries, load_model, model_fingerprint, model_folder
+from .embed import embed_gallery, encode_queries, load_model, model_fingerprint
 from .gallery import PREPARED_SPLITS, describe, gallery_fingerprint, open_gallery
 from .index import build_hnsw, exact_top_k, hnsw_top_k, index_folder, recall_at, resolve_kind, write_index
 
@@ -25,12 +26,28 @@ def _split_captions(prepared: Path, split: str) -> list[str]:
     return load_retrieval_split(prepared, split).captions
 
 
-def build_index(params: Params, variant: str, device, root: Path = Path(".")) -> dict:
-    """Embed `search.gallery` with models/<variant>/best, write index/<variant> and return the metrics
-    (written to metrics/index_<variant>.json). Raises SearchError / GalleryError on bad input before
-    anything is written."""
-    prepared, spec = root / "data" / "prepared", params.search.gallery
-    folder = model_folder(variant, root / "models")
+@dataclass(frozen=True)
+class IndexPaths:
+    """What `index@<variant>` reads and writes: the stage takes them from its dvc.yaml command line."""
+
+    model: Path  # models/<variant>: its best/ checkpoint embeds the gallery
+    prepared: Path  # data/prepared: the test or val split as a gallery
+    index: Path  # index/<variant>
+    metrics: Path  # metrics/index_<variant>.json
+
+    @classmethod
+    def under(cls, root: Path, variant: str) -> "IndexPaths":
+        """The project's layout below `root` (what dvc.yaml gives the stage, and the search CLI reads)."""
+        return cls(root / "models" / variant, root / "data" / "prepared", index_folder(variant, root / "index"),
+                   root / "metrics" / f"index_{variant}.json")
+
+
+def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict:
+    """Embed `search.gallery` with the variant's best checkpoint, write the index folder and return
+    the metrics (also written to `paths.metrics`). Raises SearchError / GalleryError on bad input
+    before anything is written."""
+    prepared, spec = paths.prepared, params.search.gallery
+    folder = paths.model / "best"
     model = load_model(folder, variant, device)
     gallery, images = open_gallery(spec, prepared)
     log.info("index@%s: embedding %d images of %s with %s", variant, len(gallery), gallery.source, folder)
@@ -48,11 +65,11 @@ def build_index(params: Params, variant: str, device, root: Path = Path(".")) ->
         "kind": kind,
         "size": len(gallery),
         "dim": int(embeddings.shape[1]),
-        "model": {"folder": str(folder.relative_to(root) if folder.is_relative_to(root) else folder),
+        "model": {"folder": str(folder),
                   "digest": model_fingerprint(folder)},
         "gallery": {"name": describe(spec, "data/prepared"), "digest": gallery_fingerprint(spec, prepared)},
     }
-    write_index(index_folder(variant, root / "index"), embeddings, gallery, meta, hnsw)
+    write_index(paths.index, embeddings, gallery, meta, hnsw)
     seconds = embed_seconds + index_seconds
     metrics = {
         "gallery": meta["gallery"]["name"],
@@ -65,7 +82,7 @@ def build_index(params: Params, variant: str, device, root: Path = Path(".")) ->
         "embed_images_per_second": round(len(gallery) / embed_seconds, 1),
         "recall_at_10": None if recall is None else round(recall, 4),
     }
-    write_json_atomic(root / "metrics" / f"index_{variant}.json", metrics)
+    write_json_atomic(paths.metrics, metrics)
     log.info("index@%s: %s", variant, metrics)
     return metrics
 
