@@ -307,8 +307,12 @@ class Trainer:
             total=self.steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
             unit="step", disable=not self.accelerator.is_main_process, dynamic_ncols=True,
         )
+        # The loader draws its base seed from a fork of the global generator: a resumed run's generator
+        # then follows an uninterrupted run's (the stream itself is a function of seed, epoch and step).
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self._loader(epoch, progress.step_in_epoch))
         clock = time.perf_counter()
-        for batch in self._loader(epoch, progress.step_in_epoch):
+        for batch in batches:
             ready = time.perf_counter()
             loss = self._step(batch)
             done = time.perf_counter()
