@@ -12,11 +12,10 @@ diagnostic run outside the DAG: `python -m experiments.attribute_check`.
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
-from pipeline.io import write_json_atomic
+from pipeline.io import write_json_atomic, writing_directory
 from pipeline.pdg.filtering import filter_pairs, read_generated, referenced_sources, summarise, write_kept
 from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
 from pipeline.pdg.generate import load_source_images, pdg_shards
@@ -50,8 +49,8 @@ def main() -> int:
     samples = read_generated(shards)
     sources = load_source_images(args.prepared, referenced_sources(samples))
     pairs = filter_pairs(samples, sources, scorer, cfg)
-    shutil.rmtree(args.out, ignore_errors=True)
-    written = write_kept(pairs, args.out, params.pdg.shard_size, cfg.enabled)
+    with writing_directory(args.out) as staging:
+        written = write_kept(pairs, staging, params.pdg.shard_size, cfg.enabled)
     report = summarise(pairs, cfg.enabled).to_json()
     write_json_atomic(args.metrics, report)
     plot_filter_examples(pairs, sources, args.sheet, cfg.sheet_samples)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 
 from pipeline.data.prepare import (
@@ -13,6 +12,7 @@ from pipeline.data.prepare import (
     write_prepared_contact_sheet,
 )
 from pipeline.data.validate import UnusableInput
+from pipeline.io import writing_directory
 from pipeline.runtime import start_stage
 
 log = logging.getLogger("stages.prepare")
@@ -20,14 +20,15 @@ log = logging.getLogger("stages.prepare")
 
 def main() -> int:
     args, params = start_stage(__doc__, paths=("out", "metrics", "contact_sheet"))
-    try:
-        shutil.rmtree(args.out, ignore_errors=True)  # no stale shards from an earlier shard size
-        result = prepare(params, args.out)
+    try:  # a whole new folder (no stale shards from an earlier shard size), swapped in when complete
+        with writing_directory(args.out) as staging:
+            result = prepare(params, staging)
+            # before the swap: a rendered source's images are under the staging folder until then
+            write_prepared_contact_sheet(result, args.contact_sheet, params.synth.contact_sheet_ids, params.data.seed)
     except (DataProblemsError, UnusableInput) as err:
         log.error("%s", err)
         return 1
     write_data_metrics(result, args.metrics)
-    write_prepared_contact_sheet(result, args.contact_sheet, params.synth.contact_sheet_ids, params.data.seed)
     log.info("prepared %s", {split: len(rows) for split, rows in result.records.items()})
     return 0
 

@@ -16,6 +16,7 @@ figure saying that nothing was trained.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 from pipeline.config import GeneratorConfig, SynthConfig
 from pipeline.data.synthpedes import render_generator_pool
 from pipeline.hub import looks_like_path
-from pipeline.io import write_json_atomic
+from pipeline.io import replace_directory, start_directory, write_json_atomic
 from pipeline.generator.checkpoint import load_pretrained_pipeline, pretrained_sample_size, save_pipeline, write_pretrained_pointer
 from pipeline.generator.data import labelled_images, LabelledImages, load_grid_images, load_images
 from pipeline.generator.samples import plot_loss_curves, plot_no_training, write_sample_grid
@@ -45,14 +46,18 @@ def main() -> int:
     paths, params = start_stage(__doc__, paths=("prepared", "generator", "probe", "metrics", "reports"))
     cfg = params.generator
     started = time.perf_counter()
-    for folder in (paths.generator, paths.probe, paths.reports):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+    shutil.rmtree(paths.reports, ignore_errors=True)
+    paths.reports.mkdir(parents=True)
+    # the model folders are written whole under staging names, then swapped in (pipeline/io.py)
+    staged = argparse.Namespace(**{**vars(paths), "generator": start_directory(paths.generator),
+                                   "probe": start_directory(paths.probe)})
     try:
-        metrics = point_at_pretrained(cfg, paths) if cfg.pretrained else train_embedded(cfg, params.synth, paths)
+        metrics = point_at_pretrained(cfg, staged) if cfg.pretrained else train_embedded(cfg, params.synth, staged)
     except PretrainedNotLoadable as err:
         log.error("%s", err)
         return 1
+    for name in ("generator", "probe"):
+        replace_directory(getattr(staged, name), getattr(paths, name))
     metrics["stage_seconds"] = time.perf_counter() - started
     write_json_atomic(paths.metrics, metrics)
     log.info("metrics: %s", metrics)

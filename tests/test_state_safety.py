@@ -276,3 +276,39 @@ def test_two_processes_killed_resume_to_the_same_weights(tmp_path):
     rerun = train_stage(killed, launcher=torchrun)
     assert "resumed at" in rerun.stderr and "starting afresh" not in rerun.stderr
     _assert_same_weights(killed / "models" / "baseline", straight_project / "models" / "baseline")
+
+
+STAGE_DRIVER = """
+import os, runpy, sys
+real = os.replace
+def replace(src, dst):
+    if os.path.basename(str(src)) == os.environ["DIE_AT_STAGING"]:
+        os._exit(137)
+    real(src, dst)
+if os.environ.get("DIE_AT_STAGING"):
+    os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_prepare_killed_inside_its_swap_reruns_to_the_same_output(tmp_path):
+    from tiny_project import make_tiny_project, stage_command
+
+    project = make_tiny_project(tmp_path / "project")
+    words = stage_command("prepare", repo=project)[2:]  # stages.prepare --out data/prepared ...
+
+    def run(die: bool) -> int:
+        env = {**_env(), "PYTHONPATH": str(project), **({"DIE_AT_STAGING": ".prepared.staging"} if die else {})}
+        return subprocess.run([sys.executable, "-c", STAGE_DRIVER, *words], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=300).returncode
+
+    out = project / "data" / "prepared"
+    assert run(die=False) == 0
+    first = _files(out)
+    assert "report.json" in first and any(name.endswith(".tar") for name in first)
+    assert run(die=True) == 137  # the old folder renamed away, the new one not yet in
+    assert not out.exists() and old_path(out).is_dir() and staging_path(out).is_dir()
+    assert run(die=False) == 0
+    assert _files(out) == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # no staging or old folder left

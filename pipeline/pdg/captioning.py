@@ -38,6 +38,7 @@ from pipeline.data.canonical import (
     write_tar_atomic,
 )
 from pipeline.hub import pretrained_kwargs
+from pipeline.io import writing_directory
 from pipeline.pdg.crops import padded, processor_fill
 from pipeline.runtime import inference_dtype
 from pipeline.text import find_color_phrases
@@ -196,18 +197,17 @@ def write_training_set(
     rows: Sequence[ImageRecord], out_dir: str | Path, shard_size: int,
 ) -> dict[str, int]:
     """The original train shards and rows (`original_rows`: prepared_dir's train manifest), then the
-    proximity shards and rows, in `out_dir`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    originals = list_shards(prepared_dir, "train")
-    for index, shard in enumerate(originals):
-        _link_or_copy(Path(shard), Path(shard_pattern(out_dir, "train") % index))
-    by_key = {row.key: row for row in rows}
-    for number, start in enumerate(range(0, len(proximity), shard_size), start=len(originals)):
-        chunk = proximity[start : start + shard_size]
-        write_tar_atomic(shard_pattern(out_dir, "train") % number, (_training_sample(s, by_key[s["__key__"]]) for s in chunk))
-    write_manifest([*original_rows, *rows], manifest_path(out_dir, "train"))
+    proximity shards and rows, in `out_dir` (written whole under a staging name, then swapped in)."""
+    with writing_directory(out_dir) as staging:
+        originals = list_shards(prepared_dir, "train")
+        for index, shard in enumerate(originals):
+            _link_or_copy(Path(shard), Path(shard_pattern(staging, "train") % index))
+        by_key = {row.key: row for row in rows}
+        for number, start in enumerate(range(0, len(proximity), shard_size), start=len(originals)):
+            chunk = proximity[start : start + shard_size]
+            write_tar_atomic(shard_pattern(staging, "train") % number,
+                             (_training_sample(s, by_key[s["__key__"]]) for s in chunk))
+        write_manifest([*original_rows, *rows], manifest_path(staging, "train"))
     return {"original_images": len(original_rows), "proximity_images": len(rows),
             "proximity_identities": len({row.person_id for row in rows}),
             "proximity_captions": sum(len(row.captions) for row in rows)}

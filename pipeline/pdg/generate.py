@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from PIL import Image
 from pipeline.config import PdgConfig
 from pipeline.data.canonical import ImageRecord, image_member, iter_shard_samples, list_shards, write_tar_atomic
 from pipeline.imports import code_digest
-from pipeline.io import file_digest, write_json_atomic
+from pipeline.io import file_digest, recover_directory, replace_directory, start_directory, write_json_atomic
 from pipeline.text import find_color_phrases
 from pipeline.text.caption_edit import CaptionEdit, edit_captions
 
@@ -166,19 +165,21 @@ def weights_digest(generator: str) -> str:
 
 
 def prepare_output(out_dir: Path, fingerprint: dict, is_main: bool) -> None:
-    """Keep finished shards of the same configuration; clear the folder otherwise."""
+    """Keep finished shards of the same configuration; otherwise swap in an empty folder (with the new
+    fingerprint: pipeline/io.py's swap, so a kill leaves the old folder or the new one, whole)."""
     marker = out_dir / FINGERPRINT_FILE
     if not is_main:
         return
+    recover_directory(out_dir)
     if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         for leftover in out_dir.glob(".*.tmp-*"):  # from a process killed mid-write
             leftover.unlink()
         return
     if out_dir.exists():
         log.info("%s holds samples of another configuration: starting afresh", out_dir)
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    write_json_atomic(marker, fingerprint)
+    staging = start_directory(out_dir)
+    write_json_atomic(staging / FINGERPRINT_FILE, fingerprint)
+    replace_directory(staging, out_dir)
 
 
 def load_source_images(prepared_dir: str | Path, keys: set[str]) -> dict[str, bytes]:

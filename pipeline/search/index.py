@@ -8,14 +8,12 @@ the model and gallery that built it. Search with another model or a changed gall
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import write_json_atomic
+from pipeline.io import write_json_atomic, writing_directory
 
 from .embed import SearchError
 from .gallery import TABLE_NAME, Gallery, read_table, write_table
@@ -129,25 +127,16 @@ def in_memory_index(embeddings: np.ndarray, gallery: Gallery, meta: dict) -> Ind
 
 
 def write_index(folder: Path, embeddings: np.ndarray, gallery: Gallery, meta: dict, hnsw=None) -> None:
-    """Write the whole folder under a temporary name, then rename it into place (an existing index is
+    """Write the whole folder under a staging name, then swap it in (pipeline/io.py: an existing index is
     replaced only once the new one is complete)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float32))
-    write_table(gallery, tmp / TABLE_NAME)
-    if hnsw is not None:
-        import faiss
+    with writing_directory(folder) as tmp:
+        np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float32))
+        write_table(gallery, tmp / TABLE_NAME)
+        if hnsw is not None:
+            import faiss
 
-        faiss.write_index(hnsw, str(tmp / HNSW_FILE))
-    write_json_atomic(tmp / INDEX_FILE, meta)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+            faiss.write_index(hnsw, str(tmp / HNSW_FILE))
+        write_json_atomic(tmp / INDEX_FILE, meta)
 
 
 def load_index(folder: Path, variant: str) -> Index:
