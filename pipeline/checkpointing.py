@@ -14,7 +14,11 @@ A state folder (models/<variant>/state, a DVC output that may be pulled from a s
 Nothing else is read, and nothing here is ever unpickled (no torch.load, no pickle): any other file in
 the folder (a planted custom_checkpoint_0.pkl, optimizer.bin, random_states_0.pkl, Accelerate's
 former layout) is never opened; one warning line names such files, and the next save, which writes a
-whole new folder, drops them. A listed file that is missing or unreadable is a StateError naming it.
+whole new folder, drops them. A listed file that is missing or unreadable is a StateError naming it,
+raised by `read_training_state` before anything is applied (the trainer then logs that one line and
+starts afresh); a state that reads but does not fit the run (`apply_training_state`: not possible
+with a matching fingerprint unless the files were altered) is a StateError the stage reports as its
+one error line.
 Every rank writes its own RNG files (ranks' generators may differ); a rank without one (the state was
 saved by fewer processes) takes rank 0's.
 """

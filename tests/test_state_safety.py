@@ -312,3 +312,23 @@ def test_prepare_killed_inside_its_swap_reruns_to_the_same_output(tmp_path):
     assert run(die=False) == 0
     assert _files(out) == first
     assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # no staging or old folder left
+
+
+def test_a_state_that_does_not_fit_the_run_is_one_error_naming_the_file(prepared, straight, tmp_path):
+    from pipeline.checkpointing import StateError, apply_training_state, read_training_state
+    from pipeline.optimization import make_accelerator
+    from pipeline.training import Trainer, TrainOutputs
+
+    params = params_from_dict(deep_merge(TINY_PROFILE, TINY_TRAINING))
+    trainer = Trainer(params, prepared, TrainOutputs(tmp_path / "run"), make_accelerator(params, cpu=True))
+    state = shutil.copytree(straight / "state", tmp_path / "state")
+    saved = read_training_state(state, trainer.accelerator)
+    apply_training_state(saved, trainer.accelerator, trainer.model, trainer.optimizer, trainer.scheduler)
+    assert trainer.scheduler.last_epoch == 16 and trainer.optimizer.state_dict()["state"][0]["step"].item() == 16
+
+    optimizer = json.loads((state / "optimizer.json").read_text())
+    optimizer["param_groups"].pop()
+    (state / "optimizer.json").write_text(json.dumps(optimizer))
+    with pytest.raises(StateError, match=rf"^{state}/optimizer.json: does not fit this run \(.*parameter groups"):
+        apply_training_state(read_training_state(state, trainer.accelerator), trainer.accelerator, trainer.model,
+                             trainer.optimizer, trainer.scheduler)
