@@ -84,3 +84,20 @@ def test_shards_stream_through_webdataset(tmp_path):
     decoded = [(s["__key__"], Image.open(io.BytesIO(s["png"])).size, json.loads(s["json"])["person_id"])
                for s in dataset]
     assert decoded == [(r.key, (8, 16), r.person_id) for r in records]
+
+
+def test_an_image_format_the_shards_cannot_carry_is_written_as_png_and_counted(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.canonical import ImageRecord, image_member, iter_shard_samples, write_split_shards
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.bmp")
+    record = ImageRecord("a", 0, 7, "train", ["a man"], "a.bmp", "cuhk-pedes", 8, 16)
+    written = write_split_shards([record], tmp_path, tmp_path / "prepared", "train", 10)
+    (sample,) = list(iter_shard_samples(written.paths))
+    assert "png" in sample and "bmp" not in sample and written.converted_to_rgb == 1
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image_member(sample, "shard")))), pixels)

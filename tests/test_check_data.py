@@ -77,6 +77,18 @@ def overwrite_image(name, payload):
     return lambda root: (root / "imgs/CUHK01" / name).write_bytes(payload)
 
 
+def link_outside(name):
+    """The image replaced by a symlink to a copy outside the data root."""
+    def change(root: Path) -> None:
+        path = root / "imgs/CUHK01" / name
+        outside = root.parent / f"outside-{name}"
+        outside.write_bytes(path.read_bytes())
+        path.unlink()
+        path.symlink_to(outside)
+
+    return change
+
+
 def edit_record(index, change):
     return lambda root: edit_annotations(root, lambda entries: change(entries[index], entries))
 
@@ -103,6 +115,14 @@ BREAKAGES = {
         "reid_raw.json record 30 (CUHK01/0027001.png)",
     ),
     "id in two splits": (set_fields(12, id=12555), "id-in-two-splits", "reid_raw.json record 12 (CUHK01/0010001.png)"),
+    "path out of the root": (set_fields(6, file_path="../../outside/x.png"), "path-escapes-root",
+                             "reid_raw.json record 6 (../../outside/x.png)"),
+    "absolute path": (set_fields(8, file_path="/etc/hostname"), "path-escapes-root", "reid_raw.json record 8 (/etc/hostname)"),
+    "symlink out of the root": (link_outside("0029002.png"), "path-escapes-root", "imgs/CUHK01/0029002.png record 10"),
+    "the same image spelled with ./": (
+        edit_record(26, lambda r, entries: r.update(file_path=entries[25]["file_path"].replace("/", "/./", 1))),
+        "duplicate-path", "reid_raw.json record 26 (CUHK01/0026002.png)"),
+    "id beyond 64 bits": (set_fields(9, id=2**70), "id-out-of-range", "reid_raw.json record 9 (CUHK01/0029003.png)"),
 }
 # the record index in a problem line, whichever file it names
 RECORD_INDEX = re.compile(r" record (\d+)[ :]")

@@ -194,7 +194,8 @@ def _sample(record: ImageRecord, image_root: str | Path, converted: list | None 
     ext = "jpg" if ext == "jpeg" else ext
     payload = image_file.read_bytes()
     with Image.open(io.BytesIO(payload)) as image:  # the header tells the mode
-        if image.mode != "RGB":
+        # a mode or a format (bmp, gif, tiff) the readers do not take: written as RGB PNG, counted
+        if image.mode != "RGB" or ext not in IMAGE_EXTENSIONS:
             buffer = io.BytesIO()
             rgb_image(image).save(buffer, format="PNG")  # lossless, and the same bytes every time
             payload, ext = buffer.getvalue(), "png"

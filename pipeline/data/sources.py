@@ -9,6 +9,7 @@ be read at all raises `UnusableInput`.
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def _parse_record(
     problems = [problem(kind, message) for kind, message in _field_errors(entry, layout)]
     if problems:
         return None, problems
-    file_path = f"{IMAGE_DIR}/{entry[layout.image_field]}"
+    file_path = f"{IMAGE_DIR}/{posixpath.normpath(entry[layout.image_field])}"  # CUHK01/./x.png is CUHK01/x.png
     record = RawRecord(
         split=entry["split"],
         captions=list(entry["captions"]),
@@ -192,14 +193,25 @@ def _field_errors(entry: dict, layout: SourceLayout) -> list[tuple[str, str]]:
     image_path = entry[layout.image_field]
     if not isinstance(image_path, str) or not image_path.strip():
         errors.append(("wrong-type", f"{layout.image_field!r} must be a non-empty string, got {_describe(image_path)}"))
+    elif escapes_root(image_path):
+        errors.append(("path-escapes-root", f"{layout.image_field!r} {image_path!r} leaves the data root "
+                       "(an absolute path or one through ..): images are read from inside data.root only"))
     # bool is a subclass of int, but `true` is never a person id.
     if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
         errors.append(("wrong-type", f"'id' must be an integer, got {_describe(entry['id'])}"))
+    elif not -(2**63) <= entry["id"] < 2**63:
+        errors.append(("id-out-of-range", f"'id' {entry['id']} does not fit in 64 bits"))
     if entry["split"] not in layout.splits:
         errors.append(("invalid-split", f"'split' is {entry['split']!r}, expected one of {', '.join(layout.splits)}"))
     if layout.has_attributes and not isinstance(entry["attributes"], dict):
         errors.append(("wrong-type", f"'attributes' must be an object, got {_describe(entry['attributes'])}"))
     return errors
+
+
+def escapes_root(image_path: str) -> bool:
+    """An annotation's image path that points outside the image folder: absolute, or through `..`."""
+    normal = posixpath.normpath(image_path.replace("\\", "/"))
+    return normal.startswith("/") or normal == ".." or normal.startswith("../") or (len(normal) > 1 and normal[1] == ":")
 
 
 def annotation_image_path(file_path: str) -> str:

@@ -140,8 +140,15 @@ def _image_problems(records: list[RawRecord], root: Path) -> tuple[list[tuple[in
         first_use.setdefault(record.file_path, position)
     paths = [root / file_path for file_path in first_use]
     workers = min(32, 4 * (os.cpu_count() or 1))  # threads overlap the file IO
+    inside = root.resolve()
+
+    def inspect(path: Path) -> tuple[str, str] | None:
+        if path.exists() and not path.resolve().is_relative_to(inside):  # a symlink out of the root
+            return "path-escapes-root", f"resolves to {path.resolve()}, outside the data root {inside}"
+        return _inspect_image(path)
+
     with _strict_decoding(), ThreadPoolExecutor(max_workers=workers) as pool:
-        verdicts = list(pool.map(_inspect_image, paths))
+        verdicts = list(pool.map(inspect, paths))
     found = [(position, *verdict) for position, verdict in zip(first_use.values(), verdicts) if verdict]
     problems = [item for item in found if item[1] not in NOTE_KINDS]
     return problems, [item for item in found if item[1] in NOTE_KINDS]
