@@ -111,3 +111,27 @@ def file_digest(path: str | Path) -> str:
     """sha256 of a file's contents (what fingerprints use: sizes and mtimes miss same-size edits)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+class BrokenArtifact(Exception):
+    """An output of an earlier stage that cannot be read (a truncated shard, a model folder without its
+    weights): the message names the file and the stage that makes it. A stage exits with that one line."""
+
+
+# Where each DAG output starts (its dvc.yaml out) and the stage that writes it, for BrokenArtifact lines.
+_MADE_BY = (("data/prepared", "prepare"), ("data/pdg/raw", "generate"), ("data/pdg/filtered", "filter"),
+            ("data/pdg/train", "caption"), ("models/generator", "train_generator"), ("models/probe", "train_generator"),
+            ("models/", "train@<variant>"), ("index/", "index@<variant>"))
+
+
+def rerun_hint(path: str | Path) -> str:
+    """`dvc repro --force <stage>` for the stage whose output holds `path`, or a general hint."""
+    text = Path(path).as_posix()
+    for prefix, stage in _MADE_BY:
+        at = text.find(prefix)
+        if at == 0 or (at > 0 and text[at - 1] == "/"):
+            if stage.endswith("<variant>"):
+                rest = text[at + len(prefix):].split("/")
+                stage = stage.replace("<variant>", rest[0]) if rest and rest[0] else stage
+            return f"dvc repro --force {stage}"
+    return "dvc repro --force <the stage that writes it>"

@@ -12,6 +12,7 @@ import torch
 
 from pipeline import hub
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.io import BrokenArtifact
 from pipeline.profile import check_stage_inputs
 
 
@@ -30,6 +31,7 @@ def start_stage(
     once, where DVC tracks it."""
     args = _stage_arguments(description, with_variant, paths)
     setup_logging()
+    sys.excepthook = _broken_artifact_hook
     try:
         params = load_params(args.params)
         if with_variant:
@@ -41,6 +43,15 @@ def start_stage(
         for line in str(err).splitlines():
             logging.getLogger("stages").error("%s", line)
         raise SystemExit(1) from None
+
+
+def _broken_artifact_hook(kind, error, trace) -> None:
+    """A BrokenArtifact ends a stage with its one line (the file, the stage that makes it) and exit 1;
+    anything else is a bug, shown with its traceback."""
+    if issubclass(kind, BrokenArtifact):
+        logging.getLogger("stages").error("%s", error)  # the interpreter then exits with status 1
+        return
+    sys.__excepthook__(kind, error, trace)
 
 
 def _stage_name(caller: dict) -> str:

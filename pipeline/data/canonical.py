@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.io import commit_temp, temp_path_for
+from pipeline.io import BrokenArtifact, rerun_hint, commit_temp, temp_path_for
 
 SPLITS = ("train", "val", "test")
 
@@ -220,16 +220,21 @@ def image_member(sample: dict[str, bytes], where: str) -> bytes:
 
 
 def iter_shard_samples(paths: Iterable[str]) -> Iterator[dict[str, bytes]]:
-    """Read samples back from tar shards (grouping members by key), in file order."""
+    """Read samples back from tar shards (grouping members by key), in file order. A truncated, empty
+    or unreadable shard is a BrokenArtifact naming it (not a tarfile traceback)."""
     for path in paths:
-        with tarfile.open(path, "r") as tar:
-            current: dict[str, bytes] = {}
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if current and current["__key__"] != key:
+        try:
+            with tarfile.open(path, "r") as tar:
+                current: dict[str, bytes] = {}
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if current and current["__key__"] != key:
+                        yield current
+                        current = {}
+                    current["__key__"] = key
+                    current[ext] = tar.extractfile(member).read()
+                if current:
                     yield current
-                    current = {}
-                current["__key__"] = key
-                current[ext] = tar.extractfile(member).read()
-            if current:
-                yield current
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise BrokenArtifact(f"{path}: not a readable tar shard ({err or type(err).__name__}): "
+                                 f"rerun the stage that writes it ({rerun_hint(path)})") from None

@@ -13,6 +13,8 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from pipeline.io import BrokenArtifact, rerun_hint
+
 
 log = logging.getLogger(__name__)
 
@@ -65,4 +67,8 @@ def resolve_generator(directory: str | Path) -> str:
     pointer = Path(directory) / POINTER_FILE
     if pointer.is_file():
         return json.loads(pointer.read_text())["pretrained"]
+    missing = [name for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json")
+               if not (Path(directory) / name).is_file()]
+    if missing:
+        raise BrokenArtifact(f"{directory}: not a generator folder (no {', '.join(missing)}): {rerun_hint(directory)}")
     return str(directory)

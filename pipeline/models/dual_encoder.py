@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase, ViTConfig, ViTModel
 
 from ..config import ConfigError, ModelConfig
 from ..hub import pretrained_kwargs
-from ..io import write_json_atomic
+from ..io import BrokenArtifact, rerun_hint, write_json_atomic
 from .mixup import FeatureMix
 from .preprocessing import CLIP_MEAN, CLIP_STD, VIT_MEAN, VIT_STD, ImagePreprocessor, pretrained_image_stats
 from .tokenization import train_caption_tokenizer
@@ -102,7 +103,13 @@ class DualEncoder(nn.Module):
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory}: no saved dual encoder there (expected {config_path})")
-        saved = json.loads(config_path.read_text())
+        weights = directory / WEIGHTS_NAME
+        try:
+            saved = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise BrokenArtifact(f"{config_path}: not JSON ({err}): {rerun_hint(directory)}") from None
+        if not weights.is_file():
+            raise BrokenArtifact(f"{directory}: {CONFIG_NAME} without its weights ({WEIGHTS_NAME}): {rerun_hint(directory)}")
         config = ModelConfig(**saved["model"])
         vision_class, text_class, text_options = _tower_classes(config)
         model = cls(
@@ -114,7 +121,10 @@ class DualEncoder(nn.Module):
             saved["image_std"],
             _load_tokenizer_if_saved(directory),
         )
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        try:
+            load_model(model, str(weights), strict=True)
+        except SafetensorError as err:
+            raise BrokenArtifact(f"{weights}: unreadable weights ({err}): {rerun_hint(directory)}") from None
         return model.to(device).eval()
 
     def _saved_config(self) -> dict:
