@@ -117,15 +117,18 @@ def end_to_end(variant: str = "pdg") -> dict | None:
     from pipeline.search.query import Searcher, format_table
 
     os.chdir(REPO)
-    if not (REPO / "models" / variant / "best" / "model.safetensors").is_file():
-        return None
     params = load_params()
-    # the stage's own build, into a scratch root that links the real models and data
+    # the stage's own build, into a scratch root that links the real models and data (a data/ folder
+    # already there is used as it is)
     scratch = REPO / "build" / "bench_search"
     scratch.mkdir(parents=True, exist_ok=True)
     for name in ("models", "data"):
         if not (scratch / name).exists():
             (scratch / name).symlink_to(REPO / name)
+    if not (scratch / "models" / variant / "best" / "model.safetensors").is_file() or \
+            not list((scratch / "data" / "prepared" / "shards").glob("test-*.tar")):
+        print(f"end to end: no models/{variant}/best or data/prepared test shards, skipped", flush=True)
+        return None
     built = build_index(params, variant, torch.device("cpu"), IndexPaths.under(scratch, variant))
     searcher = Searcher.for_variant(params, variant, scratch)
     queries = ["a woman in a red coat with a black backpack", "a man wearing a blue shirt and grey trousers",
@@ -143,8 +146,9 @@ def end_to_end(variant: str = "pdg") -> dict | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the JSON written (default {RESULTS.relative_to(REPO)})")
     args = parser.parse_args()
     import faiss
     import torch
@@ -155,7 +159,8 @@ def main() -> int:
 
     began = time.perf_counter()
     rng = np.random.default_rng(0)
-    basis = rng.standard_normal((LATENT, DIM), dtype=np.float32) / np.sqrt(LATENT)
+    # float32 throughout: a NumPy float64 scalar would promote every array it touches
+    basis = (rng.standard_normal((LATENT, DIM), dtype=np.float32) / np.float32(np.sqrt(LATENT))).astype(np.float32)
     result = {"date": datetime.date.today().isoformat(), "machine": machine(), "threads": args.threads,
               "faiss": faiss.__version__, "numpy": np.__version__, "k": K, "single_queries": SINGLE,
               "batched_queries": BATCH, "block": BLOCK, "sizes": [],
@@ -164,6 +169,7 @@ def main() -> int:
     for n in args.sizes:
         started = time.perf_counter()
         gallery, queries = structured(n, rng, basis), structured(BATCH, rng, basis)
+        assert gallery.dtype == queries.dtype == np.float32
         row = measure(gallery, queries, approximate=n >= 100_000)
         row["data"] = "structured"
         result["sizes"].append(row)
@@ -178,9 +184,9 @@ def main() -> int:
     result["total_seconds"] = round(time.perf_counter() - began)
     result["load_average_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result["end_to_end"]), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
