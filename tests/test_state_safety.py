@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -251,20 +250,12 @@ def test_training_killed_inside_a_swap_reruns_to_the_same_result(prepared, strai
 
 @pytest.mark.slow  # three 2-process trainings
 def test_two_processes_killed_resume_to_the_same_weights(tmp_path):
-    from test_training import _env as stage_env, _project, _train as train_stage, train_arguments
+    from test_training import _project, _train as train_stage, start_training_until
 
     torchrun = (str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m")
     straight_project, killed = _project(tmp_path / "straight"), _project(tmp_path / "killed")
     train_stage(straight_project, launcher=torchrun)
-    process = subprocess.Popen([*torchrun, *train_arguments()], cwd=killed, env=stage_env(killed),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = killed / "models" / "baseline" / "state" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["global_step"] >= 6:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "training finished before it could be killed"
+    process = start_training_until(killed, torchrun, step=6)
     import psutil
 
     workers = psutil.Process(process.pid).children(recursive=True)  # in sessions of their own

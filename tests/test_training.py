@@ -56,6 +56,21 @@ def _train(project, launcher=(sys.executable, "-m"), check=True):
     return result
 
 
+def start_training_until(project, launcher, step: int, **popen) -> subprocess.Popen:
+    """The baseline's training started in the background, returned once its saved state reaches `step`
+    (still running: for a test to kill it there)."""
+    process = subprocess.Popen([*launcher, *train_arguments()], cwd=project, env=_env(project),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    progress = project / "models" / "baseline" / "state" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["global_step"] >= step:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    return process
+
+
 def _history(project):
     return json.loads((project / "models" / "baseline" / "state" / "progress.json").read_text())
 
@@ -118,15 +133,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert _model_files(straight) == finished
 
     killed = _project(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, "-m", *train_arguments()], cwd=killed,
-                               env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = killed / "models" / "baseline" / "state" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["global_step"] >= 6:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "training finished before it could be killed"
+    process = start_training_until(killed, (sys.executable, "-m"), step=6)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     interrupted_at = _history(killed)["global_step"]
