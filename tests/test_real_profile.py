@@ -29,7 +29,7 @@ from tiny_project import FIXTURES, deep_merge, dvc, make_tiny_project, require_f
 pytestmark = pytest.mark.slow
 
 STAGES = ("prepare", "train@baseline", "evaluate@baseline", "train_generator", "generate", "filter", "caption",
-          "train@pdg", "evaluate@pdg")
+          "train@pdg", "evaluate@pdg", "index@baseline", "index@pdg")
 
 # What keeps the run short on 2 cores; everything else is the profile's.
 SHORT = {
