@@ -30,4 +30,9 @@ def stage_command(name: str, *extra: str, repo: Path = REPO) -> list[str]:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m pipeline.stage_command <stage>   (e.g. train@baseline)")
-    print(shlex.join(stage_command(sys.argv[1])[2:]))
+    from dvc.stage.exceptions import StageNotFound
+
+    try:
+        print(shlex.join(stage_command(sys.argv[1])[2:]))
+    except StageNotFound:
+        raise SystemExit(f"error: no stage {sys.argv[1]!r} in dvc.yaml (`dvc stage list` names them)") from None
