@@ -212,6 +212,9 @@ _KIND = {"model.vision_path": "transformers model", "model.text_path": "transfor
 
 
 def _check_hub_id(key: str, value: str, params: Params) -> str | None:
+    if not params.hub.revision:
+        return (f"params: '{key}' {value} is a hub id, but hub.revision is empty: pin the commit it loads "
+                f"(a branch moves, and DVC would not see the weights change)")
     if params.hub.allow_network:
         return None
     from huggingface_hub import try_to_load_from_cache

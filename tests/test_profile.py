@@ -95,7 +95,11 @@ def test_a_hub_id_is_refused_offline_and_pinned_when_allowed(tmp_path, monkeypat
     from pipeline.config import params_from_dict
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    params = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}})
+    unpinned = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}})
+    assert check_inputs(unpinned, ("filter.scorer",)) == [
+        "params: 'filter.scorer' openai/clip-vit-base-patch16 is a hub id, but hub.revision is empty: pin the "
+        "commit it loads (a branch moves, and DVC would not see the weights change)"]
+    params = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}, "hub": {"revision": "abc123"}})
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))

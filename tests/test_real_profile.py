@@ -24,11 +24,11 @@ import yaml
 from PIL import Image
 
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
-from tiny_project import FIXTURES, deep_merge, dvc, make_tiny_project, require_fixture
+from tiny_project import FIXTURES, deep_merge, make_tiny_project, require_fixture, stale_stages
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train@baseline", "evaluate@baseline", "train_generator", "generate", "filter", "caption",
+STAGES = ("externals", "prepare", "train@baseline", "evaluate@baseline", "train_generator", "generate", "filter", "caption",
           "train@pdg", "evaluate@pdg", "index@baseline", "index@pdg")
 
 # What keeps the run short on 2 cores; everything else is the profile's.
@@ -135,4 +135,4 @@ def test_clip_filter_blip_captions_and_the_pdg_variant(real_run):
     assert len(rows) == 22
     assert _metrics(project, "train_pdg")["steps"] >= 5
     assert _metrics(project, "pdg")["num_queries"] == 16
-    assert dvc(project, "status").stdout.strip() in ("", "Data and pipelines are up to date.")
+    assert stale_stages(project) == {}

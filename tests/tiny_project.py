@@ -60,3 +60,14 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
+
+
+def stale_stages(project: Path, *targets: str) -> dict:
+    """`dvc status --json` of the project (or targets), less the `externals` stage: it is always
+    run (it re-reads the folders params name), so DVC always lists it as "always changed"."""
+    import json
+
+    status = json.loads(dvc(project, "status", "--json", *targets).stdout or "{}")
+    if status.get("externals") == ["always changed"]:
+        del status["externals"]
+    return status

@@ -1,0 +1,139 @@
+"""Digests of what params name outside the repository, so that DVC sees it change.
+
+`data.root` (a real benchmark's annotation file and images), `model.vision_path` /
+`model.text_path`, `generator.pretrained`, `filter.scorer` and `caption.captioner` are strings
+in params.yaml: DVC tracks the string, not the folder behind it. The `externals` stage (always
+run, in well under a second when nothing changed) writes one JSON file per consuming stage,
+`data/externals/<stage>.json`, with a sha256 over the contents of every file the input holds;
+each consumer depends on its file. An edited annotation file or a swapped checkpoint changes the
+digest, so DVC reruns what reads it; an unchanged one writes the same bytes, so nothing else
+reruns.
+
+A hub id is digested through the local Hugging Face cache at the pinned `hub.revision` (the
+snapshot folder that `from_pretrained` would load); a hub id not yet cached records only its id
+and revision. Contents are hashed once per file: a state file under `.dvc/tmp` remembers each
+file's (size, mtime, inode) and digest, as DVC itself does, so later runs only stat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from pipeline import hub
+from pipeline.config import Params
+from pipeline.io import file_digest, write_json_atomic
+from pipeline.profile import STAGE_INPUTS, check_inputs
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = Path(".dvc/tmp/externals-state.json")
+
+
+class DigestState:
+    """(size, mtime_ns, inode) -> sha256 per absolute file path, kept between runs."""
+
+    def __init__(self, path: Path = STATE_FILE):
+        self.path, self.hashed = path, 0
+        try:
+            self.known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    def digest(self, file: Path) -> str:
+        stat = file.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        key = str(file.resolve())
+        entry = self.known.get(key)
+        if entry and entry.get("stamp") == stamp:
+            return entry["sha256"]
+        self.hashed += 1
+        digest = file_digest(file)
+        self.known[key] = {"stamp": stamp, "sha256": digest}
+        return digest
+
+    def save(self) -> None:
+        if self.path.parent.is_dir():
+            write_json_atomic(self.path, self.known)
+
+
+def tree_digest(root: Path, state: DigestState) -> tuple[str, int]:
+    """sha256 over (relative path, content sha256) of every file under `root`, links followed; and the file count."""
+    lines = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_file():
+                lines.append(f"{path.relative_to(root).as_posix()}\0{state.digest(path)}")
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(), len(lines)
+
+
+def _folder_entry(path: Path, state: DigestState) -> dict:
+    if path.is_file():
+        return {"sha256": state.digest(path), "files": 1}
+    digest, count = tree_digest(path, state)
+    return {"sha256": digest, "files": count}
+
+
+def _hub_entry(hub_id: str, state: DigestState) -> dict:
+    entry = {"hub_id": hub_id, "revision": hub.access().revision}
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(hub_id, revision=hub.access().revision or None, local_files_only=True)
+    except Exception:  # not in the local cache (yet): the pinned revision is what identifies it
+        return {**entry, "cached": False}
+    return {**entry, "cached": True, **_folder_entry(Path(snapshot), state)}
+
+
+def input_entry(params: Params, key: str, state: DigestState) -> dict:
+    """What one params key names, and its digest; {"reads": false} where the profile does not read it."""
+    section, name = key.split(".")
+    value = getattr(getattr(params, section), name)
+    if key == "data.root":
+        if params.data.source == "synthpedes":
+            return {"value": value, "reads": False}
+        from pipeline.data.sources import LAYOUTS, _annotation_file
+
+        annotations = _annotation_file(LAYOUTS[params.data.source], Path(value), params.data.annotations or None)
+        return {"value": value, "reads": True, **_folder_entry(Path(value), state),
+                "annotations": {"path": str(annotations), **_folder_entry(annotations, state)}}
+    if not value or (key.startswith("model.") and params.model.preset == "tiny"):
+        return {"value": value, "reads": False}
+    if key == "filter.scorer" and value.startswith("models/"):
+        return {"value": value, "reads": True, "tracked_by": "dvc.yaml (an output of this DAG)"}
+    path = Path(value).expanduser()
+    if path.exists():
+        return {"value": value, "reads": True, **_folder_entry(path, state)}
+    return {"value": value, "reads": True, **_hub_entry(value, state)}
+
+
+def stage_digests(params: Params, state: DigestState) -> dict[str, dict]:
+    """Per consuming stage, its external inputs' entries. An input with a problem (a missing folder)
+    records the problem's line instead: the consuming stage stops on it with that line."""
+    problems = {}
+    for key in dict.fromkeys(k for keys in STAGE_INPUTS.values() for k in keys):
+        found = check_inputs(params, (key,))
+        if found:
+            problems[key] = found
+    digests = {}
+    for stage, keys in STAGE_INPUTS.items():
+        digests[stage] = {key: ({"problems": problems[key]} if key in problems else input_entry(params, key, state))
+                          for key in keys}
+    return digests
+
+
+def write_stage_digests(params: Params, out: Path, state: DigestState | None = None) -> dict[str, dict]:
+    state = state or DigestState()
+    digests = stage_digests(params, state)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage, entries in digests.items():
+        write_json_atomic(out / f"{stage}.json", entries)
+    state.save()
+    log.info("external inputs of %d stages digested (%d file(s) hashed, the rest known by size and mtime)",
+             len(digests), state.hashed)
+    return digests
