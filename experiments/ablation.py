@@ -109,8 +109,8 @@ def queue_command(row: str, seed: int, project: Path = Path(".")) -> list[str]:
 
 
 def experiments(show: list) -> dict[str, dict]:
-    """name -> {"params": params.yaml as a dict, "metrics": {file: its data}} of every finished,
-    named experiment in `dvc exp show --json` output (DVC 3's layout)."""
+    """name -> {"params": params.yaml as a dict, "metrics": {file: its data}, "rev": its commit} of
+    every finished, named experiment in `dvc exp show --json` output (DVC 3's layout)."""
     found = {}
     for commit in show:
         for group in commit.get("experiments") or []:
@@ -120,7 +120,7 @@ def experiments(show: list) -> dict[str, dict]:
                     continue
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
                 metrics = {path: entry.get("data", {}) for path, entry in data["metrics"].items()}
-                found[name] = {"params": params, "metrics": metrics}
+                found[name] = {"params": params, "metrics": metrics, "rev": revision.get("rev")}
     return found
 
 

@@ -21,16 +21,20 @@ reported for every row, never used to choose.
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from experiments.ablation import METRICS, experiments
 from pipeline.config import ConfigError, deep_merge, params_from_dict
 
 TARGET = "evaluate@baseline"
+DEFAULT_ROWS = ("beta-0", "beta-1", "beta-2", "beta-4", "beta-8", "tau-0.005")
 ROW = re.compile(r"^(?:beta-(?P<beta>\d+(?:\.\d+)?))?(?:-?tau-(?P<tau>\d+(?:\.\d+)?))?$")
 
 
@@ -82,13 +86,121 @@ def queue_command(row: str, seed: int, project: Path = Path(".")) -> list[str]:
     return command + [TARGET]
 
 
+# ------------------------------------------------------------------ the table and the choice
+
+VAL = ("val_R1", "val_mAP")
+
+
+def records(found: dict[str, dict], rows: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """Per row, one record per finished seed: val (best epoch) and test metrics of the baseline
+    variant, its colour-edit sensitivity and its skipped (non-finite) batches."""
+    table: dict[str, list[dict]] = {}
+    for row in rows:
+        for seed in seeds:
+            exp = found.get(experiment_name(row, seed))
+            if exp is None:
+                continue
+            train, test = exp["metrics"].get("metrics/train_baseline.json"), exp["metrics"].get("metrics/baseline.json")
+            if not train or not test or not all(k in test for k in METRICS):
+                continue
+            table.setdefault(row, []).append({
+                "seed": seed, "rev": exp["rev"], "val_R1": train["best_val_R1"], "val_mAP": train["best_val_mAP"],
+                **{k: test[k] for k in METRICS},
+                "colour": test.get("colour_sensitivity", {}).get("all", {}).get("prefers_true_pct"),
+                "skipped": train.get("skipped_batches", 0),
+            })
+    return table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summary(table: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+    keys = (*VAL, *METRICS, "colour")
+    return {row: {k: _mean_std([r[k] for r in recs if r[k] is not None]) for k in keys} for row, recs in table.items()}
+
+
+def choose(stats: dict[str, dict[str, tuple[float, float]]], default: str) -> tuple[str, str]:
+    """(the row to make the default, why): the best mean val R1 (then val mAP); it replaces the
+    default only if its mean val R1 beats the default's by more than the larger seed std of the two."""
+    best = max(stats, key=lambda row: (stats[row]["val_R1"][0], stats[row]["val_mAP"][0]))
+    if default not in stats or best == default:
+        return best, f"{best} has the best mean val R1 ({stats[best]['val_R1'][0]:.2f})"
+    (mine, my_std), (theirs, their_std) = stats[best]["val_R1"], stats[default]["val_R1"]
+    spread = max(my_std, their_std)
+    if mine - theirs > spread:
+        return best, f"{best}: val R1 {mine:.2f} vs {theirs:.2f} for {default}, a gain beyond the seed spread ({spread:.2f})"
+    return default, (f"{best} has the best mean val R1 ({mine:.2f}) but {default} ({theirs:.2f}) is within the "
+                     f"seed spread ({spread:.2f}): the default stays")
+
+
+def markdown(table: dict[str, list[dict]], stats: dict) -> str:
+    head = ["row", "loss", "seeds", "val R1", "val mAP", *(f"test {k}" for k in METRICS), "colour edits (%)", "non-finite batches"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, recs in table.items():
+        loss = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in row_overrides(row).items()) or "beta 0, learned tau"
+        cells = [f"{m:.2f} ± {s:.2f}" if len(recs) > 1 else f"{m:.2f}" for m, s in
+                 (stats[row][k] for k in (*VAL, *METRICS, "colour"))]
+        seeds = ", ".join(str(r["seed"]) for r in recs)
+        lines.append(f"| {row} | {loss} | {seeds} | " + " | ".join(cells) + f" | {sum(r['skipped'] for r in recs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, list[dict]], path: Path) -> None:
+    from pipeline.plots import plt, save_figure
+
+    figure, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.2 * len(table) + 3), 3.4), sharey=False)
+    for axis, key, title in ((axes[0], "val_R1", "val R1 (chooses)"), (axes[1], "R1", "test R1 (reported)")):
+        for index, recs in enumerate(table.values()):
+            values = [r[key] for r in recs]
+            axis.bar(index, statistics.fmean(values), color="#c8c8c8" if key == "R1" else "#8aa6c8")
+            axis.scatter([index] * len(values), values, color="black", s=10, zorder=3)
+        axis.set_xticks(range(len(table)), list(table), rotation=30, ha="right")
+        axis.set_ylabel(f"{title.split(' (')[0]} (%)")
+        axis.set_title(f"{title}, mean over seeds (dots: seeds)", fontsize=9)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def shown(rev: str | None) -> dict[str, dict]:
+    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
+    return experiments(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.hardness", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     queue = commands.add_parser("queue", help="queue one DVC experiment per row and seed (seed-major order)")
     queue.add_argument("--rows", nargs="+", required=True)
     queue.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    report = commands.add_parser("report", help="the table of every row (mean ± std over seeds) and the val choice")
+    report.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS))
+    report.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    report.add_argument("--default", default="beta-0", help="the row equal to the shipped params (default beta-0)")
+    report.add_argument("--rev", help="the commit the experiments were queued at (default: HEAD)")
+    report.add_argument("--out", type=Path, help="also write the table (and the choice) to this markdown file")
+    report.add_argument("--figure", type=Path, help="and val/test R1 per row to this PNG")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        for row in args.rows:
+            check_row(row)
+        table = records(shown(args.rev), args.rows, args.seeds)
+        missing = [experiment_name(r, s) for r in args.rows for s in args.seeds
+                   if s not in {x["seed"] for x in table.get(r, [])}]
+        if missing:
+            print(f"not (yet) in `dvc exp show`: {', '.join(missing)}", file=sys.stderr)
+        if not table:
+            raise SystemExit("error: no finished experiment of these rows (queue them, then `dvc exp run --run-all`)")
+        stats = summary(table)
+        chosen, why = choose(stats, args.default)
+        text = markdown(table, stats) + f"\nChosen on val: **{chosen}**. {why}.\n"
+        print(text, end="")
+        if args.out:
+            args.out.write_text(text)
+        if args.figure:
+            plot(table, args.figure)
+        return 0
     commands_to_run = [queue_command(row, seed) for seed in args.seeds for row in args.rows]
     for command in commands_to_run:
         print(" ".join(command), flush=True)
