@@ -58,7 +58,8 @@ from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.io import write_json_atomic
 from pipeline.editing.edit import EditRequest, edit_p2p_batch
-from pipeline.pdg.generate import GenerationJob, alignable_with, load_source_images, make_editor, plan_generation
+from pipeline.pdg.generate import GenerationJob, alignable_with, make_editor, plan_generation
+from pipeline.pdg.shards import load_source_images
 from pipeline.generator.checkpoint import resolve_generator
 from pipeline.generator.data import load_images
 from pipeline.generator.model import DiffusionParts, back_to_crop, fit_to_model, load_generator

@@ -34,7 +34,7 @@ from pipeline.data.canonical import iter_shard_samples, manifest_path, read_mani
 from pipeline.generator.probe import CONFIG_FILE, AttributeProbe
 from pipeline.io import write_json_atomic
 from pipeline.pdg.filtering import ScoredPair, filter_pairs, read_generated, referenced_sources, written
-from pipeline.pdg.generate import load_source_images, pdg_shards
+from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.pdg.scorers import Scorer, load_scorer
 from pipeline.runtime import inference_device, machine
 

@@ -73,9 +73,10 @@ class TrainOutputs:
         for directory in (self.state_dir, self.best, self.last):
             recover_directory(directory)
 
-    def clear(self) -> None:
-        for directory in (self.best, self.last, self.state_dir):
-            remove_directory(directory)
+    def clear_state(self) -> None:
+        """Remove state/ for a fresh run. best/ and last/ stay until the new run's own replace them
+        (best/ after its first epoch, last/ at its end): a run that fails loses nothing."""
+        remove_directory(self.state_dir)
 
 
 def _rng_files(rank: int) -> tuple[str, str]:

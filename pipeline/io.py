@@ -113,13 +113,19 @@ def file_digest(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def files_digest(paths) -> list[list[str]]:
+    """[folder name, file name, sha256 of its contents] per file, in the given order: what a
+    fingerprint records of its data inputs."""
+    return [[Path(f).parent.name, Path(f).name, file_digest(f)] for f in paths]
+
+
 class BrokenArtifact(Exception):
     """An output of an earlier stage that cannot be read (a truncated shard, a model folder without its
     weights): the message names the file and the stage that makes it. A stage exits with that one line."""
 
 
 # Where each DAG output starts (its dvc.yaml out) and the stage that writes it, for BrokenArtifact lines.
-_MADE_BY = (("data/prepared", "prepare"), ("data/pdg/raw", "generate"), ("data/pdg/filtered", "filter"),
+_MADE_BY = (("data/externals", "externals"), ("data/prepared", "prepare"), ("data/pdg/raw", "generate"), ("data/pdg/filtered", "filter"),
             ("data/pdg/train", "caption"), ("models/generator", "train_generator"), ("models/probe", "train_generator"),
             ("models/", "train@<variant>"), ("index/", "index@<variant>"))
 

@@ -49,7 +49,10 @@ def _broken_artifact_hook(kind, error, trace) -> None:
     """A BrokenArtifact ends a stage with its one line (the file, the stage that makes it) and exit 1;
     anything else is a bug, shown with its traceback."""
     if issubclass(kind, BrokenArtifact):
-        logging.getLogger("stages").error("%s", error)  # the interpreter then exits with status 1
+        text = str(error)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch wraps it in the traceback
+            text = " ".join(text.rsplit(f"{kind.__name__}: ", 1)[-1].split())
+        logging.getLogger("stages").error("%s", text)  # the interpreter then exits with status 1
         return
     sys.__excepthook__(kind, error, trace)
 

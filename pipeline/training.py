@@ -37,7 +37,7 @@ from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.imports import code_digest
-from pipeline.io import file_digest, replace_directory, staging_path, start_directory, write_json_atomic
+from pipeline.io import files_digest, replace_directory, staging_path, start_directory, write_json_atomic
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix
@@ -89,7 +89,7 @@ def training_fingerprint(params: Params, data_files: list[str | Path], variant: 
         del relevant["train"][key]
     relevant["variant"] = dataclasses.asdict(variant or VariantConfig())
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
-    relevant["data"] = [[Path(f).parent.name, Path(f).name, file_digest(f)] for f in data_files]
+    relevant["data"] = files_digest(data_files)
     relevant["code"] = code_digest("stages.train")
     relevant["torch_threads"] = torch.get_num_threads()
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -215,7 +215,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _clear_outputs(self) -> None:
-        self._on_main(self.outputs.clear)
+        self._on_main(self.outputs.clear_state)
 
     def save_state(self) -> None:
         """The whole state into a staging folder, swapped in for the previous state (pipeline/io.py)."""

@@ -134,4 +134,11 @@ def read_params_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"params: no such file {path}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"params: {path} is not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, and what it expected."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem

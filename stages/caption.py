@@ -14,7 +14,7 @@ import sys
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.captioning import ImageCaptioner, proximity_rows, read_kept, write_training_set
-from pipeline.pdg.generate import pdg_shards
+from pipeline.pdg.shards import pdg_shards
 from pipeline.runtime import inference_device, start_stage
 
 log = logging.getLogger("stages.caption")

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.io import write_json_atomic, writing_directory
 from pipeline.pdg.filtering import filter_pairs, read_generated, referenced_sources, summarise, write_kept
 from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
-from pipeline.pdg.generate import load_source_images, pdg_shards
+from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
 from pipeline.runtime import inference_device, start_stage
 

@@ -22,15 +22,14 @@ from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
 from pipeline.pdg.generate import (
     alignable_with,
     generation_fingerprint,
-    load_source_images,
     make_editor,
-    pdg_shards,
     plan_generation,
     prepare_output,
     run_generation,
     shard_names,
     wait_for_shards,
 )
+from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.generator.checkpoint import resolve_generator
 from pipeline.generator.model import load_generator
 from pipeline.plots import plot_generated_pairs

@@ -11,12 +11,12 @@ from pipeline.pdg.generate import (
     alignable_with,
     edit_batches,
     job_groups,
-    load_source_images,
     make_editor,
     plan_generation,
     prepare_output,
     run_generation,
 )
+from pipeline.pdg.shards import load_source_images
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
 

@@ -21,23 +21,14 @@ from pipeline.search.embed import SearchError
 from pipeline.search.gallery import GalleryError, open_gallery
 from pipeline.search.index import build_hnsw, exact_top_k, hnsw_top_k, recall_at, write_index
 from pipeline.search.query import Searcher
-from tiny_project import REPO, TINY_PROFILE, deep_merge
+from tiny_project import REPO, TINY_MODEL, TINY_PROFILE, deep_merge, save_tiny_model
 
 CPU = torch.device("cpu")
-TINY_MODEL = {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
-              "max_text_length": 32}
 
 
 def project_params(overrides: dict | None = None) -> dict:
     raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
     return deep_merge(raw, deep_merge({"model": TINY_MODEL, "train": {"eval_batch_size": 5}}, overrides or {}))
-
-
-def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    captions = load_retrieval_split(prepared, "train").captions
-    model, _ = build_model(ModelConfig(**TINY_MODEL), (64, 32), captions=captions)
-    model.save_pretrained(folder)
 
 
 def make_search_project(root: Path, prepared: Path, overrides: dict | None = None) -> Path:

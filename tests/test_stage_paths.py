@@ -55,3 +55,13 @@ def test_no_stage_hard_codes_a_dag_path(stage):
              and id(n) not in prefix_tests
              and (id(n) in in_path_calls or n.value.startswith(("data/", "models/", "metrics/", "reports/", "index/")))]
     assert not found, f"stages/{stage}.py names paths that belong on its dvc.yaml command line: {found}"
+
+
+def test_a_broken_output_names_the_stage_that_writes_it():
+    # pipeline/io.py's map from output to stage (for BrokenArtifact lines) agrees with dvc.yaml
+    from pipeline.io import rerun_hint
+
+    for name, _, _, outs in STAGES:
+        for out in outs:
+            if out.startswith(("data/", "models/", "index/")):
+                assert rerun_hint(f"{out}/member") == f"dvc repro --force {name}", (name, out)

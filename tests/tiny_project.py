@@ -17,6 +17,10 @@ from pipeline.config import deep_merge  # noqa: F401  (the tests take it from he
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("TBPS_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
+# A dual encoder small enough to build in a test (random weights).
+TINY_MODEL = {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
+              "max_text_length": 32}
+
 # Overrides of params.yaml that make every stage run in seconds.
 TINY_PROFILE = {
     "data": {"shard_size": 16},
@@ -71,3 +75,17 @@ def stale_stages(project: Path, *targets: str) -> dict:
     if status.get("externals") == ["always changed"]:
         del status["externals"]
     return status
+
+
+def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
+    """A random TINY_MODEL dual encoder (its tokenizer from `prepared`'s train captions) saved to `folder`."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.evaluation import load_retrieval_split
+    from pipeline.models import build_model
+
+    torch.manual_seed(seed)
+    captions = load_retrieval_split(prepared, "train").captions
+    model, _ = build_model(ModelConfig(**TINY_MODEL), (64, 32), captions=captions)
+    model.save_pretrained(folder)

@@ -236,5 +236,6 @@ def iter_shard_samples(paths: Iterable[str]) -> Iterator[dict[str, bytes]]:
                 if current:
                     yield current
         except (tarfile.TarError, EOFError, OSError) as err:
-            raise BrokenArtifact(f"{path}: not a readable tar shard ({err or type(err).__name__}): "
+            reason = " ".join(str(err).split()) or type(err).__name__  # tarfile's reasons span lines
+            raise BrokenArtifact(f"{path}: not a readable tar shard ({reason}): "
                                  f"rerun the stage that writes it ({rerun_hint(path)})") from None

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
-from pipeline.pdg.generate import SHARD_NAME
+from pipeline.pdg.shards import SHARD_NAME
 from pipeline.pdg.scorers import Scorer
 
 log = logging.getLogger(__name__)

@@ -28,23 +28,16 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import PdgConfig
-from pipeline.data.canonical import ImageRecord, image_member, iter_shard_samples, list_shards, write_tar_atomic
+from pipeline.data.canonical import ImageRecord, write_tar_atomic
 from pipeline.imports import code_digest
-from pipeline.io import file_digest, recover_directory, replace_directory, start_directory, write_json_atomic
+from pipeline.io import files_digest, recover_directory, replace_directory, start_directory, write_json_atomic
+from pipeline.pdg.shards import SHARD_NAME
 from pipeline.text import find_color_phrases
 from pipeline.text.caption_edit import CaptionEdit, edit_captions
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "generation.json"
-SHARD_NAME = "pdg-%06d.tar"  # PDG shards (raw and filtered)
-
-
-def pdg_shards(folder: str | Path) -> list[str]:
-    """The PDG shards of a folder, in order."""
-    return sorted(str(path) for path in Path(folder).glob("pdg-*.tar"))
-
-
 @dataclass(frozen=True)
 class GenerationJob:
     key: str  # the sample's key in the shards
@@ -137,7 +130,7 @@ def generation_fingerprint(cfg: PdgConfig, generator: str, data_files: Sequence[
     for bookkeeping in _NOT_SHAPING:
         shaping.pop(bookkeeping)
     return {"pdg": shaping, "generator": generator, "generator_weights": weights_digest(generator),
-            "data": [[Path(f).parent.name, Path(f).name, file_digest(f)] for f in data_files],
+            "data": files_digest(data_files),
             "code": code_digest("stages.generate")}
 
 
@@ -180,17 +173,6 @@ def prepare_output(out_dir: Path, fingerprint: dict, is_main: bool) -> None:
     staging = start_directory(out_dir)
     write_json_atomic(staging / FINGERPRINT_FILE, fingerprint)
     replace_directory(staging, out_dir)
-
-
-def load_source_images(prepared_dir: str | Path, keys: set[str]) -> dict[str, bytes]:
-    images = {}
-    for sample in iter_shard_samples(list_shards(prepared_dir, "train")):
-        if sample["__key__"] in keys:
-            images[sample["__key__"]] = image_member(sample, "train shards")
-    missing = keys - set(images)
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} source images are not in the train shards, e.g. {sorted(missing)[0]}")
-    return images
 
 
 EditFunction = Callable[[list[GenerationJob], list[Image.Image]], list]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.io import file_digest
 from pipeline.models import DualEncoder, tokenize
 from pipeline.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME
 
@@ -33,15 +35,8 @@ def model_folder(variant: str, models: str | Path = "models") -> Path:
 
 def model_fingerprint(folder: Path) -> str:
     """A digest of the saved model's files (their contents: a retrained model is another model)."""
-    digest = hashlib.sha256()
-    for name in _MODEL_FILES:
-        path = folder / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0")
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    present = [name for name in _MODEL_FILES if (folder / name).is_file()]
+    return hashlib.sha256(json.dumps([[name, file_digest(folder / name)] for name in present]).encode()).hexdigest()
 
 
 def load_model(folder: Path, variant: str, device: torch.device) -> DualEncoder:
