@@ -62,6 +62,38 @@ def test_repro_runs_every_stage_and_both_variants(project):
     assert stale_stages(project) == {}
 
 
+def test_a_second_repro_runs_nothing_and_an_edit_to_an_imported_file_reruns_its_stage(project):
+    again = dvc(project, "repro").stdout
+    ran = [line for line in again.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'externals':"], again  # the digests of external inputs, rewritten identically
+    assert stale_stages(project) == {}
+    # one imported file per stage (not its entry point, and another one for each stage where it can)
+    import yaml
+
+    from pipeline.imports import import_closure
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    names = [f"{name}@{key}" if "foreach" in body else name
+             for name, body in stages.items() for key in (body.get("foreach") and ["baseline", "pdg"] or [None])]
+    chosen: dict[str, Path] = {}
+    for name in names:
+        module = "stages." + name.split("@")[0]
+        files = sorted(p.as_posix() for p in import_closure(module, project))
+        files = [f for f in files if f.startswith("pipeline/") and f != "pipeline/__init__.py"]
+        unused = [f for f in files if f not in chosen.values()]
+        chosen[name] = (unused or files)[-1]
+    for name, relative in chosen.items():
+        path = project / relative
+        text = path.read_text()
+        path.write_text(text + "\n# an edit\n")
+        try:
+            status = stale_stages(project)
+        finally:
+            path.write_text(text)
+        assert name in status, (name, relative, status)
+    assert stale_stages(project) == {}
+
+
 def test_exp_run_with_more_samples_regenerates_and_metrics_diff_shows_it(project):
     _git(project, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     _git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny run")

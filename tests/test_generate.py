@@ -19,7 +19,6 @@ from pipeline.data.canonical import iter_shard_samples, manifest_path, read_mani
 from pipeline.pdg.generate import (
     alignable_with,
     generation_fingerprint,
-    load_source_images,
     make_editor,
     plan_generation,
     prepare_output,
@@ -28,6 +27,7 @@ from pipeline.pdg.generate import (
     wait_for_shards,
     weights_digest,
 )
+from pipeline.pdg.shards import load_source_images
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
 from tiny_project import make_tiny_project, stage_command
@@ -203,3 +203,40 @@ def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
     assert "UNet evaluations, about" in result.stderr and "limit it with pdg.source_count" in result.stderr
     assert (project / "reports" / "pdg" / "sample_sheet.png").stat().st_size > 5000
     assert (project / "data" / "pdg" / "raw" / "pdg-000000.tar").is_file()
+
+
+@pytest.mark.slow  # two generate stages in subprocesses
+def test_generate_killed_by_sigkill_reruns_to_the_uninterrupted_output(tmp_path, generator):
+    import signal
+
+    overrides = {"pdg": {"source_count": 8, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2,
+                         "sheet_samples": 3}}
+    projects = {}
+    for name in ("straight", "killed"):
+        project = projects[name] = make_tiny_project(tmp_path / name, overrides)
+        subprocess.run(stage_command("prepare"), cwd=project, check=True, capture_output=True)
+        (project / "models").mkdir()
+        shutil.copytree(generator, project / "models" / "generator")
+    straight = subprocess.run(stage_command("generate"), cwd=projects["straight"], capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = _digests(projects["straight"] / "data" / "pdg" / "raw")
+    assert len(expected) >= 3
+
+    raw = projects["killed"] / "data" / "pdg" / "raw"
+    process = subprocess.Popen(stage_command("generate"), cwd=projects["killed"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (raw / "pdg-000000.tar").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)  # after the first shard, before the last
+    assert process.wait() == -signal.SIGKILL
+    finished = _digests(raw)
+    assert 1 <= len(finished) < len(expected)
+    assert all(expected[name] == digest for name, digest in finished.items())  # never a half shard
+    rerun = subprocess.run(stage_command("generate"), cwd=projects["killed"], capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"({len(finished)} kept)" in rerun.stderr
+    assert _digests(raw) == expected
+    assert not list(raw.glob(".*.tmp-*"))
