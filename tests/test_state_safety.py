@@ -323,3 +323,25 @@ def test_a_state_that_does_not_fit_the_run_is_one_error_naming_the_file(prepared
     with pytest.raises(StateError, match=rf"^{state}/optimizer.json: does not fit this run \(.*parameter groups"):
         apply_training_state(read_training_state(state, trainer.accelerator), trainer.accelerator, trainer.model,
                              trainer.optimizer, trainer.scheduler)
+
+
+def test_index_killed_inside_its_swap_reruns_to_the_same_output(prepared, tmp_path):
+    from test_search import make_search_project
+    from tiny_project import REPO, stage_command
+
+    project = make_search_project(tmp_path / "project", prepared)  # index/baseline built once already
+    words = stage_command("index@baseline")[2:]
+    out = project / "index" / "baseline"
+
+    def run(die: bool) -> int:
+        env = {**_env(), "PYTHONPATH": str(REPO), **({"DIE_AT_STAGING": ".baseline.staging"} if die else {})}
+        return subprocess.run([sys.executable, "-c", STAGE_DRIVER, *words], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=300).returncode
+
+    assert run(die=False) == 0
+    first = _files(out)
+    assert run(die=True) == 137  # the old index renamed away, the new one not yet in
+    assert not out.exists() and old_path(out).is_dir() and staging_path(out).is_dir()
+    assert run(die=False) == 0
+    assert _files(out) == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["baseline"]
