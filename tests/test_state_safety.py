@@ -325,6 +325,7 @@ def test_a_state_that_does_not_fit_the_run_is_one_error_naming_the_file(prepared
                              trainer.optimizer, trainer.scheduler)
 
 
+@pytest.mark.slow  # three index stages in subprocesses
 def test_index_killed_inside_its_swap_reruns_to_the_same_output(prepared, tmp_path):
     from test_search import make_search_project
     from tiny_project import REPO, stage_command
