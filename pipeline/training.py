@@ -178,7 +178,7 @@ class Trainer:
             log.warning("%s: starting afresh", err)
             saved = None
         if saved is not None and saved.fingerprint == self.progress.fingerprint and saved.epoch >= self.cfg.epochs:
-            if not self.outputs.best.is_dir() and saved.best_epoch != saved.epoch:
+            if not self._holds_this_run(self.outputs.best, saved.best_epoch) and saved.best_epoch != saved.epoch:
                 log.info("saved state in %s is a finished run, but its best model (epoch %d) is gone: "
                          "starting afresh", state, saved.best_epoch)
                 self._clear_outputs()
@@ -213,6 +213,15 @@ class Trainer:
         if self.accelerator.is_main_process:
             action()
         self.accelerator.wait_for_everyone()
+
+    def _holds_this_run(self, directory: Path, epoch: int) -> bool:
+        """Whether `directory` holds this run's model of `epoch` (not one of an earlier configuration,
+        which a fresh run leaves in place until it replaces it)."""
+        try:
+            saved = json.loads((directory / "training.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return saved.get("fingerprint") == self.progress.fingerprint and saved.get("epoch") == epoch
 
     def _clear_outputs(self) -> None:
         self._on_main(self.outputs.clear_state)
@@ -376,11 +385,13 @@ class Trainer:
 
     def fit(self) -> Progress:
         """Train to the end (resuming this run's saved state) and return its progress; a finished run
-        is not trained again: its best/ and last/ stay, a missing one written from the state."""
+        is not trained again: its best/ and last/ stay, a missing one (or one of another run) written
+        from the state."""
         if self.resume_if_possible():
             self._read_timing()
         if self.finished:
-            missing = [d for d in (self.outputs.best, self.outputs.last) if not d.is_dir()]
+            missing = [d for d, epoch in ((self.outputs.best, self.progress.best_epoch),
+                                          (self.outputs.last, self.progress.epoch)) if not self._holds_this_run(d, epoch)]
             if missing:  # best/ only when the last epoch was the best (resume_if_possible)
                 load_model_weights(self.outputs.state_dir, self.accelerator, self.model)
                 for directory in missing:
@@ -394,6 +405,6 @@ class Trainer:
             self._validate(epoch, timing)
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.save_state()
-        if not self.outputs.last.is_dir():
+        if not self._holds_this_run(self.outputs.last, self.progress.epoch):
             self._save_model(self.outputs.last)
         return self.progress

@@ -346,3 +346,18 @@ def test_index_killed_inside_its_swap_reruns_to_the_same_output(prepared, tmp_pa
     assert run(die=False) == 0
     assert _files(out) == first
     assert sorted(p.name for p in out.parent.iterdir()) == ["baseline"]
+
+
+@pytest.mark.slow  # one more training
+def test_a_fresh_run_replaces_best_and_last_of_the_previous_configuration(prepared, straight, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    fingerprint = json.loads((straight / "last" / "training.json").read_text())["fingerprint"]
+    for path in (run / "state" / "progress.json", run / "best" / "training.json", run / "last" / "training.json"):
+        saved = json.loads(path.read_text())
+        path.write_text(json.dumps({**saved, "fingerprint": "another-configuration"}))
+    result = _trained(prepared, run)
+    assert "from another configuration: starting afresh" in result.stderr
+    for which in ("best", "last"):
+        assert json.loads((run / which / "training.json").read_text())["fingerprint"] == fingerprint, which
+    _assert_same_weights(run, straight)
