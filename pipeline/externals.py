@@ -3,15 +3,15 @@
 `data.root` (a real benchmark's annotation file and images), `model.vision_path` /
 `model.text_path`, `generator.pretrained`, `filter.scorer` and `caption.captioner` are strings
 in params.yaml: DVC tracks the string, not the folder behind it. The `externals` stage (always
-run, in well under a second when nothing changed) writes one JSON file per consuming stage,
+run: a few seconds, most of it importing the library, when nothing changed) writes one JSON file per consuming stage,
 `data/externals/<stage>.json`, with a sha256 over the contents of every file the input holds;
 each consumer depends on its file. An edited annotation file or a swapped checkpoint changes the
 digest, so DVC reruns what reads it; an unchanged one writes the same bytes, so nothing else
 reruns.
 
-A hub id is digested through the local Hugging Face cache at the pinned `hub.revision` (the
-snapshot folder that `from_pretrained` would load); a hub id not yet cached records only its id
-and revision. Contents are hashed once per file: a state file under `.dvc/tmp` remembers each
+A hub id must pin `hub.revision` to a commit: its files are then immutable, and the id with the
+commit is its digest (downloaded or not). An unreadable file is recorded as a problem line, on
+which the consuming stage stops. Contents are hashed once per file: a state file under `.dvc/tmp` remembers each
 file's (size, mtime, inode) and digest, as DVC itself does, so later runs only stat.
 """
 
@@ -23,7 +23,6 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline import hub
 from pipeline.config import Params
 from pipeline.io import file_digest, write_json_atomic
 from pipeline.profile import STAGE_INPUTS, check_inputs
@@ -63,12 +62,18 @@ class DigestState:
 def tree_digest(root: Path, state: DigestState) -> tuple[str, int]:
     """sha256 over (relative path, content sha256) of every file under `root`, links followed; and the file count."""
     lines = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    def unreadable(err: OSError) -> None:
+        raise err
+
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         dirs.sort()
         for name in sorted(files):
             path = Path(folder) / name
+            relative = path.relative_to(root).as_posix()
             if path.is_file():
-                lines.append(f"{path.relative_to(root).as_posix()}\0{state.digest(path)}")
+                lines.append(f"{relative}\0{state.digest(path)}")
+            elif path.is_symlink():  # a link to nothing: what it points at is part of the folder
+                lines.append(f"{relative}\0link to {os.readlink(path)}")
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(), len(lines)
 
 
@@ -79,15 +84,10 @@ def _folder_entry(path: Path, state: DigestState) -> dict:
     return {"sha256": digest, "files": count}
 
 
-def _hub_entry(hub_id: str, state: DigestState) -> dict:
-    entry = {"hub_id": hub_id, "revision": hub.access().revision}
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = snapshot_download(hub_id, revision=hub.access().revision or None, local_files_only=True)
-    except Exception:  # not in the local cache (yet): the pinned revision is what identifies it
-        return {**entry, "cached": False}
-    return {**entry, "cached": True, **_folder_entry(Path(snapshot), state)}
+def _hub_entry(hub_id: str, params: Params) -> dict:
+    """A hub id at a pinned commit (the check before any work requires one) names immutable files:
+    the id and the commit are the digest, whether or not the local cache holds them yet."""
+    return {"hub_id": hub_id, "revision": params.hub.revision}
 
 
 def input_entry(params: Params, key: str, state: DigestState) -> dict:
@@ -109,7 +109,14 @@ def input_entry(params: Params, key: str, state: DigestState) -> dict:
     path = Path(value).expanduser()
     if path.exists():
         return {"value": value, "reads": True, **_folder_entry(path, state)}
-    return {"value": value, "reads": True, **_hub_entry(value, state)}
+    return {"value": value, "reads": True, **_hub_entry(value, params)}
+
+
+def _entry_or_problem(params: Params, key: str, state: DigestState) -> dict:
+    try:
+        return input_entry(params, key, state)
+    except OSError as err:  # an unreadable file or folder under it: the consumer stops on this line
+        return {"problems": [f"params: '{key}': {err.filename or ''}: {err.strerror or err}"]}
 
 
 def stage_digests(params: Params, state: DigestState) -> dict[str, dict]:
@@ -122,7 +129,7 @@ def stage_digests(params: Params, state: DigestState) -> dict[str, dict]:
             problems[key] = found
     digests = {}
     for stage, keys in STAGE_INPUTS.items():
-        digests[stage] = {key: ({"problems": problems[key]} if key in problems else input_entry(params, key, state))
+        digests[stage] = {key: ({"problems": problems[key]} if key in problems else _entry_or_problem(params, key, state))
                           for key in keys}
     return digests
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from pipeline import hub
@@ -212,9 +213,10 @@ _KIND = {"model.vision_path": "transformers model", "model.text_path": "transfor
 
 
 def _check_hub_id(key: str, value: str, params: Params) -> str | None:
-    if not params.hub.revision:
-        return (f"params: '{key}' {value} is a hub id, but hub.revision is empty: pin the commit it loads "
-                f"(a branch moves, and DVC would not see the weights change)")
+    if not re.fullmatch(r"[0-9a-f]{40}", params.hub.revision):
+        given = f"is {params.hub.revision!r}, not a commit hash" if params.hub.revision else "is empty"
+        return (f"params: '{key}' {value} is a hub id, but hub.revision {given}: pin the commit it loads "
+                f"(40 hex digits; a branch or tag moves, and DVC would not see the weights change)")
     if params.hub.allow_network:
         return None
     from huggingface_hub import try_to_load_from_cache

@@ -140,5 +140,5 @@ def read_params_yaml(path: Path) -> Any:
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """PyYAML's several-line message as one line: where, and what it expected."""
     mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    problem = getattr(err, "problem", None) or " ".join(str(err).split()) or type(err).__name__
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem

@@ -119,8 +119,8 @@ CASES = [
     Case("params", "a generator folder without its UNet",
          lambda p: (_generator_without_unet(p), set_param("generator.pretrained", str(p.parent / "sd"))(p)), "generate",
          r"'generator\.pretrained' .*/sd: no unet/config\.json in it"),
-    Case("params", "a hub id without a pinned revision", set_param("filter.scorer", "openai/clip-vit-base-patch16"),
-         "filter", r"is a hub id, but hub\.revision is empty"),
+    Case("params", "a hub id without a pinned revision", set_param("caption.captioner", "Salesforce/blip-base"),
+         "caption", r"is a hub id, but hub\.revision is empty"),
     Case("params", "an unknown variant", lambda p: None, "train@baseline", r"no variant 'nobody'",
          extra=["--variant", "nobody"]),
     # the data under data.root (prepare, on the real CUHK-PEDES excerpt)
@@ -148,7 +148,7 @@ CASES = [
     Case("CLI", "search with k of 0", lambda p: None, "cli:search|a man|-k|0|--variant|baseline",
          r"k is 0: it must be at least 1"),
     Case("CLI", "search before the index is built", lambda p: None, "cli:search|a man|--variant|pdg",
-         r"models/pdg/best|index"),
+         r"no trained model in models/pdg/best: run `dvc repro train@pdg` first"),
 ]
 
 
@@ -177,13 +177,14 @@ def cuhk_mini_module() -> Path:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under root (links as their target), but DVC's own folder and caches."""
+    """sha256 of every file under root (links as their target), and every folder, but DVC's own
+    folder and Python's caches."""
     found = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root).as_posix()
-        if relative.startswith(".dvc/") or "__pycache__" in relative or not path.is_file():
+        if "/.dvc/" in f"/{relative}/" or "__pycache__" in relative:
             continue
-        found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+        found[relative] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
     return found
 
 

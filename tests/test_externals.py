@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import hub
-from pipeline.config import HubConfig, params_from_dict
+from pipeline.config import params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.externals import DigestState, stage_digests, write_stage_digests
 from tiny_project import dvc, make_tiny_project, stale_stages
@@ -72,29 +71,50 @@ def test_a_missing_folder_is_recorded_as_its_problem_line(tmp_path):
     assert entry == {"problems": [f"params: 'caption.captioner' {tmp_path / 'nowhere'}: no such folder"]}
 
 
-def test_a_hub_id_is_digested_from_the_local_cache_at_its_pinned_commit(tmp_path, monkeypatch):
+def test_a_hub_id_is_its_id_and_pinned_commit_and_a_branch_is_no_pin(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     cache = tmp_path / "hub"
     snapshot = cache / "models--org--captioner" / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    (cache / "models--org--captioner" / "refs").mkdir()
+    (cache / "models--org--captioner" / "refs" / "main").write_text(COMMIT)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    params = params_from_dict({"caption": {"captioner": "org/captioner"}, "hub": {"revision": COMMIT}})
-    hub.configure(params.hub)
-    try:
-        entry = stage_digests(params, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
-        assert entry["hub_id"] == "org/captioner" and entry["revision"] == COMMIT and entry["cached"]
-        assert entry["files"] == 1
-        (snapshot / "config.json").write_text(json.dumps({"model_type": "git"}))
-        changed = stage_digests(params, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
-        assert changed["sha256"] != entry["sha256"]
-        unpinned = params_from_dict({"caption": {"captioner": "org/captioner"}})
+    pinned = params_from_dict({"caption": {"captioner": "org/captioner"}, "hub": {"revision": COMMIT}})
+    entry = stage_digests(pinned, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
+    assert entry == {"value": "org/captioner", "reads": True, "hub_id": "org/captioner", "revision": COMMIT}
+    for revision, said in (("", "is empty"), ("main", "is 'main', not a commit hash")):
+        unpinned = params_from_dict({"caption": {"captioner": "org/captioner"}, "hub": {"revision": revision}})
         line = stage_digests(unpinned, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
-        assert "hub.revision is empty: pin the commit it loads" in line["problems"][0]
-    finally:
-        hub.configure(HubConfig())
+        assert line == {"problems": [f"params: 'caption.captioner' org/captioner is a hub id, but hub.revision {said}: "
+                                     "pin the commit it loads (40 hex digits; a branch or tag moves, and DVC would "
+                                     "not see the weights change)"]}
+
+
+def test_an_unreadable_file_under_data_root_is_a_problem_line_not_a_traceback(cuhk_copy, tmp_path, monkeypatch):
+    import pipeline.externals
+
+    crop = sorted((cuhk_copy / "imgs").rglob("*.png"))[0]
+    real = pipeline.externals.file_digest
+
+    def digest(path):  # what reading a file without read permission raises (the tests run as root)
+        if Path(path) == crop:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(pipeline.externals, "file_digest", digest)
+    entry = stage_digests(_cuhk(cuhk_copy), DigestState(tmp_path / "state.json"))["prepare"]["data.root"]
+    assert entry == {"problems": [f"params: 'data.root': {crop}: Permission denied"]}
+
+
+def test_a_broken_link_under_data_root_is_part_of_the_digest(cuhk_copy, tmp_path):
+    state = DigestState(tmp_path / "state.json")
+    before = stage_digests(_cuhk(cuhk_copy), state)["prepare"]["data.root"]
+    (cuhk_copy / "imgs" / "dangling.png").symlink_to(cuhk_copy / "nowhere.png")
+    after = stage_digests(_cuhk(cuhk_copy), state)["prepare"]["data.root"]
+    assert after["files"] == before["files"] + 1 and after["sha256"] != before["sha256"]
 
 
 def test_written_digests_are_byte_identical_when_nothing_changed(cuhk_copy, tmp_path):

@@ -33,6 +33,9 @@ def _profile(tmp_path, name, **folders):
                                    folders.get("captioner"))
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
 def test_embedded_profile_is_the_committed_params(tmp_path):
     params, code = _profile(tmp_path, "embedded")
     assert code == 0 and params.read_text() == PARAMS.read_text()
@@ -98,8 +101,8 @@ def test_a_hub_id_is_refused_offline_and_pinned_when_allowed(tmp_path, monkeypat
     unpinned = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}})
     assert check_inputs(unpinned, ("filter.scorer",)) == [
         "params: 'filter.scorer' openai/clip-vit-base-patch16 is a hub id, but hub.revision is empty: pin the "
-        "commit it loads (a branch moves, and DVC would not see the weights change)"]
-    params = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}, "hub": {"revision": "abc123"}})
+        "commit it loads (40 hex digits; a branch or tag moves, and DVC would not see the weights change)"]
+    params = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}, "hub": {"revision": COMMIT}})
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -107,11 +110,11 @@ def test_a_hub_id_is_refused_offline_and_pinned_when_allowed(tmp_path, monkeypat
         "params: 'filter.scorer' openai/clip-vit-base-patch16 is a hub id, hub.allow_network is false and it is not "
         "in the local cache: give a local folder, or set hub.allow_network: true"]
     allowed = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"},
-                                "hub": {"allow_network": True, "revision": "abc123"}})
+                                "hub": {"allow_network": True, "revision": COMMIT}})
     assert check_inputs(allowed, ("filter.scorer",)) == []
     try:
         hub.configure(allowed.hub)
-        assert hub.pretrained_kwargs("openai/clip-vit-base-patch16") == {"local_files_only": False, "revision": "abc123"}
+        assert hub.pretrained_kwargs("openai/clip-vit-base-patch16") == {"local_files_only": False, "revision": COMMIT}
         assert hub.pretrained_kwargs(tmp_path) == {"local_files_only": False}  # a folder has no revisions
     finally:
         hub.configure(HubConfig())
