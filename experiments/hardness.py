@@ -3,7 +3,7 @@ to retrieval, as DVC experiments on the baseline variant, chosen on the val spli
 
     python -m experiments.hardness queue --rows beta-0 beta-1 beta-2 beta-4 beta-8 tau-0.005 --seeds 0 1 2
     dvc exp run --run-all                                         # or: dvc queue start; dvc queue status
-    python -m experiments.hardness report --out docs/hardness_table.md --figures docs/figures
+    python -m experiments.hardness report --out docs/hardness_table.md --figure docs/figures/hardness.png
     dvc exp show                                                  # every row and seed, as DVC lists them
 
 A row's name says its loss: `beta-<b>` trains with `loss.beta = b` and the learned temperature
@@ -35,19 +35,23 @@ from pipeline.config import ConfigError, deep_merge, params_from_dict
 
 TARGET = "evaluate@baseline"
 DEFAULT_ROWS = ("beta-0", "beta-1", "beta-2", "beta-4", "beta-8", "tau-0.005")
-ROW = re.compile(r"^(?:beta-(?P<beta>\d+(?:\.\d+)?))?(?:-?tau-(?P<tau>\d+(?:\.\d+)?))?$")
+NUMBER = r"\d+(?:\.\d+)?"
+ROW = re.compile(rf"^(?:beta-(?P<beta>{NUMBER})(?:-tau-(?P<tau>{NUMBER}))?|tau-(?P<tau_only>{NUMBER}))$")
 
 
 def row_overrides(row: str) -> dict:
-    """The `-S` overrides a row name stands for (see the module docstring)."""
+    """The `-S` overrides a row name stands for (see the module docstring): every loss setting it
+    names is set, so a row means the same whatever the shipped defaults are (a learned
+    temperature starts at params.yaml's `model.init_temperature`)."""
     match = ROW.match(row)
-    if not row or not match or row.startswith("-"):
+    if not match:
         raise ValueError(f"row {row!r}: expected beta-<b>, tau-<t> or beta-<b>-tau-<t> (e.g. beta-2-tau-0.02)")
-    overrides: dict = {}
-    if match["beta"] is not None:
-        overrides["loss.beta"] = float(match["beta"])
-    if match["tau"] is not None:
-        overrides["model.init_temperature"] = float(match["tau"])
+    tau = match["tau"] or match["tau_only"]
+    overrides: dict = {"loss.beta": float(match["beta"] or 0.0)}
+    if tau is None:
+        overrides["model.learn_temperature"] = True
+    else:
+        overrides["model.init_temperature"] = float(tau)
         overrides["model.learn_temperature"] = False
     return overrides
 
@@ -116,17 +120,29 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summary(table: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+def summary(table: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float] | None]]:
+    """Per row and figure, (mean, std) over its seeds; None where no seed has the figure."""
     keys = (*VAL, *METRICS, "colour")
-    return {row: {k: _mean_std([r[k] for r in recs if r[k] is not None]) for k in keys} for row, recs in table.items()}
+    stats: dict = {}
+    for row, recs in table.items():
+        stats[row] = {}
+        for key in keys:
+            values = [r[key] for r in recs if r[key] is not None]
+            stats[row][key] = _mean_std(values) if values else None
+    return stats
 
 
-def choose(stats: dict[str, dict[str, tuple[float, float]]], default: str) -> tuple[str, str]:
-    """(the row to make the default, why): the best mean val R1 (then val mAP); it replaces the
-    default only if its mean val R1 beats the default's by more than the larger seed std of the two."""
-    best = max(stats, key=lambda row: (stats[row]["val_R1"][0], stats[row]["val_mAP"][0]))
-    if default not in stats or best == default:
-        return best, f"{best} has the best mean val R1 ({stats[best]['val_R1'][0]:.2f})"
+def choose(table: dict[str, list[dict]], stats: dict, default: str) -> tuple[str, str]:
+    """(the row to make the default, why): the best mean val R1 (then val mAP) among rows with the
+    default's seeds; it replaces the default only if its mean val R1 beats the default's by more
+    than the larger seed std of the two. Needs the default row at two seeds or more."""
+    seeds = {row: sorted(r["seed"] for r in recs) for row, recs in table.items()}
+    if default not in table or len(seeds[default]) < 2:
+        raise SystemExit(f"error: choosing needs the default row {default} at two seeds or more")
+    comparable = [row for row in table if seeds[row] == seeds[default]]
+    best = max(comparable, key=lambda row: (stats[row]["val_R1"][0], stats[row]["val_mAP"][0]))
+    if best == default:
+        return best, f"{best} has the best mean val R1 ({stats[best]['val_R1'][0]:.2f}) of the rows at seeds {seeds[default]}"
     (mine, my_std), (theirs, their_std) = stats[best]["val_R1"], stats[default]["val_R1"]
     spread = max(my_std, their_std)
     if mine - theirs > spread:
@@ -140,8 +156,8 @@ def markdown(table: dict[str, list[dict]], stats: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, recs in table.items():
         loss = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in row_overrides(row).items()) or "beta 0, learned tau"
-        cells = [f"{m:.2f} ± {s:.2f}" if len(recs) > 1 else f"{m:.2f}" for m, s in
-                 (stats[row][k] for k in (*VAL, *METRICS, "colour"))]
+        cells = ["-" if stats[row][k] is None else f"{stats[row][k][0]:.2f}" + (
+                 f" ± {stats[row][k][1]:.2f}" if len(recs) > 1 else "") for k in (*VAL, *METRICS, "colour")]
         seeds = ", ".join(str(r["seed"]) for r in recs)
         lines.append(f"| {row} | {loss} | {seeds} | " + " | ".join(cells) + f" | {sum(r['skipped'] for r in recs)} |")
     return "\n".join(lines) + "\n"
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if not table:
             raise SystemExit("error: no finished experiment of these rows (queue them, then `dvc exp run --run-all`)")
         stats = summary(table)
-        chosen, why = choose(stats, args.default)
+        chosen, why = choose(table, stats, args.default)
         text = markdown(table, stats) + f"\nChosen on val: **{chosen}**. {why}.\n"
         print(text, end="")
         if args.out:

@@ -21,7 +21,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -191,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             folders[row] = materialise(rev, Path(scratch) / row)
             model = DualEncoder.from_pretrained(folders[row]).eval()
             text_emb, image_emb = embed_retrieval_split(model, data, 256, torch.device("cpu"))
-            beta, temperature = overrides[row].get("loss.beta", 0.0), model.temperature().item()
+            beta, temperature = overrides[row]["loss.beta"], model.temperature().item()
             result["rows"][row] = {"beta": beta, "temperature": temperature,
                                    **batch_statistics(text_emb, image_emb, data, batches, beta, temperature)}
             if row == "beta-0":
@@ -199,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     str(b): batch_statistics(text_emb, image_emb, data, batches, b, temperature)
                     for b in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)}
             traces[row] = curves(rev)
-            result["rows"][row]["nonfinite_loss_steps"] = sum(not math.isfinite(v) for v in traces[row]["loss"])
+            # batches with a non-finite loss are skipped by the trainer and counted, not logged
+            result["rows"][row]["skipped_batches"] = found[name]["metrics"]["metrics/train_baseline.json"].get("skipped_batches", 0)
             print(f"{row}: {json.dumps({k: round(v, 3) for k, v in result['rows'][row].items()})}", flush=True)
         confusions_json = Path(scratch) / "confusions.json"
         subprocess.run([sys.executable, "benchmarks/bench_confusions.py", "--prepared", str(args.prepared),
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args.figures.mkdir(parents=True, exist_ok=True)
     if "beta_sweep_on_beta0_model" in result:
         plot_negatives(result, args.figures / "hardness_negatives.png")
+    else:
+        print("no beta-0 row: hardness_negatives.png (every beta on the beta-0 model) not drawn", file=sys.stderr)
     plot_curves(traces, args.figures / "hardness_curves.png")
     plot_confusions(result["confusions"], args.figures / "hardness_confusions.png")
     write_json_atomic(args.out, result)
