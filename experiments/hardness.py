@@ -179,9 +179,14 @@ def plot(table: dict[str, list[dict]], path: Path) -> None:
     save_figure(figure, path)
 
 
-def shown(rev: str | None) -> dict[str, dict]:
-    command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
-    return experiments(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+def shown(revs: list[str] | None) -> dict[str, dict]:
+    """The finished, named experiments of each commit in `revs` (default: HEAD's); a name found at
+    two commits keeps the later commit's in the list."""
+    found: dict[str, dict] = {}
+    for rev in revs or [None]:
+        command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
+        found.update(experiments(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS))
     report.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     report.add_argument("--default", default="beta-0", help="the row equal to the shipped params (default beta-0)")
-    report.add_argument("--rev", help="the commit the experiments were queued at (default: HEAD)")
+    report.add_argument("--rev", nargs="+", help="the commit(s) the experiments were queued at (default: HEAD)")
     report.add_argument("--out", type=Path, help="also write the table (and the choice) to this markdown file")
     report.add_argument("--figure", type=Path, help="and val/test R1 per row to this PNG")
     args = parser.parse_args(argv)

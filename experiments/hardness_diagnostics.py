@@ -145,7 +145,7 @@ def plot_curves(traces: dict[str, dict], path: Path) -> None:
     save_figure(figure, path)
 
 
-def plot_confusions(confusions: dict[str, dict], path: Path) -> None:
+def plot_confusions(confusions: dict[str, dict], random_pair: dict, path: Path) -> None:
     from pipeline.plots import plt, save_figure
 
     attributes = list(next(iter(confusions.values()))["attribute_differs_pct"])
@@ -155,10 +155,14 @@ def plot_confusions(confusions: dict[str, dict], path: Path) -> None:
         values = [result["attribute_differs_pct"][a] for a in attributes]
         axis.bar([x + index * width for x in range(len(attributes))], values, width,
                  label=f"{row} ({result['rank1_mistakes']} mistakes)")
+    for x, name in enumerate(attributes):
+        axis.plot([x - width / 2, x + 0.8 - width / 2], [random_pair["attribute_differs_pct"][name]] * 2, color="black",
+                  lw=1.5, label="another person at random" if x == 0 else None)
     axis.set_xticks([x + 0.4 - width / 2 for x in range(len(attributes))], attributes, rotation=30, ha="right")
+    axis.set_ylim(0, 125)
     axis.set_ylabel("% of rank-1 mistakes")
     axis.set_title("rank-1 mistakes whose top-ranked person differs in the attribute (test split)", fontsize=9)
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, ncol=4, loc="upper center")
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.hardness_diagnostics", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rev", help="the commit the experiments were queued at (default: HEAD)")
+    parser.add_argument("--rev", nargs="+", help="the commit(s) the experiments were queued at (default: HEAD)")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
@@ -204,15 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         confusions_json = Path(scratch) / "confusions.json"
         subprocess.run([sys.executable, "benchmarks/bench_confusions.py", "--prepared", str(args.prepared),
                         "--out", str(confusions_json), "--models", *map(str, folders.values())], check=True)
-        by_folder = json.loads(confusions_json.read_text())["models"]
-        result["confusions"] = {row: by_folder[str(folder)] for row, folder in folders.items()}
+        confusions = json.loads(confusions_json.read_text())
+        result["confusions"] = {row: confusions["models"][str(folder)] for row, folder in folders.items()}
+        result["confusions_random_other_person"] = confusions["random_other_person"]
     args.figures.mkdir(parents=True, exist_ok=True)
     if "beta_sweep_on_beta0_model" in result:
         plot_negatives(result, args.figures / "hardness_negatives.png")
     else:
         print("no beta-0 row: hardness_negatives.png (every beta on the beta-0 model) not drawn", file=sys.stderr)
     plot_curves(traces, args.figures / "hardness_curves.png")
-    plot_confusions(result["confusions"], args.figures / "hardness_confusions.png")
+    plot_confusions(result["confusions"], result["confusions_random_other_person"], args.figures / "hardness_confusions.png")
     write_json_atomic(args.out, result)
     print(f"wrote {args.out} and hardness_*.png under {args.figures}")
     return 0
