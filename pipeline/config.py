@@ -73,8 +73,8 @@ class ModelConfig:
     # clip-vit-b16 / vit-bert: local paths or hub ids of pretrained towers.
     vision_path: str = ""
     text_path: str = ""
-    init_temperature: float = field(default=0.07, metadata=bounded(1e-4, 1.0))
-    learn_temperature: bool = True
+    init_temperature: float = field(default=0.005, metadata=bounded(1e-4, 1.0))
+    learn_temperature: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ EMBEDDED = {
              "shard_size": 500, "permute_records": False},
     "synth": {"num_generator_ids": 0},
     "model": {"preset": "tiny", "embed_dim": 256, "max_text_length": 64, "vision_path": "", "text_path": "",
-              "init_temperature": 0.07, "learn_temperature": True},
+              "init_temperature": 0.005, "learn_temperature": False},
     "train": {"epochs": 10, "batch_size": 64, "lr": 0.0005, "head_lr": 0.0, "weight_decay": 0.05,
               "warmup_fraction": 0.2, "mixed_precision": "no", "num_workers": 1, "shuffle_buffer": 2000,
               "checkpoint_every": 100, "crop_padding": 4, "eval_batch_size": 256},

@@ -8,7 +8,7 @@ from experiments.hardness import choose, markdown, queue_command, records, row_o
 
 
 def test_a_row_name_sets_every_loss_setting_it_names():
-    assert row_overrides("beta-2") == {"loss.beta": 2.0, "model.learn_temperature": True}
+    assert row_overrides("beta-2") == {"loss.beta": 2.0, "model.init_temperature": 0.07, "model.learn_temperature": True}
     assert row_overrides("tau-0.005") == {"loss.beta": 0.0, "model.init_temperature": 0.005,
                                           "model.learn_temperature": False}
     assert row_overrides("beta-4-tau-0.02") == {"loss.beta": 4.0, "model.init_temperature": 0.02,
@@ -74,6 +74,6 @@ def test_rows_missing_a_seed_of_the_default_do_not_compete_and_the_default_must_
 def test_the_table_has_every_row_with_mean_and_std():
     table, stats = _table({"beta-0": [(34.0, 20.0), (36.0, 22.0)], "tau-0.005": [(30.0, 18.0)]})
     lines = markdown(table, stats).splitlines()
-    assert lines[2].startswith("| beta-0 | beta 0.0, learn_temperature True | 0, 1 | 35.00 ± 1.41 | 36.00 ± 1.41 | 21.00 ± 1.41")
+    assert lines[2].startswith("| beta-0 | beta 0.0, init_temperature 0.07, learn_temperature True | 0, 1 | 35.00 ± 1.41 | 36.00 ± 1.41 | 21.00 ± 1.41")
     assert lines[3].startswith("| tau-0.005 | beta 0.0, init_temperature 0.005, learn_temperature False | 0 | 30.00 |")
     assert lines[2].endswith("| 80.00 ± 0.00 | 0 |")

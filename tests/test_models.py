@@ -146,7 +146,7 @@ def test_embeddings_are_unit_vectors_of_embed_dim(setting, checkpoints):
 
 
 def test_temperature_is_positive_and_learnable(checkpoints):
-    model = build("tiny-bert", checkpoints, init_temperature=0.05)
+    model = build("tiny-bert", checkpoints, init_temperature=0.05, learn_temperature=True)
     assert model.temperature().item() == pytest.approx(0.05)
     image_emb, text_emb = model(**batch(model))
     (image_emb @ text_emb.T / model.temperature()).logsumexp(1).mean().backward()

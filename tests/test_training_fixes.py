@@ -205,7 +205,7 @@ def test_without_a_separate_head_rate_the_groups_are_as_before(head_lr):
 
 
 def test_head_lr_applies_to_new_projections_and_the_temperature():
-    model = _tiny_model()
+    model = _tiny_model(learn_temperature=True)
     cfg = TrainConfig(lr=1e-4, head_lr=5e-4, weight_decay=0.05, warmup_fraction=0.5)
     optimizer = build_optimizer(model, cfg)
     heads = [model.image_projection.weight, model.image_projection.bias, model.text_projection.weight,
@@ -237,7 +237,7 @@ def test_head_lr_applies_to_new_projections_and_the_temperature():
 def test_clip_keeps_its_projections_at_the_tower_rate(tmp_path):
     clip = save_tiny_clip(tmp_path / "clip")
     model = _tiny_model(preset="clip-vit-b16", vision_path=str(clip), text_path=str(clip), embed_dim=24,
-                        max_text_length=64)
+                        max_text_length=64, learn_temperature=True)  # as the real profile trains it
     groups = _groups(build_optimizer(model, TrainConfig(lr=1e-5, head_lr=5e-5)))
     assert [(len(ids), lr) for ids, lr, _ in groups][2:] == [(1, 5e-5)]
     assert groups[2][0] == [id(model.log_temperature)]  # the only head: CLIP's projections are pretrained
