@@ -64,7 +64,8 @@ def same_experiment(row: str) -> list[str]:
     return [other for other, (_, overrides, match) in ROWS.items() if (overrides, match) == ROWS[row][1:]]
 
 
-def _nested(overrides: dict) -> dict:
+def nested(overrides: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}: dotted `-S` overrides as a params tree."""
     tree: dict = {}
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
@@ -83,7 +84,7 @@ def row_overrides(row: str, seed: int, project: Path = Path(".")) -> dict:
     if match is not None:
         raw = yaml.safe_load((project / "params.yaml").read_text())
         try:
-            here, mine = params_from_dict(raw), params_from_dict(deep_merge(raw, _nested(overrides)))
+            here, mine = params_from_dict(raw), params_from_dict(deep_merge(raw, nested(overrides)))
             target_steps = here.train.epochs * _steps_per_epoch(here, match, project)
             overrides["train.epochs"] = round(target_steps / _steps_per_epoch(mine, variant, project))
         except ConfigError as error:

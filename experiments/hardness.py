@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.ablation import METRICS, experiments
+from experiments.ablation import METRICS, experiments, nested
 from pipeline.config import ConfigError, deep_merge, params_from_dict
 
 TARGET = "evaluate@baseline"
@@ -57,23 +57,12 @@ def row_overrides(row: str) -> dict:
     return overrides
 
 
-def _nested(overrides: dict) -> dict:
-    tree: dict = {}
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def check_row(row: str, project: Path = Path(".")) -> dict:
     """The row's overrides, validated against the project's params (one line on a bad value)."""
     try:
         overrides = row_overrides(row)
         raw = yaml.safe_load((project / "params.yaml").read_text())
-        params_from_dict(deep_merge(raw, _nested(overrides)))
+        params_from_dict(deep_merge(raw, nested(overrides)))
     except (ValueError, ConfigError) as error:
         raise SystemExit(f"error: {error}") from None
     return overrides
