@@ -3,16 +3,17 @@
 `data.root` (a real benchmark's annotation file and images), `model.vision_path` /
 `model.text_path`, `generator.pretrained`, `filter.scorer` and `caption.captioner` are strings
 in params.yaml: DVC tracks the string, not the folder behind it. The `externals` stage (always
-run: a few seconds, most of it importing the library, when nothing changed) writes one JSON file per consuming stage,
-`data/externals/<stage>.json`, with a sha256 over the contents of every file the input holds;
+run: a few seconds, most of it importing the library, when nothing changed) writes one JSON file
+per consuming stage, `data/externals/<stage>.json`, with a sha256 over the contents of every file
+the input holds;
 each consumer depends on its file. An edited annotation file or a swapped checkpoint changes the
 digest, so DVC reruns what reads it; an unchanged one writes the same bytes, so nothing else
 reruns.
 
 A hub id must pin `hub.revision` to a commit: its files are then immutable, and the id with the
 commit is its digest (downloaded or not). An unreadable file is recorded as a problem line, on
-which the consuming stage stops. Contents are hashed once per file: a state file under `.dvc/tmp` remembers each
-file's (size, mtime, inode) and digest, as DVC itself does, so later runs only stat.
+which the consuming stage stops. Contents are hashed once per file: a state file under `.dvc/tmp`
+remembers each file's (size, mtime, inode) and digest, as DVC itself does, so later runs only stat.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.io import file_digest, write_json_atomic
-from pipeline.profile import STAGE_INPUTS, check_inputs
+from pipeline.profile import ALL_INPUTS, STAGE_INPUTS, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,14 @@ class DigestState:
 
 
 def tree_digest(root: Path, state: DigestState) -> tuple[str, int]:
-    """sha256 over (relative path, content sha256) of every file under `root`, links followed; and the file count."""
-    lines = []
+    """sha256 over (relative path, content sha256) of every file under `root`, links followed, in
+    path order; and the file count."""
     def unreadable(err: OSError) -> None:
         raise err
 
-    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
-        dirs.sort()
-        for name in sorted(files):
+    lines = []
+    for folder, _, files in os.walk(root, followlinks=True, onerror=unreadable):
+        for name in files:
             path = Path(folder) / name
             relative = path.relative_to(root).as_posix()
             if path.is_file():
@@ -122,16 +123,11 @@ def _entry_or_problem(params: Params, key: str, state: DigestState) -> dict:
 def stage_digests(params: Params, state: DigestState) -> dict[str, dict]:
     """Per consuming stage, its external inputs' entries. An input with a problem (a missing folder)
     records the problem's line instead: the consuming stage stops on it with that line."""
-    problems = {}
-    for key in dict.fromkeys(k for keys in STAGE_INPUTS.values() for k in keys):
-        found = check_inputs(params, (key,))
-        if found:
-            problems[key] = found
-    digests = {}
-    for stage, keys in STAGE_INPUTS.items():
-        digests[stage] = {key: ({"problems": problems[key]} if key in problems else _entry_or_problem(params, key, state))
-                          for key in keys}
-    return digests
+    entries = {}
+    for key in ALL_INPUTS:  # once per key: generate and train_generator read the same folder
+        problems = check_inputs(params, (key,))
+        entries[key] = {"problems": problems} if problems else _entry_or_problem(params, key, state)
+    return {stage: {key: entries[key] for key in keys} for stage, keys in STAGE_INPUTS.items()}
 
 
 def write_stage_digests(params: Params, out: Path, state: DigestState | None = None) -> dict[str, dict]:
