@@ -175,7 +175,11 @@ def shown(revs: list[str] | None) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for rev in revs or [None]:
         command = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
-        found.update(experiments(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)))
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            said = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"error: `{' '.join(command)}` failed: {said}")
+        found.update(experiments(json.loads(result.stdout)))
     return found
 
 

@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [name for name in names.values() if name not in found]
     if missing:
         raise SystemExit(f"error: not in `dvc exp show`: {', '.join(missing)}")
-    data = load_retrieval_split(args.prepared, "train")
+    try:
+        data = load_retrieval_split(args.prepared, "train")
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err} (--prepared; run `dvc repro prepare`)") from None
     batches = training_batches(data, args.batch_size)
     result: dict = {"command": "python -m experiments.hardness_diagnostics " + " ".join(argv or sys.argv[1:]),
                     "batches": len(batches), "batch_size": args.batch_size, "rows": {}}
