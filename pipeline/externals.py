@@ -4,85 +4,80 @@
 `model.text_path`, `generator.pretrained`, `filter.scorer` and `caption.captioner` are strings
 in params.yaml: DVC tracks the string, not the folder behind it. The `externals` stage (always
 run: a few seconds, most of it importing the library, when nothing changed) writes one JSON file
-per consuming stage, `data/externals/<stage>.json`, with a sha256 over the contents of every file
-the input holds;
-each consumer depends on its file. An edited annotation file or a swapped checkpoint changes the
-digest, so DVC reruns what reads it; an unchanged one writes the same bytes, so nothing else
-reruns.
+per consuming stage, `data/externals/<stage>.json`, with a sha256 over the contents of what the
+input holds; each consumer depends on its file. An edited annotation file or a swapped checkpoint
+changes the digest, so DVC reruns what reads it; an unchanged one writes the same bytes, so nothing
+else reruns.
+
+A real benchmark's root is digested as its annotation file and the images that file names (what
+prepare can read), not as a walk of the whole tree: at 1.5 M images a walk, a stat and a path
+resolution per file on every `dvc repro` is what made the stage slow, and files the annotation file
+does not name cannot change what prepare makes. A named image that is missing is a line of the
+digest (prepare reports it, or skips its record under data.skip_bad_records); one that cannot be
+read is a problem line. A model folder holds few files: it is walked.
 
 A hub id must pin `hub.revision` to a commit: its files are then immutable, and the id with the
 commit is its digest (downloaded or not). An unreadable file is recorded as a problem line, on
-which the consuming stage stops. Contents are hashed once per file: a state file under `.dvc/tmp`
-remembers each file's (size, mtime, inode) and digest, as DVC itself does, so later runs only stat.
+which the consuming stage stops. Contents are hashed once per file, through the project's digest
+cache (pipeline/io.py, DigestCache): later runs only stat.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
+from stat import S_ISREG
 
 from pipeline.config import Params
-from pipeline.io import file_digest, write_json_atomic
+from pipeline.io import DigestCache, project_digest_cache, tree_digest, write_json_atomic
 from pipeline.profile import ALL_INPUTS, STAGE_INPUTS, check_inputs
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = Path(".dvc/tmp/externals-state.json")
+# Where the state of the stage lived before the project-wide digest cache: deleted when found (it
+# held a pretty-printed entry per file under data.root, 320 MB at 1.5 M files).
+LEGACY_STATE_FILE = Path(".dvc/tmp/externals-state.json")
 
 
-class DigestState:
-    """(size, mtime_ns, inode) -> sha256 per absolute file path, kept between runs."""
-
-    def __init__(self, path: Path = STATE_FILE):
-        self.path, self.hashed = path, 0
-        try:
-            self.known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
-
-    def digest(self, file: Path) -> str:
-        stat = file.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-        key = str(file.resolve())
-        entry = self.known.get(key)
-        if entry and entry.get("stamp") == stamp:
-            return entry["sha256"]
-        self.hashed += 1
-        digest = file_digest(file)
-        self.known[key] = {"stamp": stamp, "sha256": digest}
-        return digest
-
-    def save(self) -> None:
-        if self.path.parent.is_dir():
-            write_json_atomic(self.path, self.known)
-
-
-def tree_digest(root: Path, state: DigestState) -> tuple[str, int]:
-    """sha256 over (relative path, content sha256) of every file under `root`, links followed, in
-    path order; and the file count."""
-    def unreadable(err: OSError) -> None:
-        raise err
-
-    lines = []
-    for folder, _, files in os.walk(root, followlinks=True, onerror=unreadable):
-        for name in files:
-            path = Path(folder) / name
-            relative = path.relative_to(root).as_posix()
-            if path.is_file():
-                lines.append(f"{relative}\0{state.digest(path)}")
-            elif path.is_symlink():  # a link to nothing: what it points at is part of the folder
-                lines.append(f"{relative}\0link to {os.readlink(path)}")
-    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(), len(lines)
-
-
-def _folder_entry(path: Path, state: DigestState) -> dict:
+def _folder_entry(path: Path, cache: DigestCache) -> dict:
     if path.is_file():
-        return {"sha256": state.digest(path), "files": 1}
-    digest, count = tree_digest(path, state)
+        return {"sha256": cache.digest(path), "files": 1}
+    digest, count = tree_digest(path, cache)
     return {"sha256": digest, "files": count}
+
+
+def data_root_entry(source: str, root: Path, annotations: str | None, cache: DigestCache) -> dict:
+    """A real benchmark's annotation file and the images it names: sha256 over (path under the root,
+    content sha256 or `missing`) per distinct named image and the annotation file's own digest. An
+    annotation file that is not a JSON list names no image: prepare stops on it with its own line,
+    and fixing the file changes the digest."""
+    from pipeline.data.sources import LAYOUTS, UnusableInput, _annotation_file, named_images
+
+    annotation_file = _annotation_file(LAYOUTS[source], root, annotations)
+    annotation_digest = cache.digest(annotation_file)  # unreadable: OSError, a problem line
+    try:
+        images = sorted(set(named_images(source, root, annotation_file)[1]))
+    except UnusableInput:
+        images = []
+    lines, missing, base = [f"annotations\0{annotation_digest}"], 0, os.fspath(root)
+    for relative in images:
+        path = os.path.join(base, relative)
+        try:
+            stat = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):  # no such file, or a dangling link
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
+            lines.append(f"{relative}\0missing")
+            missing += 1
+        else:
+            lines.append(f"{relative}\0{cache.digest(path, stat)}")
+    entry = {"sha256": hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest(),
+             "files": 1 + len(images) - missing}
+    if missing:
+        entry["missing_images"] = missing
+    return {**entry, "annotations": {"path": str(annotation_file), "sha256": annotation_digest, "files": 1}}
 
 
 def _hub_entry(hub_id: str, params: Params) -> dict:
@@ -91,52 +86,50 @@ def _hub_entry(hub_id: str, params: Params) -> dict:
     return {"hub_id": hub_id, "revision": params.hub.revision}
 
 
-def input_entry(params: Params, key: str, state: DigestState) -> dict:
+def input_entry(params: Params, key: str, cache: DigestCache) -> dict:
     """What one params key names, and its digest; {"reads": false} where the profile does not read it."""
     section, name = key.split(".")
     value = getattr(getattr(params, section), name)
     if key == "data.root":
         if params.data.source == "synthpedes":
             return {"value": value, "reads": False}
-        from pipeline.data.sources import LAYOUTS, _annotation_file
-
-        annotations = _annotation_file(LAYOUTS[params.data.source], Path(value), params.data.annotations or None)
-        return {"value": value, "reads": True, **_folder_entry(Path(value), state),
-                "annotations": {"path": str(annotations), **_folder_entry(annotations, state)}}
+        return {"value": value, "reads": True,
+                **data_root_entry(params.data.source, Path(value), params.data.annotations or None, cache)}
     if not value or (key.startswith("model.") and params.model.preset == "tiny"):
         return {"value": value, "reads": False}
     if key == "filter.scorer" and value.startswith("models/"):
         return {"value": value, "reads": True, "tracked_by": "dvc.yaml (an output of this DAG)"}
     path = Path(value).expanduser()
     if path.exists():
-        return {"value": value, "reads": True, **_folder_entry(path, state)}
+        return {"value": value, "reads": True, **_folder_entry(path, cache)}
     return {"value": value, "reads": True, **_hub_entry(value, params)}
 
 
-def _entry_or_problem(params: Params, key: str, state: DigestState) -> dict:
+def _entry_or_problem(params: Params, key: str, cache: DigestCache) -> dict:
     try:
-        return input_entry(params, key, state)
+        return input_entry(params, key, cache)
     except OSError as err:  # an unreadable file or folder under it: the consumer stops on this line
         return {"problems": [f"params: '{key}': {err.filename or ''}: {err.strerror or err}"]}
 
 
-def stage_digests(params: Params, state: DigestState) -> dict[str, dict]:
+def stage_digests(params: Params, cache: DigestCache) -> dict[str, dict]:
     """Per consuming stage, its external inputs' entries. An input with a problem (a missing folder)
     records the problem's line instead: the consuming stage stops on it with that line."""
     entries = {}
     for key in ALL_INPUTS:  # once per key: generate and train_generator read the same folder
         problems = check_inputs(params, (key,))
-        entries[key] = {"problems": problems} if problems else _entry_or_problem(params, key, state)
+        entries[key] = {"problems": problems} if problems else _entry_or_problem(params, key, cache)
     return {stage: {key: entries[key] for key in keys} for stage, keys in STAGE_INPUTS.items()}
 
 
-def write_stage_digests(params: Params, out: Path, state: DigestState | None = None) -> dict[str, dict]:
-    state = state or DigestState()
-    digests = stage_digests(params, state)
+def write_stage_digests(params: Params, out: Path, cache: DigestCache | None = None) -> dict[str, dict]:
+    cache = cache or project_digest_cache()
+    digests = stage_digests(params, cache)
     out.mkdir(parents=True, exist_ok=True)
     for stage, entries in digests.items():
         write_json_atomic(out / f"{stage}.json", entries)
-    state.save()
+    cache.save()
+    LEGACY_STATE_FILE.unlink(missing_ok=True)
     log.info("external inputs of %d stages digested (%d file(s) hashed, the rest known by size and mtime)",
-             len(digests), state.hashed)
+             len(digests), cache.hashed)
     return digests

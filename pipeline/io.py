@@ -1,4 +1,5 @@
-"""Atomic writes: a killed stage never leaves a half-written file or directory under its final name."""
+"""Atomic writes: a killed stage never leaves a half-written file or directory under its final name;
+and content digests, read once per file and then known by its stat (DigestCache)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import logging
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from stat import S_ISREG
+from typing import Callable, Iterator
 
 
 def temp_path_for(path: str | Path) -> Path:
@@ -113,10 +116,146 @@ def file_digest(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def files_digest(paths) -> list[list[str]]:
+# -- the content-digest cache --------------------------------------------------------------------
+# Fingerprints and the `externals` stage digest contents, but reading every byte at every start costs
+# minutes at scale (150 GB of shards per rank). A DigestCache remembers each file's (size, mtime_ns,
+# inode) with its sha256, as DVC's own state does: an unchanged file costs one stat. Inside a DVC
+# project it lives in .dvc/tmp/digests/, in 256 buckets by folder, so that a stage loads and rewrites
+# only the buckets of the folders it reads (the shards' folder, not a million image entries).
+
+DIGEST_CACHE_DIR = Path(".dvc/tmp/digests")
+# A file modified this recently may change again within the same mtime tick (a few ms on ext4, 2 s on
+# FAT) without changing its stamp: its digest is not remembered until it is older (git's "racy" files).
+RACY_NS = 2_000_000_000
+
+
+class DigestCache:
+    """(size, mtime_ns, inode) -> sha256 per file, persisted in `folder` (None: this process only).
+
+    A bucket file that cannot be read or parsed counts as empty; a save re-reads each bucket it
+    changes, adds its own entries and replaces the file atomically, so concurrent writers (ranks,
+    `dvc exp run` jobs) never corrupt it and at worst drop each other's newest entries (rehashed later).
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = None if folder is None else Path(folder)
+        self.hashed = 0  # files read in full by this cache (tests and logs count them)
+        self._buckets: dict[str, dict] = {}  # bucket -> {absolute folder: {name: [size, mtime_ns, inode, sha256]}}
+        self._dirty: dict[str, dict] = {}  # what this process added, per bucket, since its last save
+        self._bucket_of: dict[str, str] = {}
+
+    def digest(self, path: str | Path, stat: os.stat_result | None = None) -> str:
+        """The sha256 of `path`'s contents; `stat` is its os.stat() if the caller has it already."""
+        started = time.time_ns()
+        folder, name = os.path.split(os.path.abspath(path))
+        stat = stat or os.stat(path)
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        bucket = self._bucket_of.get(folder) or self._bucket_of.setdefault(
+            folder, hashlib.sha256(folder.encode("utf-8", "surrogateescape")).hexdigest()[:2])
+        names = self._bucket(bucket).get(folder)
+        entry = names.get(name) if isinstance(names, dict) else None
+        if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp and isinstance(entry[3], str):
+            return entry[3]
+        digest = file_digest(path)
+        self.hashed += 1
+        if started - stat.st_mtime_ns >= RACY_NS:
+            entry = [*stamp, digest]
+            known = self._bucket(bucket)
+            if not isinstance(known.get(folder), dict):
+                known[folder] = {}
+            known[folder][name] = entry
+            self._dirty.setdefault(bucket, {}).setdefault(folder, {})[name] = entry
+        return digest
+
+    def _bucket(self, bucket: str) -> dict:
+        known = self._buckets.get(bucket)
+        if known is None:
+            known = self._buckets[bucket] = self._read(bucket)
+        return known
+
+    def _read(self, bucket: str) -> dict:
+        if self.folder is None:
+            return {}
+        try:
+            known = json.loads((self.folder / f"{bucket}.json").read_bytes())
+        except (OSError, ValueError):  # missing, unreadable, cut short or not JSON: start empty
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def save(self) -> None:
+        """Write the buckets this process added entries to (one line of JSON each, atomically); folders
+        that no longer exist are dropped from them. A cache that cannot be written is only a warning."""
+        if self.folder is None or not self._dirty:
+            self._dirty.clear()
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for bucket, added in self._dirty.items():
+                merged = {folder: names for folder, names in self._read(bucket).items()  # others' saves too
+                          if isinstance(names, dict) and os.path.isdir(folder)}
+                for folder, names in added.items():
+                    merged[folder] = {**merged.get(folder, {}), **names}
+                payload = json.dumps(merged, separators=(",", ":"))  # ASCII: any file name round-trips
+                write_bytes_atomic(self.folder / f"{bucket}.json", payload.encode())
+                self._buckets[bucket] = merged
+        except OSError as err:
+            logging.getLogger(__name__).warning("digest cache %s not saved (%s): the next run hashes again",
+                                                self.folder, err.strerror or err)
+        self._dirty.clear()
+
+
+_PROJECT_CACHES: dict[str | None, DigestCache] = {}
+
+
+def project_digest_cache() -> DigestCache:
+    """The digest cache of the DVC project in the working directory (.dvc/tmp/digests/, shared by
+    every stage, rank and run of the checkout), or outside a DVC project one in this process's memory.
+    One instance per process, so that repeated digests in one process do not reload the buckets."""
+    folder = os.path.abspath(DIGEST_CACHE_DIR) if DIGEST_CACHE_DIR.parent.is_dir() else None
+    if folder not in _PROJECT_CACHES:
+        _PROJECT_CACHES[folder] = DigestCache(folder)
+    return _PROJECT_CACHES[folder]
+
+
+def files_digest(paths, cache: DigestCache | None = None) -> list[list[str]]:
     """[folder name, file name, sha256 of its contents] per file, in the given order: what a
-    fingerprint records of its data inputs."""
-    return [[Path(f).parent.name, Path(f).name, file_digest(f)] for f in paths]
+    fingerprint records of its data inputs. Through the project's digest cache: an unchanged file
+    is stat'ed, not read."""
+    cache = cache or project_digest_cache()
+    rows = [[Path(f).parent.name, Path(f).name, cache.digest(f)] for f in paths]
+    cache.save()
+    return rows
+
+
+def tree_digest(root: str | Path, cache: DigestCache | None = None,
+                keep: Callable[[str], bool] | None = None) -> tuple[str, int]:
+    """sha256 over (relative path, content sha256) of every regular file under `root` whose name
+    `keep(name)` accepts (all by default), links followed, in path order; and the file count. A link
+    to nothing counts as its target's name: what it points at is part of the folder."""
+    cache = cache or project_digest_cache()
+    root = os.fspath(root)
+
+    def unreadable(err: OSError) -> None:
+        raise err
+
+    lines = []
+    for folder, _, files in os.walk(root, followlinks=True, onerror=unreadable):
+        prefix = Path(os.path.relpath(folder, root)).as_posix()
+        for name in files:
+            if keep is not None and not keep(name):
+                continue
+            path, relative = os.path.join(folder, name), name if prefix == "." else f"{prefix}/{name}"
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                if not os.path.islink(path):
+                    raise
+                lines.append(f"{relative}\0link to {os.readlink(path)}")
+                continue
+            if S_ISREG(stat.st_mode):
+                lines.append(f"{relative}\0{cache.digest(path, stat)}")
+    cache.save()
+    return hashlib.sha256("\n".join(sorted(lines)).encode("utf-8", "surrogateescape")).hexdigest(), len(lines)
 
 
 class BrokenArtifact(Exception):

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
-from pipeline.externals import DigestState, stage_digests, write_stage_digests
+from pipeline.externals import LEGACY_STATE_FILE, stage_digests, write_stage_digests
+from pipeline.io import DigestCache
 from tiny_project import dvc, make_tiny_project, stale_stages
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -21,18 +22,18 @@ def _cuhk(root: Path):
 
 
 def test_annotation_and_image_edits_change_the_prepare_digest_and_nothing_else(cuhk_copy, tmp_path):
-    state = DigestState(tmp_path / "state.json")
-    first = stage_digests(_cuhk(cuhk_copy), state)
+    cache = DigestCache(tmp_path / "digests")
+    first = stage_digests(_cuhk(cuhk_copy), cache)
     entry = first["prepare"]["data.root"]
     assert entry["reads"] and entry["files"] == 33  # 32 crops and reid_raw.json
     assert entry["annotations"]["path"].endswith("reid_raw.json") and len(entry["annotations"]["sha256"]) == 64
     assert first["train"] == {"model.vision_path": {"value": "", "reads": False},
                               "model.text_path": {"value": "", "reads": False}}
     assert first["filter"]["filter.scorer"]["tracked_by"].startswith("dvc.yaml")
-    assert state.hashed == 33
-    state.save()
+    assert cache.hashed == 33
+    cache.save()
 
-    again = DigestState(tmp_path / "state.json")
+    again = DigestCache(tmp_path / "digests")  # a later run: reads the saved cache
     assert stage_digests(_cuhk(cuhk_copy), again) == first and again.hashed == 0  # known by size and mtime
 
     annotations = cuhk_copy / "reid_raw.json"
@@ -57,17 +58,17 @@ def test_a_swapped_checkpoint_changes_its_consumers_digest(tmp_path):
     (captioner / "config.json").write_text(json.dumps({"model_type": "blip"}))
     (captioner / "model.safetensors").write_bytes(b"\x00" * 1000)
     params = params_from_dict({"caption": {"captioner": str(captioner)}})
-    state = DigestState(tmp_path / "state.json")
-    before = stage_digests(params, state)["caption"]["caption.captioner"]
+    cache = DigestCache(tmp_path / "digests")
+    before = stage_digests(params, cache)["caption"]["caption.captioner"]
     assert before["reads"] and before["files"] == 2
     (captioner / "model.safetensors").write_bytes(b"\x01" * 1000)  # same size: the weights were swapped
-    after = stage_digests(params, state)["caption"]["caption.captioner"]
+    after = stage_digests(params, cache)["caption"]["caption.captioner"]
     assert after["sha256"] != before["sha256"]
 
 
 def test_a_missing_folder_is_recorded_as_its_problem_line(tmp_path):
     params = params_from_dict({"caption": {"captioner": str(tmp_path / "nowhere")}})
-    entry = stage_digests(params, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
+    entry = stage_digests(params, DigestCache(tmp_path / "digests"))["caption"]["caption.captioner"]
     assert entry == {"problems": [f"params: 'caption.captioner' {tmp_path / 'nowhere'}: no such folder"]}
 
 
@@ -83,49 +84,69 @@ def test_a_hub_id_is_its_id_and_pinned_commit_and_a_branch_is_no_pin(tmp_path, m
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     pinned = params_from_dict({"caption": {"captioner": "org/captioner"}, "hub": {"revision": COMMIT}})
-    entry = stage_digests(pinned, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
+    entry = stage_digests(pinned, DigestCache(tmp_path / "digests"))["caption"]["caption.captioner"]
     assert entry == {"value": "org/captioner", "reads": True, "hub_id": "org/captioner", "revision": COMMIT}
     for revision, said in (("", "is empty"), ("main", "is 'main', not a commit hash")):
         unpinned = params_from_dict({"caption": {"captioner": "org/captioner"}, "hub": {"revision": revision}})
-        line = stage_digests(unpinned, DigestState(tmp_path / "state.json"))["caption"]["caption.captioner"]
+        line = stage_digests(unpinned, DigestCache(tmp_path / "digests"))["caption"]["caption.captioner"]
         assert line == {"problems": [f"params: 'caption.captioner' org/captioner is a hub id, but hub.revision {said}: "
                                      "pin the commit it loads (40 hex digits; a branch or tag moves, and DVC would "
                                      "not see the weights change)"]}
 
 
 def test_an_unreadable_file_under_data_root_is_a_problem_line_not_a_traceback(cuhk_copy, tmp_path, monkeypatch):
-    import pipeline.externals
+    import pipeline.io
 
     crop = sorted((cuhk_copy / "imgs").rglob("*.png"))[0]
-    real = pipeline.externals.file_digest
+    real = pipeline.io.file_digest
 
     def digest(path):  # what reading a file without read permission raises (the tests run as root)
         if Path(path) == crop:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(pipeline.externals, "file_digest", digest)
-    entry = stage_digests(_cuhk(cuhk_copy), DigestState(tmp_path / "state.json"))["prepare"]["data.root"]
+    monkeypatch.setattr(pipeline.io, "file_digest", digest)
+    entry = stage_digests(_cuhk(cuhk_copy), DigestCache(tmp_path / "digests"))["prepare"]["data.root"]
     assert entry == {"problems": [f"params: 'data.root': {crop}: Permission denied"]}
 
 
-def test_a_broken_link_under_data_root_is_part_of_the_digest(cuhk_copy, tmp_path):
-    state = DigestState(tmp_path / "state.json")
-    before = stage_digests(_cuhk(cuhk_copy), state)["prepare"]["data.root"]
+def test_only_the_images_the_annotation_file_names_are_digested(cuhk_copy, tmp_path):
+    cache = DigestCache(tmp_path / "digests")
+    before = stage_digests(_cuhk(cuhk_copy), cache)["prepare"]["data.root"]
+    (cuhk_copy / "imgs" / "CUHK01" / "unnamed.png").write_bytes(b"not in reid_raw.json")
     (cuhk_copy / "imgs" / "dangling.png").symlink_to(cuhk_copy / "nowhere.png")
-    after = stage_digests(_cuhk(cuhk_copy), state)["prepare"]["data.root"]
-    assert after["files"] == before["files"] + 1 and after["sha256"] != before["sha256"]
+    (cuhk_copy / "notes.txt").write_text("a file prepare never reads")
+    assert stage_digests(_cuhk(cuhk_copy), cache)["prepare"]["data.root"] == before
+    assert cache.hashed == 33  # the 32 named crops and the annotation file, once
+
+    named = json.loads((cuhk_copy / "reid_raw.json").read_text())[0]["file_path"]
+    crop = cuhk_copy / "imgs" / named
+    crop.unlink()
+    crop.symlink_to(cuhk_copy / "nowhere.png")  # a named image that is a link to nothing: missing
+    missing = stage_digests(_cuhk(cuhk_copy), cache)["prepare"]["data.root"]
+    assert "problems" not in missing  # prepare reports it (or skips its record): not this stage's to stop on
+    assert missing["sha256"] != before["sha256"]
+    assert (missing["files"], missing["missing_images"]) == (32, 1)
 
 
-def test_written_digests_are_byte_identical_when_nothing_changed(cuhk_copy, tmp_path):
+def test_written_digests_are_byte_identical_when_nothing_changed(cuhk_copy, tmp_path, monkeypatch):
     out = tmp_path / "externals"
-    state = DigestState(tmp_path / "state.json")
-    write_stage_digests(_cuhk(cuhk_copy), out, state)
+    cache = DigestCache(tmp_path / "digests")
+    write_stage_digests(_cuhk(cuhk_copy), out, cache)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(first) == {"prepare.json", "train.json", "train_generator.json", "generate.json", "filter.json",
                           "caption.json"}
-    write_stage_digests(_cuhk(cuhk_copy), out, DigestState(tmp_path / "state.json"))
+    buckets = sorted((tmp_path / "digests").glob("*.json"))
+    assert 1 <= len(buckets) <= 2  # the crops' folder and the root's (reid_raw.json): one bucket each
+    assert all(b"\n" not in bucket.read_bytes() for bucket in buckets)  # one line of JSON, no indent
+    assert sum(bucket.stat().st_size for bucket in buckets) < 33 * 150  # under 150 bytes per file
+
+    monkeypatch.chdir(tmp_path)  # a DVC project whose .dvc/tmp still holds the old stage's state
+    LEGACY_STATE_FILE.parent.mkdir(parents=True)
+    LEGACY_STATE_FILE.write_text("{}")
+    write_stage_digests(_cuhk(cuhk_copy), out)  # the project's cache, .dvc/tmp/digests
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert not LEGACY_STATE_FILE.exists() and any((tmp_path / ".dvc" / "tmp" / "digests").glob("*.json"))
 
 
 @pytest.mark.slow

@@ -167,7 +167,7 @@ def _parse_record(
     problems = [problem(kind, message) for kind, message in _field_errors(entry, layout)]
     if problems:
         return None, problems
-    file_path = f"{IMAGE_DIR}/{posixpath.normpath(entry[layout.image_field])}"  # CUHK01/./x.png is CUHK01/x.png
+    file_path = record_image_path(entry[layout.image_field])
     record = RawRecord(
         split=entry["split"],
         captions=list(entry["captions"]),
@@ -206,6 +206,27 @@ def _field_errors(entry: dict, layout: SourceLayout) -> list[tuple[str, str]]:
     if layout.has_attributes and not isinstance(entry["attributes"], dict):
         errors.append(("wrong-type", f"'attributes' must be an object, got {_describe(entry['attributes'])}"))
     return errors
+
+
+def record_image_path(image_path: str) -> str:
+    """Where under the data root prepare reads a record's image: `imgs/` and the normalised path as the
+    annotation file spells it (CUHK01/./x.png is imgs/CUHK01/x.png)."""
+    return f"{IMAGE_DIR}/{posixpath.normpath(image_path)}"
+
+
+def named_images(fmt: str, root: str | Path, annotations: str | Path | None = None) -> tuple[Path, list[str]]:
+    """A source's annotation file and the image paths (relative to `root`, as `record_image_path`
+    gives them) of every record that names one inside the root, in file order, without checking the
+    records further: a superset of the images prepare reads, which is what the `externals` stage
+    digests instead of walking every file under the root. Raises UnusableInput as `read_source` does."""
+    layout = LAYOUTS[fmt]
+    annotation_file = _annotation_file(layout, Path(root), annotations)
+    named = []
+    for entry in _read_json_list(annotation_file):
+        image = entry.get(layout.image_field) if isinstance(entry, dict) else None
+        if isinstance(image, str) and image.strip() and not escapes_root(image):
+            named.append(record_image_path(image))
+    return annotation_file, named
 
 
 def escapes_root(image_path: str) -> bool:

@@ -135,26 +135,18 @@ def generation_fingerprint(cfg: PdgConfig, generator: str, data_files: Sequence[
 
 
 def weights_digest(generator: str) -> str:
-    """sha256 over a local model folder's weight files' stats (relative path, size, mtime_ns) and
-    its JSON configs' contents; a hub id stands for itself.
+    """sha256 over a local model folder's weight files and JSON configs (relative path and content
+    sha256 of each); a hub id stands for itself.
 
-    File stats, not contents: a real checkpoint holds gigabytes of weights, and reading them on
-    every rank at every start costs minutes. Rewriting a weight file changes its mtime, so retraining
-    is detected; a copy that keeps mtimes (shutil.copytree, cp -p) keeps the digest, and one that
-    does not (plain cp, some checkouts) changes it, which starts the generation afresh.
+    Contents, not stats: a checkpoint copied without its mtimes (plain cp, some checkouts) is the same
+    generator and keeps the finished shards of days of generation. Each file is read once, through
+    the project's digest cache (pipeline/io.py): later starts on every rank only stat it.
     """
-    folder = Path(generator)
-    if not folder.is_dir():
+    from pipeline.io import tree_digest
+
+    if not Path(generator).is_dir():
         return generator
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if path.name.endswith(WEIGHT_SUFFIXES):
-            stat = path.stat()
-            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        elif path.suffix == ".json":
-            digest.update(f"{relative}\0".encode() + path.read_bytes() + b"\n")
-    return digest.hexdigest()
+    return tree_digest(generator, keep=lambda name: name.endswith((*WEIGHT_SUFFIXES, ".json")))[0]
 
 
 def prepare_output(out_dir: Path, fingerprint: dict, is_main: bool) -> None:
