@@ -49,8 +49,9 @@ def _folder_entry(path: Path, cache: DigestCache) -> dict:
 
 
 def data_root_entry(source: str, root: Path, annotations: str | None, cache: DigestCache) -> dict:
-    """A real benchmark's annotation file and the images it names: sha256 over (path under the root,
-    content sha256 or `missing`) per distinct named image and the annotation file's own digest. An
+    """A real benchmark's annotation file and the images it names: sha256 over the annotation file's
+    digest and (path under the root, content sha256 or `missing`) per distinct named image, in the
+    annotation file's order (a reordered file is another file: its own digest changes anyway). An
     annotation file that is not a JSON list names no image: prepare stops on it with its own line,
     and fixing the file changes the digest."""
     from pipeline.data.sources import LAYOUTS, UnusableInput, _annotation_file, named_images
@@ -58,21 +59,22 @@ def data_root_entry(source: str, root: Path, annotations: str | None, cache: Dig
     annotation_file = _annotation_file(LAYOUTS[source], root, annotations)
     annotation_digest = cache.digest(annotation_file)  # unreadable: OSError, a problem line
     try:
-        images = sorted(set(named_images(source, root, annotation_file)[1]))
+        images = list(dict.fromkeys(named_images(source, root, annotation_file)[1]))  # in file order, once
     except UnusableInput:
         images = []
-    lines, missing, base = [f"annotations\0{annotation_digest}"], 0, os.fspath(root)
-    for relative in images:
-        path = os.path.join(base, relative)
+    lines, missing, base, folders = [f"annotations\0{annotation_digest}"], 0, os.path.abspath(root).rstrip("/"), {}
+    for relative in images:  # normalised by named_images: base/relative is an absolute, normal path
+        parent, _, name = relative.rpartition("/")
+        folder = folders.get(parent) or folders.setdefault(parent, f"{base}/{parent}")
         try:
-            stat = os.stat(path)
+            stat = os.stat(f"{folder}/{name}")
         except (FileNotFoundError, NotADirectoryError):  # no such file, or a dangling link
             stat = None
         if stat is None or not S_ISREG(stat.st_mode):
             lines.append(f"{relative}\0missing")
             missing += 1
         else:
-            lines.append(f"{relative}\0{cache.digest(path, stat)}")
+            lines.append(f"{relative}\0{cache.digest_in(folder, name, stat)}")
     entry = {"sha256": hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest(),
              "files": 1 + len(images) - missing}
     if missing:
