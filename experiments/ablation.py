@@ -28,6 +28,7 @@ import yaml
 
 from pipeline.config import ConfigError, Params, deep_merge, params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
+from pipeline.data.loader import count_pairs
 from pipeline.training import steps_per_epoch
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -96,7 +97,7 @@ def _steps_per_epoch(params: Params, variant: str, project: Path) -> int:
     manifest = manifest_path(project / params.variant(variant).data, "train")
     if not manifest.is_file():
         raise SystemExit(f"{manifest} is missing: run `dvc repro` first (step-matched rows count its pairs)")
-    return steps_per_epoch(read_manifest(manifest), params.train.batch_size)
+    return steps_per_epoch(count_pairs(read_manifest(manifest)), params.train.batch_size)
 
 
 def queue_command(row: str, seed: int, project: Path = Path(".")) -> list[str]:

@@ -36,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--captioner", help="an image-to-text model folder (e.g. BLIP base), optional")
     profile.add_argument("--params", default="params.yaml", help="the params file to write (default: params.yaml)")
     profile.add_argument("--no-check", action="store_true", help="write even if a folder is missing or unreadable")
+    profile.add_argument("--gpus", type=int, default=1,
+                         help="GPUs of a node that train and generate use (above 1: accelerate launch --multi_gpu)")
     profile.set_defaults(run=lambda a: profile_command(a.name, a.params, a.data_root, a.clip, a.sd, a.captioner,
-                                                       check=not a.no_check))
+                                                       check=not a.no_check, gpus=a.gpus))
 
     add_search_commands(commands)  # search, serve
     return parser

@@ -93,6 +93,17 @@ class LossConfig:
     identity_positives: bool = True  # every in-batch pair with the same person id is a positive
 
 
+def check_launcher(launcher: str) -> None:
+    """A launcher is `python`, `torchrun [options]` or `accelerate launch [options]`; dvc.yaml puts
+    `-m stages.<stage> ...` after it, so it names no module or script itself."""
+    words = launcher.split()
+    if words == ["python"] or words[:1] == ["torchrun"] or words[:2] == ["accelerate", "launch"]:
+        if not any(w in ("-m", "--module") or w.endswith(".py") for w in words):
+            return
+        raise FieldError("launcher", f"names a module or script, but dvc.yaml adds `-m stages...` itself: {launcher!r}")
+    raise FieldError("launcher", f"must be python, or start with torchrun or accelerate launch, got {launcher!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=10, metadata=bounded(1, 10000))
@@ -108,7 +119,6 @@ class TrainConfig:
     # `dvc exp run -S` rewrites params.yaml without quotes, and YAML reads a bare `no` as false
     mixed_precision: str = field(default="no", metadata={"choices": ("no", "bf16", "fp16", "auto"), "false_means": "no"})
     num_workers: int = field(default=1, metadata=bounded(0, 64))  # loader workers per process
-    shuffle_buffer: int = field(default=2000, metadata=bounded(1))
     checkpoint_every: int = field(default=100, metadata=bounded(1))  # steps between saved states
     nonfinite_loss: str = field(default="stop", metadata={"choices": ("stop", "skip")})
     flip_prob: float = field(default=0.5, metadata=bounded(0.0, 1.0))
@@ -116,6 +126,12 @@ class TrainConfig:
     erase_prob: float = field(default=0.5, metadata=bounded(0.0, 1.0))
     eval_batch_size: int = field(default=256, metadata=bounded(1))
     seed: int = field(default=0, metadata=bounded(0))
+    # what starts the stage: python (one process) or a launcher of one process per GPU (dvc.yaml adds
+    # `-m stages.train ...`); how a run is executed, so never part of its fingerprint
+    launcher: str = "python"
+
+    def __post_init__(self):
+        check_launcher(self.launcher)
 
 
 @dataclass(frozen=True)
@@ -186,8 +202,10 @@ class PdgConfig:
     shard_size: int = field(default=64, metadata=bounded(1))
     sheet_samples: int = field(default=12, metadata=bounded(0, 200))
     seed: int = field(default=0, metadata=bounded(0))
+    launcher: str = "python"  # as train.launcher: python, or one process per GPU (each writes its own shards)
 
     def __post_init__(self):
+        check_launcher(self.launcher)
         if self.method == "img2img" and round(self.strength * self.num_steps) < 1:
             raise FieldError("strength", f"{self.strength} leaves none of the {self.num_steps} steps (pdg.num_steps) "
                              "to run: raise it, or raise pdg.num_steps")

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import Params
+from pipeline.distributed import accelerator_for
 from pipeline.models import DualEncoder
 
 
@@ -75,4 +76,4 @@ def resolve_mixed_precision(choice: str, cpu: bool = False) -> str:
 
 def make_accelerator(params: Params, cpu: bool = False) -> Accelerator:
     cpu = cpu or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(params.train.mixed_precision, cpu))
+    return accelerator_for(cpu, resolve_mixed_precision(params.train.mixed_precision, cpu))

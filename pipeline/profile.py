@@ -31,19 +31,26 @@ EMBEDDED = {
     "model": {"preset": "tiny", "embed_dim": 256, "max_text_length": 64, "vision_path": "", "text_path": "",
               "init_temperature": 0.005, "learn_temperature": False},
     "train": {"epochs": 10, "batch_size": 64, "lr": 0.0005, "head_lr": 0.0, "weight_decay": 0.05,
-              "warmup_fraction": 0.2, "mixed_precision": "no", "num_workers": 1, "shuffle_buffer": 2000,
+              "warmup_fraction": 0.2, "mixed_precision": "no", "num_workers": 1, "launcher": "python",
               "checkpoint_every": 100, "crop_padding": 4, "eval_batch_size": 256},
     "generator": {"pretrained": ""},
     "pdg": {"source_count": 200, "source_fraction": 1.0, "num_steps": 20, "guidance": 4.0, "canvas_height": 0,
             "canvas_width": 0, "precision": "auto", "inversion": "ddim", "null_text_steps": 0, "batch_size": 16,
-            "shard_size": 64},
+            "shard_size": 64, "launcher": "python"},
     "filter": {"scorer": "models/baseline", "margin": 0.02, "min_similarity": 0.1, "duplicate_similarity": 0.995},
     "caption": {"captioner": ""},
 }
 
 
-def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str = "", embed_dim: int = 512) -> dict:
-    """The keys of a real profile. Why each value: docs/real-profile.md."""
+def launcher_for(gpus: int) -> str:
+    """train.launcher and pdg.launcher for `gpus` processes on this node (one per GPU)."""
+    return "python" if gpus <= 1 else f"accelerate launch --multi_gpu --num_processes {gpus}"
+
+
+def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str = "", embed_dim: int = 512,
+                gpus: int = 1) -> dict:
+    """The keys of a real profile, for `gpus` GPUs on a node. Why each value: docs/real-profile.md."""
+    launcher = launcher_for(gpus)
     return {
         "data": {"source": source, "root": data_root, "annotations": "", "image_height": 384, "image_width": 128,
                  "shard_size": 1000, "permute_records": True},
@@ -53,14 +60,14 @@ def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str 
                   "text_path": clip, "init_temperature": 0.02, "learn_temperature": True},
         # IRRA's schedule: 60 epochs, lr 1e-5 for CLIP, 5x for what CLIP does not provide, 5 warm-up epochs
         "train": {"epochs": 60, "batch_size": 128, "lr": 1.0e-5, "head_lr": 5.0e-5, "weight_decay": 4.0e-5,
-                  "warmup_fraction": 0.083, "mixed_precision": "auto", "num_workers": 8, "shuffle_buffer": 10000,
+                  "warmup_fraction": 0.083, "mixed_precision": "auto", "num_workers": 8, "launcher": launcher,
                   "checkpoint_every": 500, "crop_padding": 10, "eval_batch_size": 512},
         "generator": {"pretrained": sd},
         # every training image a source; 50 DDIM steps at guidance 7.5; negative-prompt inversion (no
         # optimisation; null-text costs about 7x, see the cost table); a canvas that fits a person crop
         "pdg": {"source_count": 0, "source_fraction": 1.0, "num_steps": 50, "guidance": 7.5, "canvas_height": 512,
                 "canvas_width": 192, "precision": "auto", "inversion": "negative-prompt", "null_text_steps": 0,
-                "batch_size": 8, "shard_size": 256},
+                "batch_size": 8, "shard_size": 256, "launcher": launcher},
         # CLIP cosines: matching person/caption pairs lie around 0.2-0.35 and a one-colour edit moves
         # them by about 0.01-0.03; starting points, calibrated from metrics/filter.json's distributions
         "filter": {"scorer": clip, "margin": 0.005, "min_similarity": 0.18, "duplicate_similarity": 0.97},
@@ -260,7 +267,7 @@ def check_stage_inputs(params: Params, stage: str) -> None:
 
 
 def profile_command(name: str, params_file: str, data_root: str | None, clip: str | None, sd: str | None,
-                    captioner: str | None, check: bool = True) -> int:
+                    captioner: str | None, check: bool = True, gpus: int = 1) -> int:
     if name == "embedded":
         updates = EMBEDDED
     else:
@@ -269,7 +276,7 @@ def profile_command(name: str, params_file: str, data_root: str | None, clip: st
             print(f"profile {name}: {', '.join(missing)} required")
             return 2
         dim = clip_projection_dim(clip) or 512
-        updates = real_recipe(name, data_root, clip, sd, captioner or "", dim)
+        updates = real_recipe(name, data_root, clip, sd, captioner or "", dim, gpus)
     try:
         _, _, params = _profiled(params_file, updates)
     except ConfigError as err:

@@ -12,19 +12,23 @@ import torch
 
 from pipeline import hub
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.distributed import rank_from_env, refuse_launcher, world_size_from_env
 from pipeline.io import BrokenArtifact
 from pipeline.profile import check_stage_inputs
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Timestamped lines; under a launcher each names its process (`[rank 3]`), so a failing rank says which."""
+    rank = f"[rank {rank_from_env()}] " if world_size_from_env() > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def start_stage(
-    description: str, with_variant: bool = False, paths: Sequence[str] = ()
+    description: str, with_variant: bool = False, paths: Sequence[str] = (), launcher: bool = False
 ) -> tuple[argparse.Namespace, Params]:
     """Parse the arguments, set up logging and load the params; a bad params file, or a variant
-    that params.yaml does not define, exits with status 1.
+    that params.yaml does not define, exits with status 1. So does a stage that runs in one process
+    (not `launcher`) when it was started under a launcher (pipeline/distributed.py).
 
     `paths` name what the stage reads and writes: each is a required `--<name>` argument (a Path),
     given on the stage's command line in dvc.yaml beside its deps and outs, so a path is written
@@ -32,12 +36,18 @@ def start_stage(
     args = _stage_arguments(description, with_variant, paths)
     setup_logging()
     sys.excepthook = _broken_artifact_hook
+    stage = _stage_name(sys._getframe(1).f_globals)
+    refusal = None if launcher else refuse_launcher(stage)
+    if refusal:
+        if rank_from_env() == 0:
+            logging.getLogger("stages").error("%s", refusal)
+        raise SystemExit(1)
     try:
         params = load_params(args.params)
         if with_variant:
             params.variant(args.variant)
         hub.configure(params.hub)
-        check_stage_inputs(params, _stage_name(sys._getframe(1).f_globals))
+        check_stage_inputs(params, stage)
         return args, params
     except ConfigError as err:
         for line in str(err).splitlines():

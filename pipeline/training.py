@@ -1,6 +1,8 @@
 """The contrastive training loop of the dual encoder, on Accelerate.
 
-One process on a CPU or N processes on GPUs run the same code. Every `checkpoint_every`
+One process on a CPU or N processes on GPUs run the same code (`train.launcher` in params.yaml starts
+them; pipeline/distributed.py: the main process digests the data, indexes the shards and decides
+whether to resume, the others are told). Every `checkpoint_every`
 steps the full state (weights, optimiser, schedule, RNGs, and our progress record) is
 saved by pipeline/checkpointing.py (safetensors and JSON: nothing is unpickled on resume) and swapped
 in as a whole folder (pipeline/io.py); a restarted run resumes from the newest state and,
@@ -34,7 +36,8 @@ from pipeline.checkpointing import (StateError, TrainOutputs, apply_training_sta
 from pipeline.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
-from pipeline.data.loader import ContrastivePairs, StreamPlan, count_pairs, pair_loader
+from pipeline.data.loader import ContrastivePairs, ShardIndex, StreamPlan, build_shard_index, pair_loader
+from pipeline.distributed import check_shared_folder, on_main
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.imports import code_digest
 from pipeline.io import files_digest, replace_directory, staging_path, start_directory, write_json_atomic
@@ -68,21 +71,24 @@ class Progress:
     epochs: list = field(default_factory=list)  # per-epoch records (val metrics)
 
 
-# train.* keys that do not change the trained weights, left out of the fingerprint so that a run
-# resumes (or counts as done) after they change: loader workers only decode batches that are a pure
-# function of (seed, epoch, step) (and a DataLoader draws its base seed whatever their number);
+# train.* keys that say how a run is executed, not what it learns, left out of the fingerprint so that
+# a run resumes (or counts as done) after they change: loader workers only decode batches that are a
+# pure function of (seed, epoch, step) (and a DataLoader draws its base seed whatever their number);
 # eval_batch_size only batches the validation embeddings; checkpoint_every only says how often the
-# state is saved (the saved state is the run's own, whenever it was taken).
-RUN_ONLY_TRAIN_KEYS = ("num_workers", "eval_batch_size", "checkpoint_every")
+# state is saved (the saved state is the run's own, whenever it was taken); the launcher only says
+# how many processes share each global batch.
+RUN_ONLY_TRAIN_KEYS = ("num_workers", "eval_batch_size", "checkpoint_every", "launcher")
 
 
 def training_fingerprint(params: Params, data_files: list[str | Path], variant: VariantConfig | None = None) -> str:
     """Identifies the run a saved state belongs to: a state of another run is never resumed.
 
-    It covers the params (but not RUN_ONLY_TRAIN_KEYS), the contents of the data files (train
-    shards, their manifest, the val shards: an edited caption keeps a tar's size, not its hash), the
-    code `stages.train` runs (pipeline.imports.code_digest) and torch's thread count, which changes
-    the floating-point sums and so the weights.
+    It covers what defines the run: the params (but not RUN_ONLY_TRAIN_KEYS), the contents of the
+    data files (train shards, their manifest, the val shards: an edited caption keeps a tar's size,
+    not its hash) and the code `stages.train` runs (pipeline.imports.code_digest). Never how it was
+    executed: threads, process count, launcher, workers and batch split change the floating-point
+    order of the sums, not the configuration, so a run finished by `torchrun` with one thread a
+    process is done for a `dvc repro` with all of the machine's threads.
     """
     relevant = {k: dataclasses.asdict(getattr(params, k)) for k in ("model", "loss", "train")}
     for key in RUN_ONLY_TRAIN_KEYS:
@@ -91,7 +97,6 @@ def training_fingerprint(params: Params, data_files: list[str | Path], variant: 
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
     relevant["data"] = files_digest(data_files)
     relevant["code"] = code_digest("stages.train")
-    relevant["torch_threads"] = torch.get_num_threads()
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,11 +117,11 @@ def _approximate_text(online: OnlineConfig, captions) -> ApproximateText | None:
                                   embedding_dir)
 
 
-def steps_per_epoch(train_rows, batch_size: int) -> int:
-    """Optimiser steps in one epoch over these manifest rows (one step per full global batch of pairs)."""
-    steps = count_pairs(train_rows) // batch_size
+def steps_per_epoch(num_pairs: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch over `num_pairs` pairs (one step per full global batch)."""
+    steps = num_pairs // batch_size
     if steps == 0:
-        raise ConfigError(f"params: 'train.batch_size' {batch_size} exceeds the {count_pairs(train_rows)} training pairs")
+        raise ConfigError(f"params: 'train.batch_size' {batch_size} exceeds the {num_pairs} training pairs")
     return steps
 
 
@@ -136,12 +141,14 @@ class Trainer:
         self.online = self.variant.online
         self.outputs = outputs
         self.accelerator = accelerator
+        check_shared_folder(accelerator, outputs.out_dir)
         train_dir = Path(self.variant.data)
         self.shards = list_shards(train_dir, "train")
         if not self.shards:
             raise FileNotFoundError(f"no train shards under {train_dir / 'shards'}")
         train_rows = read_manifest(manifest_path(train_dir, "train"))
-        self.steps_per_epoch = steps_per_epoch(train_rows, self.cfg.batch_size)
+        self.index: ShardIndex = on_main(accelerator, lambda: build_shard_index(self.shards))
+        self.steps_per_epoch = steps_per_epoch(self.index.num_pairs, self.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
         set_seed(self.cfg.seed)
         model, _ = build_model(
@@ -156,7 +163,9 @@ class Trainer:
         self.criterion = HardnessAwareContrastiveLoss.from_config(params.loss)
         self.val_data = load_retrieval_split(prepared_dir, "val")
         data_files = [*self.shards, manifest_path(train_dir, "train"), *list_shards(prepared_dir, "val")]
-        self.progress = Progress(fingerprint=training_fingerprint(params, data_files, self.variant))
+        fingerprint = on_main(accelerator, lambda: training_fingerprint(params, data_files, self.variant))
+        self.progress = Progress(fingerprint=fingerprint)
+        self._main_state = None  # the state the main process read while deciding to resume
         self.approximate_text = _approximate_text(self.online, (c for row in train_rows for c in row.captions))
         _check_mixup_layer(self.online, model)
 
@@ -168,40 +177,54 @@ class Trainer:
 
     def resume_if_possible(self) -> bool:
         """Continue the saved state of this run (same fingerprint), or clear the outputs; True when
-        resumed. A finished run of the same fingerprint is resumed too, at its end: it is done. A
-        state that cannot be read (a file missing or broken: named in a warning) is started afresh."""
+        resumed. A finished run of the same fingerprint is resumed too, at its end: it is done. The
+        main process decides (`_decide`) and every process follows."""
+        decision, saved = on_main(self.accelerator, self._decide)
+        if decision == "afresh":
+            return False
+        self.progress = Progress(**saved)
+        if decision == "finished":
+            log.info("%s holds this run, finished (%d epochs, %d steps): nothing to train", self.outputs.state_dir,
+                     self.progress.epoch, self.progress.global_step)
+            return True
+        # the main process read (and checked) the whole state in _decide; the others read theirs now
+        state = self._main_state or read_training_state(self.outputs.state_dir, self.accelerator)
+        apply_training_state(state, self.accelerator, self.model, self.optimizer, self.scheduler)
+        self._main_state = None
+        log.info("resumed at epoch %d step %d (global step %d)", self.progress.epoch, self.progress.step_in_epoch,
+                 self.progress.global_step)
+        return True
+
+    def _decide(self) -> tuple[str, dict | None]:
+        """On the main process: "finished", "resume" (with the saved progress) or "afresh" (state/
+        cleared). A state that cannot be read (a file missing or broken: named in a warning) is
+        started afresh; so is a finished run whose best model is gone."""
         state = self.outputs.state_dir
-        self._on_main(self.outputs.recover)
+        self.outputs.recover()
         try:
             saved = read_progress(state, Progress)
         except StateError as err:
             log.warning("%s: starting afresh", err)
             saved = None
-        if saved is not None and saved.fingerprint == self.progress.fingerprint and saved.epoch >= self.cfg.epochs:
-            if not self._holds_this_run(self.outputs.best, saved.best_epoch) and saved.best_epoch != saved.epoch:
-                log.info("saved state in %s is a finished run, but its best model (epoch %d) is gone: "
-                         "starting afresh", state, saved.best_epoch)
-                self._clear_outputs()
-                return False
-            self.progress = saved
-            log.info("%s holds this run, finished (%d epochs, %d steps): nothing to train", state, saved.epoch,
-                     saved.global_step)
-            return True
         if saved is None or saved.fingerprint != self.progress.fingerprint:
             if saved is not None:
                 log.info("saved state in %s is from another configuration: starting afresh", state)
-            self._clear_outputs()
-            return False
+            self.outputs.clear_state()
+            return "afresh", None
+        if saved.epoch >= self.cfg.epochs:
+            if not self._holds_this_run(self.outputs.best, saved.best_epoch) and saved.best_epoch != saved.epoch:
+                log.info("saved state in %s is a finished run, but its best model (epoch %d) is gone: "
+                         "starting afresh", state, saved.best_epoch)
+                self.outputs.clear_state()
+                return "afresh", None
+            return "finished", dataclasses.asdict(saved)
         try:
-            saved_state = read_training_state(state, self.accelerator)
+            self._main_state = read_training_state(state, self.accelerator)
         except StateError as err:
             log.warning("%s: starting afresh", err)
-            self._clear_outputs()
-            return False
-        apply_training_state(saved_state, self.accelerator, self.model, self.optimizer, self.scheduler)
-        self.progress = saved
-        log.info("resumed at epoch %d step %d (global step %d)", saved.epoch, saved.step_in_epoch, saved.global_step)
-        return True
+            self.outputs.clear_state()
+            return "afresh", None
+        return "resume", dataclasses.asdict(saved)
 
     @property
     def finished(self) -> bool:
@@ -223,9 +246,6 @@ class Trainer:
             return False
         return saved.get("fingerprint") == self.progress.fingerprint and saved.get("epoch") == epoch
 
-    def _clear_outputs(self) -> None:
-        self._on_main(self.outputs.clear_state)
-
     def save_state(self) -> None:
         """The whole state into a staging folder, swapped in for the previous state (pipeline/io.py)."""
         state = self.outputs.state_dir
@@ -240,14 +260,12 @@ class Trainer:
     def _plan(self, epoch: int, start_step: int) -> StreamPlan:
         augment = AugmentConfig(flip_prob=self.cfg.flip_prob, crop_padding=self.cfg.crop_padding, erase_prob=self.cfg.erase_prob)
         return StreamPlan(
-            shards=tuple(self.shards),
             global_batch_size=self.cfg.batch_size,
             seed=self.cfg.seed,
             epoch=epoch,
             start_step=start_step,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
-            shuffle_buffer=self.cfg.shuffle_buffer,
             augment=augment,
         )
 
@@ -258,9 +276,9 @@ class Trainer:
         def tokenize_captions(captions):
             return tokenize(model.tokenizer, captions, max_length)
 
-        dataset = ContrastivePairs(self._plan(epoch, start_step), model.image_preprocessor, tokenize_captions,
-                                   self.approximate_text)
-        return pair_loader(dataset, self.cfg.num_workers)
+        dataset = ContrastivePairs(self._plan(epoch, start_step), self.index, model.image_preprocessor,
+                                   tokenize_captions, self.approximate_text)
+        return pair_loader(dataset, self.cfg.num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     def _feature_mix(self, batch_size: int) -> FeatureMix | None:
         """This batch's mixup (or None): lam_i ~ Beta(alpha, alpha) per pair and a random partner,
@@ -370,8 +388,11 @@ class Trainer:
 
         self._on_main(save)
 
-    def _record_timing(self, record: dict) -> None:
-        self.timing = [t for t in self.timing if t["epoch"] < record["epoch"]] + [record]
+    def _record_timing(self, record: dict | None = None) -> None:
+        """Add an epoch's timing (or none) and write the file: a finished run that `dvc repro` reruns
+        (its timing file removed first, as every output DVC reruns) declares the timings it still has."""
+        if record is not None:
+            self.timing = [t for t in self.timing if t["epoch"] < record["epoch"]] + [record]
         if self.timing_file is not None and self.accelerator.is_main_process:
             write_json_atomic(self.timing_file, self.timing)
 
@@ -390,6 +411,7 @@ class Trainer:
         if self.resume_if_possible():
             self._read_timing()
         if self.finished:
+            self._record_timing()
             missing = [d for d, epoch in ((self.outputs.best, self.progress.best_epoch),
                                           (self.outputs.last, self.progress.epoch)) if not self._holds_this_run(d, epoch)]
             if missing:  # best/ only when the last epoch was the best (resume_if_possible)

@@ -1,7 +1,9 @@
 """DVC stage `generate`: edit training pairs into proximity pairs, written as data/pdg/raw shards.
 
-Runs under `accelerate launch` too: each process writes its own shards; the main process then
-waits for every shard file (no collective: ranks may finish hours apart). Before the run it logs the
+Runs under a launcher too (`pdg.launcher`: torchrun or accelerate launch, in dvc.yaml's command): each
+process writes its own shards; the main process alone digests the inputs and decides whether the
+folder's shards are this configuration's, then waits for every shard file (no collective at the end:
+ranks may finish hours apart). Before the run it logs the
 planned UNet evaluations (`pipeline.pdg.cost`), after the first batch the estimate at the measured
 rate, and at the end the measured count and rate (metrics/generate.json).
 """
@@ -13,9 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
+from pipeline.distributed import accelerator_for, check_shared_folder, on_main
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest
 from pipeline.io import write_json_atomic
 from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
@@ -63,9 +65,10 @@ def _estimate(planned: int, rows_per_s: float, processes: int) -> tuple[float | 
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, paths=("prepared", "generator", "out", "metrics", "sheet"))
+    args, params = start_stage(__doc__, paths=("prepared", "generator", "out", "metrics", "sheet"), launcher=True)
     cfg = params.pdg
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cpu=not torch.cuda.is_available())
+    check_shared_folder(accelerator, args.out.parent)
     generator = resolve_generator(args.generator)
     canvas = (cfg.canvas_width, cfg.canvas_height) if cfg.canvas_width else None
     parts = load_generator(generator, accelerator.device, cfg.precision, canvas=canvas)
@@ -74,8 +77,7 @@ def main() -> int:
              "generator at %dx%d pixels in %s", len(plan.jobs), plan.sources, plan.sources_without_edit,
              plan.edits_not_alignable, *parts.image_size, parts.dtype)
     sources = [manifest_path(args.prepared, "train"), *list_shards(args.prepared, "train")]
-    prepare_output(args.out, generation_fingerprint(cfg, generator, sources), accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: prepare_output(args.out, generation_fingerprint(cfg, generator, sources)))
     rank, world = accelerator.process_index, accelerator.num_processes
     shards, names = plan.shards(cfg.shard_size), shard_names(plan, cfg)
     remaining = [i for i, name in enumerate(names) if not (args.out / name).is_file()]

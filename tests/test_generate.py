@@ -51,7 +51,7 @@ def _train_rows(prepared):
 
 def _run(prepared, parts, generator, out_dir, cfg=CFG, rank=0, world=1, edit=None):
     plan = plan_generation(_train_rows(prepared), cfg, alignable_with(parts.tokenizer))
-    prepare_output(out_dir, generation_fingerprint(cfg, generator, []), is_main=True)
+    prepare_output(out_dir, generation_fingerprint(cfg, generator, []))
     images = load_source_images(prepared, {job.source.key for job in plan.jobs})
     return plan, run_generation(plan, images, edit or make_editor(parts, cfg), cfg, generator, out_dir, rank, world)
 

@@ -34,7 +34,7 @@ def _plan(prepared, parts, cfg):
 
 def _measured(prepared, parts, cfg, out_dir) -> int:
     plan = _plan(prepared, parts, cfg)
-    prepare_output(out_dir, {"test": True}, is_main=True)
+    prepare_output(out_dir, {"test": True})
     images = load_source_images(prepared, {job.source.key for job in plan.jobs})
     with count_unet(parts) as count:
         run_generation(plan, images, make_editor(parts, cfg), cfg, "tiny", out_dir)

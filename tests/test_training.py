@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import params_from_dict
 from pipeline.data.canonical import list_shards
-from pipeline.data.loader import StreamPlan, global_batches
+from pipeline.data.loader import StreamPlan, build_shard_index, global_batches
 from pipeline.data.prepare import prepare
 from pipeline.optimization import make_accelerator
 from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
@@ -27,7 +27,7 @@ TINY_TRAINING = {
     "data": {"image_height": 32, "image_width": 16, "shard_size": 8},
     "model": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
               "max_text_length": 32},
-    "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "num_workers": 0, "shuffle_buffer": 16,
+    "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "num_workers": 0,
               "eval_batch_size": 16},
 }
 
@@ -82,14 +82,14 @@ def _weights(project, which="last"):
 def test_data_stream_is_split_exactly_across_processes(tmp_path):
     params = params_from_dict(deep_merge(TINY_PROFILE, TINY_TRAINING))
     prepare(params, tmp_path)
-    shards = tuple(list_shards(tmp_path, "train"))
-    whole = [[(p.key, p.caption) for p in batch] for _, batch in global_batches(StreamPlan(shards, 8, seed=1))]
+    index = build_shard_index(list_shards(tmp_path, "train"))
+    whole = [[(p.key, p.caption) for p in batch] for _, batch in global_batches(StreamPlan(8, seed=1), index)]
     assert len(whole) == (16 * 2 * 2) // 8  # ids x images x captions / batch
     for rank in range(2):
-        plan = StreamPlan(shards, 8, seed=1, rank=rank, world_size=2, start_step=3)
-        for step, batch in global_batches(plan):
+        plan = StreamPlan(8, seed=1, rank=rank, world_size=2, start_step=3)
+        for step, batch in global_batches(plan, index):
             assert [(p.key, p.caption) for p in batch] == whole[step]
-    other_epoch = [[(p.key, p.caption) for p in b] for _, b in global_batches(StreamPlan(shards, 8, seed=1, epoch=1))]
+    other_epoch = [[(p.key, p.caption) for p in b] for _, b in global_batches(StreamPlan(8, seed=1, epoch=1), index)]
     assert other_epoch != whole and sorted(sum(other_epoch, [])) == sorted(sum(whole, []))
 
 

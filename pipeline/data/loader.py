@@ -1,19 +1,28 @@
-"""Streaming (image, caption) pairs from WebDataset shards for contrastive training.
+"""(image, caption) pairs from tar shards for contrastive training, each byte read once an epoch.
 
-Every process reads the same seeded stream of raw samples (reading tar bytes is
-cheap) and cuts it into the same global batches; each process then decodes and
-augments only its own slice of each global batch, and loader workers take whole
-batches in turn. So N processes see exactly the global batches one process
-would see (the distributed loss then equals the single-process loss), and
-resuming at step k just skips k global batches without decoding them.
+An epoch is a seeded permutation of every (image, caption) pair of the training set, cut into global
+batches: batch b is the pairs at positions [b*B, (b+1)*B) of the permutation. A process of rank r takes
+its slice of each global batch, and its loader workers take whole batches in turn. Each pair's members
+are read straight from its shard by offset (`ShardIndex`: one scan of the tar headers, made once per
+start on the main process and handed to the others). So:
+
+- N processes see exactly the global batches one process sees, for any N dividing the batch (the
+  distributed loss equals the single-process loss);
+- an epoch reads each pair's bytes once across all ranks and workers (an image with c captions is read
+  c times, once per pair), where a stream that every worker scans reads R x N times the data set;
+- resuming at step k starts at batch k: nothing before it is read;
+- the shuffle is a full permutation, so a batch's identities are spread as by random draws whatever
+  order the shards are in (a shuffle buffer over shards in annotation order keeps neighbours together).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import tarfile
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +30,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.augment import AugmentConfig, augmented_tensor
-from pipeline.data.canonical import image_member, iter_shard_samples
+from pipeline.data.canonical import IMAGE_EXTENSIONS
+from pipeline.io import BrokenArtifact, rerun_hint
 from pipeline.models.preprocessing import ImagePreprocessor
+
 
 @dataclass(frozen=True)
 class RawPair:
-    index: int  # position in this epoch's stream: seeds the sample's augmentation
+    index: int  # position in this epoch's permutation: seeds the pair's augmentation
     key: str
     image_bytes: bytes
     caption: str
@@ -34,17 +45,111 @@ class RawPair:
 
 
 @dataclass(frozen=True)
-class StreamPlan:
-    """Which global batches this process and epoch take, and how they are shuffled."""
+class ShardIndex:
+    """Where each sample's members lie in the shards, and each sample's identity and caption count.
+
+    Arrays, not Python objects, so that loader workers forked from a process share them."""
 
     shards: tuple[str, ...]
+    keys: np.ndarray  # str, per sample
+    shard: np.ndarray  # int32, per sample: index into `shards`
+    image_span: np.ndarray  # int64 [samples, 2]: byte offset and size of the image member
+    json_span: np.ndarray  # int64 [samples, 2]: byte offset and size of the JSON row
+    person_id: np.ndarray  # int64, per sample
+    first_pair: np.ndarray  # int64 [samples + 1]: pairs of sample i are first_pair[i] .. first_pair[i+1]-1
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.first_pair[-1])
+
+    @property
+    def num_bytes(self) -> int:
+        """The bytes an epoch over every pair reads: per pair, its image and its JSON row."""
+        per_sample = self.image_span[:, 1] + self.json_span[:, 1]
+        return int((per_sample * np.diff(self.first_pair)).sum())
+
+    def locate(self, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sample, caption number) of each pair number."""
+        samples = np.searchsorted(self.first_pair, pairs, side="right") - 1
+        return samples, pairs - self.first_pair[samples]
+
+
+def _broken(path: str, reason: str) -> BrokenArtifact:
+    return BrokenArtifact(f"{path}: not a readable tar shard ({reason}): "
+                          f"rerun the stage that writes it ({rerun_hint(path)})")
+
+
+def build_shard_index(shards: Sequence[str]) -> ShardIndex:
+    """Scan the shards' tar headers (and their small JSON rows, for identities and caption counts);
+    image bytes are not read. A truncated or unreadable shard, or a sample without an image, is a
+    BrokenArtifact naming the shard."""
+    keys, shard_ids, image_spans, json_spans, person_ids, counts = [], [], [], [], [], []
+    for number, path in enumerate(shards):
+        try:
+            with tarfile.open(path, "r:") as tar:
+                members: dict[str, dict[str, tarfile.TarInfo]] = {}
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    members.setdefault(key, {})[ext] = member
+                for key, found in members.items():
+                    image = next((found[e] for e in IMAGE_EXTENSIONS if e in found), None)
+                    if image is None or "json" not in found:
+                        raise _broken(path, f"sample {key} lacks its image or JSON member")
+                    row = json.loads(tar.extractfile(found["json"]).read())
+                    keys.append(key)
+                    shard_ids.append(number)
+                    image_spans.append((image.offset_data, image.size))
+                    json_spans.append((found["json"].offset_data, found["json"].size))
+                    person_ids.append(row["person_id"])
+                    counts.append(len(row["captions"]))
+        except (tarfile.TarError, EOFError, OSError, ValueError, KeyError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__  # tarfile's reasons span lines
+            raise _broken(path, reason) from None
+    spans = (lambda rows: np.asarray(rows, dtype=np.int64).reshape(-1, 2))
+    return ShardIndex(
+        shards=tuple(shards), keys=np.asarray(keys, dtype=str), shard=np.asarray(shard_ids, dtype=np.int32),
+        image_span=spans(image_spans), json_span=spans(json_spans), person_id=np.asarray(person_ids, dtype=np.int64),
+        first_pair=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]),
+    )
+
+
+class ShardReader:
+    """Reads byte ranges of the shards with pread (no shared file position), counting the bytes read;
+    keeps at most `max_open` files open."""
+
+    def __init__(self, shards: Sequence[str], max_open: int = 64):
+        self.shards, self.max_open = tuple(shards), max_open
+        self.open_files: dict[int, int] = {}
+        self.bytes_read = 0
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self.open_files.get(shard)
+        if fd is None:
+            if len(self.open_files) >= self.max_open:
+                os.close(self.open_files.pop(next(iter(self.open_files))))
+            fd = self.open_files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        payload = os.pread(fd, int(size), int(offset))
+        if len(payload) != size:
+            raise _broken(self.shards[shard], f"ends before byte {offset + size}")
+        self.bytes_read += len(payload)
+        return payload
+
+    def close(self) -> None:
+        for fd in self.open_files.values():
+            os.close(fd)
+        self.open_files.clear()
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which global batches this process and epoch take."""
+
     global_batch_size: int
     seed: int
     epoch: int = 0
     start_step: int = 0
     rank: int = 0
     world_size: int = 1
-    shuffle_buffer: int = 2000
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -57,66 +162,71 @@ class StreamPlan:
     def local_batch_size(self) -> int:
         return self.global_batch_size // self.world_size
 
+    def steps(self, index: ShardIndex) -> int:
+        """Full global batches in an epoch (a short last batch is dropped)."""
+        return index.num_pairs // self.global_batch_size
 
-def _shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
-    """A bounded-memory shuffle: a random element of a full buffer is emitted for each new one."""
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= buffer_size:
-            yield buffer.pop(int(rng.integers(len(buffer))))
-    while buffer:
-        yield buffer.pop(int(rng.integers(len(buffer))))
+    def permutation(self, index: ShardIndex) -> np.ndarray:
+        return np.random.default_rng((self.seed, self.epoch)).permutation(index.num_pairs)
 
-
-def raw_pairs(plan: StreamPlan) -> Iterator[RawPair]:
-    """The epoch's pair stream: shards in a seeded order, one pair per caption, buffer-shuffled."""
-    rng = np.random.default_rng((plan.seed, plan.epoch))
-    shard_order = [plan.shards[i] for i in rng.permutation(len(plan.shards))]
-
-    def pairs() -> Iterator[tuple]:
-        for shard in shard_order:
-            for sample in iter_shard_samples([shard]):
-                row = json.loads(sample["json"])
-                image = image_member(sample, shard)
-                for caption in row["captions"]:
-                    yield sample["__key__"], image, caption, row["person_id"]
-
-    for index, (key, image, caption, pid) in enumerate(_shuffled(pairs(), plan.shuffle_buffer, rng)):
-        yield RawPair(index, key, image, caption, pid)
+    def positions(self, step: int, local: bool = True) -> range:
+        """Positions in the epoch's permutation of global batch `step` (of this rank's slice when `local`)."""
+        start = step * self.global_batch_size
+        if not local:
+            return range(start, start + self.global_batch_size)
+        start += self.rank * self.local_batch_size
+        return range(start, start + self.local_batch_size)
 
 
-def global_batches(plan: StreamPlan) -> Iterator[tuple[int, list[RawPair]]]:
-    """(step, pairs) for every full global batch from `start_step` on; a short last batch is dropped."""
-    batch: list[RawPair] = []
-    step = 0
-    for pair in raw_pairs(plan):
-        batch.append(pair)
-        if len(batch) == plan.global_batch_size:
-            if step >= plan.start_step:
-                yield step, batch
-            batch, step = [], step + 1
+def read_pairs(index: ShardIndex, reader: ShardReader, permutation: np.ndarray, positions: range) -> list[RawPair]:
+    """The pairs at these positions of the epoch's permutation, read from their shards."""
+    samples, captions = index.locate(permutation[positions.start : positions.stop])
+    pairs = []
+    for position, sample, caption in zip(positions, samples, captions):
+        shard = index.shard[sample]
+        row = json.loads(reader.read(shard, *index.json_span[sample]))
+        pairs.append(RawPair(position, str(index.keys[sample]), reader.read(shard, *index.image_span[sample]),
+                             row["captions"][caption], int(index.person_id[sample])))
+    return pairs
+
+
+def global_batches(plan: StreamPlan, index: ShardIndex) -> Iterator[tuple[int, list[RawPair]]]:
+    """(step, pairs) of every full global batch from `start_step` on, whole (not this rank's slice)."""
+    reader = ShardReader(index.shards)
+    permutation = plan.permutation(index)
+    try:
+        for step in range(plan.start_step, plan.steps(index)):
+            yield step, read_pairs(index, reader, permutation, plan.positions(step, local=False))
+    finally:
+        reader.close()
 
 
 class ContrastivePairs(IterableDataset):
     """Yields this process's collated slice of each global batch (workers take batches in turn)."""
 
     def __init__(
-        self, plan: StreamPlan, preprocessor: ImagePreprocessor, tokenize: Callable[[list[str]], dict],
-        caption_transform: Callable[[str, np.random.Generator], str] | None = None,
+        self, plan: StreamPlan, index: ShardIndex, preprocessor: ImagePreprocessor,
+        tokenize: Callable[[list[str]], dict], caption_transform: Callable[[str, np.random.Generator], str] | None = None,
     ):
         self.plan = plan
+        self.index = index
         self.preprocessor = preprocessor
         self.tokenize = tokenize
         self.caption_transform = caption_transform  # e.g. approximate text; seeded per pair
+        self.bytes_read = 0  # by this process's iteration (a worker's own copy in a worker)
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        lo = self.plan.rank * self.plan.local_batch_size
-        for step, batch in global_batches(self.plan):
-            if (step - self.plan.start_step) % num_workers == worker_id:
-                yield self.collate(step, batch[lo : lo + self.plan.local_batch_size])
+        reader = ShardReader(self.index.shards)
+        permutation = self.plan.permutation(self.index)
+        try:
+            for step in range(self.plan.start_step + worker_id, self.plan.steps(self.index), num_workers):
+                pairs = read_pairs(self.index, reader, permutation, self.plan.positions(step))
+                self.bytes_read = reader.bytes_read
+                yield self.collate(step, pairs)
+        finally:
+            reader.close()
 
     def collate(self, step: int, pairs: list[RawPair]) -> dict:
         images = torch.stack([self._image(p) for p in pairs])
@@ -142,9 +252,12 @@ class ContrastivePairs(IterableDataset):
         return augmented_tensor(self.preprocessor, image, rng, self.plan.augment)
 
 
-def pair_loader(dataset: ContrastivePairs, num_workers: int) -> DataLoader:
-    """Batches are made by the dataset itself; workers' outputs come back in round-robin order."""
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+def pair_loader(dataset: ContrastivePairs, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches are made by the dataset itself; workers' outputs come back in round-robin order, which
+    is step order. Workers are forked per epoch (the index is shared, not copied: numpy arrays), so
+    persistent workers would save only a fork; `pin_memory` where batches go to a GPU."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=pin_memory)
 
 
 def count_pairs(manifest_rows) -> int:

@@ -117,8 +117,19 @@ def _sample_seed(seed: int, key: str, sample: int) -> int:
 
 
 # params that change no sample: how many edits share the UNet (a batch changes float rounding at
-# most, not the samples' meaning), and how many the sample sheet shows. Precision does change them.
-_NOT_SHAPING = ("batch_size", "sheet_samples")
+# most, not the samples' meaning), how many the sample sheet shows, and what launches the processes
+# (how a run is executed is never part of it). Precision does change them.
+_NOT_SHAPING = ("batch_size", "sheet_samples", "launcher")
+
+
+def shaping_params(cfg: PdgConfig) -> dict:
+    """The pdg params a sample depends on: recorded in each sample and in the fingerprint."""
+    shaping = dataclasses.asdict(cfg)
+    for bookkeeping in _NOT_SHAPING:
+        shaping.pop(bookkeeping)
+    return shaping
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -126,10 +137,7 @@ def generation_fingerprint(cfg: PdgConfig, generator: str, data_files: Sequence[
     """What the samples depend on: the params that shape them, the generator's weights, the contents
     of the source data (`data_files`: the train manifest and shards) and the code `stages.generate`
     runs, so that shards made by other code or from other sources are not kept."""
-    shaping = dataclasses.asdict(cfg)
-    for bookkeeping in _NOT_SHAPING:
-        shaping.pop(bookkeeping)
-    return {"pdg": shaping, "generator": generator, "generator_weights": weights_digest(generator),
+    return {"pdg": shaping_params(cfg), "generator": generator, "generator_weights": weights_digest(generator),
             "data": files_digest(data_files),
             "code": code_digest("stages.generate")}
 
@@ -149,12 +157,11 @@ def weights_digest(generator: str) -> str:
     return tree_digest(generator, keep=lambda name: name.endswith((*WEIGHT_SUFFIXES, ".json")))[0]
 
 
-def prepare_output(out_dir: Path, fingerprint: dict, is_main: bool) -> None:
+def prepare_output(out_dir: Path, fingerprint: dict) -> None:
     """Keep finished shards of the same configuration; otherwise swap in an empty folder (with the new
-    fingerprint: pipeline/io.py's swap, so a kill leaves the old folder or the new one, whole)."""
+    fingerprint: pipeline/io.py's swap, so a kill leaves the old folder or the new one, whole). Run
+    by the main process alone (pipeline.distributed.on_main)."""
     marker = out_dir / FINGERPRINT_FILE
-    if not is_main:
-        return
     recover_directory(out_dir)
     if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         for leftover in out_dir.glob(".*.tmp-*"):  # from a process killed mid-write
@@ -181,7 +188,7 @@ def _sample(job: GenerationJob, result, cfg: PdgConfig, generator: str) -> dict[
         "edited_caption": job.edit.edited,
         "changes": [change.to_json() for change in job.edit.changes],
         "method": cfg.method,
-        "params": dataclasses.asdict(cfg),
+        "params": shaping_params(cfg),
         "generator": generator,
         "seed": job.seed,
     }

@@ -1,0 +1,152 @@
+"""Launched runs: DVC starts several processes itself (train.launcher, pdg.launcher), a finished run
+is done for any launcher and thread count, the processes agree through the main one, and the stages
+that use one process refuse a launcher."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.distributed import RankError, refuse_launcher
+from test_losses import free_port
+from tiny_generator import build_tiny_generator
+from tiny_project import deep_merge, dvc, make_tiny_project, stage_command, stale_stages
+
+TORCHRUN = "torchrun --standalone --nproc_per_node 2"
+TINY_TRAINING = {
+    "data": {"image_height": 32, "image_width": 16, "shard_size": 8},
+    "model": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
+              "max_text_length": 32},
+    "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "num_workers": 1, "eval_batch_size": 16},
+}
+
+
+def _machine_env() -> dict:
+    """A shell as a user has it: the venv first on PATH, and no thread limit (torch takes every core)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    bin_dir = Path(sys.executable).parent
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def _repro(project: Path, *args: str) -> str:
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", *args], cwd=project,
+                            env=_machine_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _set(project: Path, section: str, **values) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow  # two trainings through dvc repro
+def test_a_training_dvc_launched_on_two_processes_is_done_for_a_plain_repro(tmp_path):
+    project = make_tiny_project(tmp_path, deep_merge(TINY_TRAINING, {"train": {"launcher": TORCHRUN}}))
+    out = _repro(project, "train@baseline")
+    assert f"{TORCHRUN} -m stages.train" in out  # DVC ran the launcher itself
+    model = project / "models" / "baseline"
+    assert (model / "state" / "rng-1.json").is_file()  # a second process saved its generators
+    launched = _tree(model)
+
+    # the same run from a plain shell: all of the machine's threads, one process, another launcher
+    _set(project, "train", launcher="python")
+    again = _repro(project, "train@baseline")
+    assert "nothing to train" in again and "starting afresh" not in again and "epoch 1/2" not in again
+    assert _tree(model) == launched  # weights, state and best/last byte-identical
+    assert stale_stages(project, "train@baseline") == {}
+
+
+@pytest.mark.slow  # two generations through dvc repro
+def test_a_generation_dvc_launched_on_two_processes_is_done_for_a_plain_repro(tmp_path):
+    overrides = {"pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2,
+                         "sheet_samples": 2, "launcher": TORCHRUN}}
+    project = make_tiny_project(tmp_path, overrides)
+    dvc(project, "repro", "prepare")
+    (project / "models").mkdir()
+    build_tiny_generator(project / "models" / "generator", max_tokens=77)
+    out = _repro(project, "--single-item", "generate")
+    assert f"{TORCHRUN} -m stages.generate" in out
+    raw = project / "data" / "pdg" / "raw"
+    launched = _tree(raw)
+    assert len([name for name in launched if name.endswith(".tar")]) >= 2
+
+    _set(project, "pdg", launcher="python")
+    again = _repro(project, "--single-item", "generate")
+    shards = len([name for name in launched if name.endswith(".tar")])
+    assert f"wrote 0 shard(s) ({shards} kept)" in again
+    assert _tree(raw) == launched
+
+
+def _agreeing_worker(rank: int, port: int, root: str, results: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from pipeline.distributed import accelerator_for, check_shared_folder, on_main
+
+    accelerator = accelerator_for(cpu=True)
+    outcome = {}
+    # the main process computes, the other is told
+    outcome["value"] = on_main(accelerator, lambda: f"computed by rank {accelerator.process_index}")
+    try:
+        on_main(accelerator, lambda: (_ for _ in ()).throw(ConfigError("params: 'train.lr' is bad")))
+    except ConfigError as err:
+        outcome["error"] = [type(err).__name__, str(err)]
+    check_shared_folder(accelerator, Path(root) / "shared")  # both see it: no error
+    try:  # rank 1 on a node whose disk holds another folder at this path
+        check_shared_folder(accelerator, Path(root) / f"node-{rank}")
+    except RankError as err:
+        outcome["blind"] = str(err)
+    Path(results, f"rank-{rank}.json").write_text(json.dumps(outcome))
+    accelerator.end_training()
+
+
+@pytest.mark.slow  # two processes with a gloo group
+def test_ranks_agree_through_the_main_process_and_a_folder_one_rank_cannot_see_is_one_line(tmp_path):
+    mp.spawn(_agreeing_worker, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    for outcome in outcomes:
+        assert outcome["value"] == "computed by rank 0"
+        assert outcome["error"] == ["ConfigError", "params: 'train.lr' is bad"]
+        assert outcome["blind"].startswith(f"{tmp_path / 'node-0'}: rank 1 on ")
+        assert "does not see the file rank 0 wrote there" in outcome["blind"] and "\n" not in outcome["blind"]
+    assert not list((tmp_path / "shared").iterdir())  # the token is removed
+
+
+def test_single_process_stages_refuse_a_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert refuse_launcher("evaluate") is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    line = refuse_launcher("evaluate")
+    assert line.startswith("stage evaluate runs in one process, but was started under a launcher with WORLD_SIZE=4")
+
+
+@pytest.mark.slow  # stages in subprocesses
+@pytest.mark.parametrize("stage", ["evaluate@baseline", "filter", "caption", "index@baseline"])
+def test_a_single_process_stage_under_a_launcher_stops_with_one_line(tmp_path, stage):
+    project = make_tiny_project(tmp_path)
+    before = sorted(p.relative_to(project).as_posix() for p in project.rglob("*"))
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # what torchrun sets
+    result = subprocess.run(stage_command(stage, repo=project), cwd=project, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "runs in one process, but was started under a launcher with WORLD_SIZE=2" in lines[0]
+    after = sorted(p.relative_to(project).as_posix() for p in project.rglob("*") if "__pycache__" not in p.parts)
+    assert after == [name for name in before if "__pycache__" not in name]  # nothing written
