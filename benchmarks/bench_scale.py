@@ -5,6 +5,7 @@
     git worktree add /tmp/before <commit>                             # the loader before the change ...
     python benchmarks/bench_scale.py loader --code before --code-root /tmp/before
     python benchmarks/bench_scale.py spread                           # identity spread at CUHK-PEDES size
+    python benchmarks/bench_scale.py decode                           # a worker's cost per pair at 384x128
 
 Each run starts `torchrun --standalone --nproc_per_node R`; every rank runs the loader of `--code-root`
 (its `pipeline.data.loader`, old stream API or shard-index API) with N workers, as the trainer does:
@@ -197,14 +198,44 @@ def spread(args) -> None:
     merge_results("identity_spread", rows, ("shuffle",))
 
 
+def decode(args) -> None:
+    """Decode, augment and normalise one pair at the real profile's 384x128 (a smooth JPEG of a
+    person-crop size, 128x48 upscaled, ~10 KB), one thread: the per-pair CPU cost of a loader worker."""
+    sys.path.insert(0, str(REPO))
+    import torch
+    from PIL import Image
+
+    from pipeline.data.augment import AugmentConfig, augmented_tensor
+    from pipeline.models.preprocessing import ImagePreprocessor
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    payloads = []
+    for _ in range(64):
+        small = Image.fromarray(rng.integers(0, 255, (48, 16, 3), dtype=np.uint8)).resize((128, 384), Image.BILINEAR)
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG", quality=90)
+        payloads.append(buffer.getvalue())
+    preprocessor, config = ImagePreprocessor(384, 128), AugmentConfig(crop_padding=10)
+    started = time.perf_counter()
+    for i in range(args.pairs):
+        augmented_tensor(preprocessor, Image.open(io.BytesIO(payloads[i % 64])), np.random.default_rng(i), config)
+    ms = 1000 * (time.perf_counter() - started) / args.pairs
+    row = {"size": "384x128", "jpeg_bytes": int(np.mean([len(p) for p in payloads])), "ms_per_pair_one_core": round(ms, 3)}
+    print(row)
+    merge_results("decode", [row], ("size",))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("make", "loader", "spread", "_rank"):
+    for name in ("make", "loader", "spread", "decode", "_rank"):
         sub = commands.add_parser(name)
         sub.add_argument("--data", type=Path, default=DATA)
         if name == "make":
             sub.add_argument("--images", type=int, default=100_000)
+        if name == "decode":
+            sub.add_argument("--pairs", type=int, default=500)
         if name in ("loader", "_rank"):
             sub.add_argument("--code", choices=("before", "after"), default="after")
             sub.add_argument("--code-root", type=Path, default=REPO)
@@ -218,7 +249,7 @@ def main() -> None:
             sub.add_argument("--workers", type=int, default=1)
             sub.add_argument("--out", required=True)
     args = parser.parse_args()
-    {"make": make, "loader": loader, "spread": spread, "_rank": _rank}[args.command](args)
+    {"make": make, "loader": loader, "spread": spread, "decode": decode, "_rank": _rank}[args.command](args)
 
 
 if __name__ == "__main__":
