@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,11 @@ from pipeline.models import build_model
 from pipeline.search.build import IndexPaths, build_index
 from pipeline.search.embed import SearchError
 from pipeline.search.gallery import GalleryError, open_gallery
-from pipeline.search.index import build_hnsw, exact_top_k, hnsw_top_k, recall_at, write_index
+from pipeline.search import build as build_module
+from pipeline.search import embed as embed_module
+from pipeline.search import gallery as gallery_module
+from pipeline.search.embed import embed_gallery, load_model
+from pipeline.search.index import build_hnsw, exact_top_k, hnsw_top_k, load_index, recall_at, write_index
 from pipeline.search.query import Searcher
 from tiny_project import REPO, TINY_MODEL, TINY_PROFILE, deep_merge, save_tiny_model
 
@@ -70,6 +76,7 @@ def test_search_order_and_scores_equal_evaluate_s_similarity_rows(project):
         assert [h.person_id for h in answer.hits] == data.image_pids[expected.indices].tolist()
     # the index's rows are evaluate's gallery embeddings, bit for bit (same batches)
     assert searcher.index.embeddings.shape == (12, 32)
+    assert isinstance(searcher.index.embeddings, np.memmap)  # mapped, not copied: the vectors held once
 
 
 def test_index_metrics_and_table(project):
@@ -149,13 +156,44 @@ def test_missing_index_another_model_and_another_gallery_are_refused(project, pr
     assert code == 0 and out  # the same model and gallery again: answered
 
 
+def test_search_checks_files_by_stat_and_reads_no_shard_or_weights_for_it(project, prepared, tmp_path, monkeypatch):
+    other = tmp_path / "stat"
+    shutil.copytree(project, other, symlinks=True)
+    (other / "data" / "prepared").unlink()
+    shutil.copytree(prepared, other / "data" / "prepared")  # copy2: the same sizes and modification times
+    params = params_from_dict(project_params())
+    meta = json.loads((other / "index" / "baseline" / "index.json").read_text())
+    assert [name for name, _, _ in meta["gallery"]["stat"]] == ["test-000000.tar"] and len(meta["gallery"]["digest"]) == 64
+    assert "model.safetensors" in [name for name, _, _ in meta["model"]["stat"]]
+
+    def no_reading(*_):
+        raise AssertionError("a search read a file's contents to check it")
+
+    with monkeypatch.context() as patched:
+        for module, name in ((embed_module, "file_digest"), (embed_module, "model_fingerprint"),
+                             (gallery_module, "gallery_fingerprint"), (gallery_module, "hashlib")):
+            patched.setattr(module, name, no_reading)
+        assert len(Searcher.for_variant(params, "baseline", other).search(["a man in a red shirt"], 3)[0].hits) == 3
+    shard = other / "data" / "prepared" / "shards" / "test-000000.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # touched, the same bytes
+    with pytest.raises(SearchError, match=r"the gallery data/prepared:test changed since the index was built"):
+        Searcher.for_variant(params, "baseline", other)
+    build_index(params, "baseline", CPU, IndexPaths.under(other, "baseline"))  # rebuilt: the new stats recorded
+    weights = other / "models" / "baseline" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes: another size or time is another file
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(SearchError, match=r"built by another model than .*best now holds: rebuild it with "
+                                          r"`dvc repro index@baseline`"):
+        Searcher.for_variant(params, "baseline", other)
+
+
 def _crop_folder(prepared: Path, folder: Path) -> list[Path]:
-    gallery, images = open_gallery("test", prepared)
+    gallery = open_gallery("test", prepared)
     written = []
     for i, key in enumerate(gallery.keys[:6]):
         path = folder / ("cam_a" if i % 2 else "cam_b/deeper") / f"{key}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(images[i])
+        path.write_bytes(gallery.image_bytes(i))
         written.append(path)
     return written
 
@@ -174,6 +212,11 @@ def test_a_folder_gallery_skips_and_names_unreadable_files_and_search_gallery_di
     assert metrics["gallery_size"] == 6 and metrics["skipped_images"] == 2
     assert sorted(metrics["skipped"]) == ["cam_a/broken.jpg", "notes.png"]
     assert metrics["index_kind"] == "hnsw" and metrics["recall_at_10"] == 1.0  # 6 items: HNSW finds them all
+    assert metrics["recall_queries"] == 6  # every image (fewer than RECALL_QUERIES)
+    index = load_index(root / "index" / "baseline", "baseline")  # the vectors once: a view of the graph's
+    storage = faiss.downcast_index(index.hnsw.storage)
+    assert index.embeddings.__array_interface__["data"][0] == int(storage.get_xb())
+    np.testing.assert_array_equal(index.embeddings, np.load(root / "index" / "baseline" / "embeddings.npy"))
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     code, indexed, _ = run_cli(root, monkeypatch, capsys, "search", "a red shirt", "--variant", "baseline", "-k", "6", "--json")
     code2, direct, _ = run_cli(root, monkeypatch, capsys, "search", "a red shirt", "--variant", "baseline", "-k", "6",
@@ -186,6 +229,46 @@ def test_a_folder_gallery_skips_and_names_unreadable_files_and_search_gallery_di
     with pytest.raises(SearchError, match=r"the gallery .*crops changed since the index was built: rebuild it with "
                                           r"`dvc repro index@baseline`"):
         Searcher.for_variant(params_from_dict(raw), "baseline", root)
+
+
+def test_opening_shards_reads_no_image_and_workers_embed_what_one_process_does(project, prepared, tmp_path,
+                                                                             monkeypatch):
+    import tarfile
+
+    read = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, member: read.append(member.name) or extract(tar, member))
+    gallery = open_gallery("test", prepared)
+    assert len(gallery) == 12 and read and all(name.endswith(".json") for name in read)  # offsets only
+    monkeypatch.undo()
+    with tarfile.open(gallery.files[4]) as tar:
+        assert gallery.image_bytes(4) == tar.extractfile(gallery.members[4]).read()
+    model = load_model(project / "models" / "baseline" / "best", "baseline", CPU)
+    alone, _ = embed_gallery(model, gallery, 5, CPU, workers=0)
+    np.testing.assert_array_equal(embed_gallery(model, gallery, 5, CPU, workers=2)[0], alone)
+    np.testing.assert_array_equal(alone, load_index(project / "index" / "baseline", "baseline").embeddings)
+    crops = tmp_path / "crops"
+    written = _crop_folder(prepared, crops)
+    (crops / "cam_a" / "0.jpg").write_bytes(b"not an image")  # sorts first: every batch after it shifts
+    folder = gallery_module.folder_gallery(str(crops))
+    vectors, kept = embed_gallery(model, folder, 4, CPU, workers=2)
+    assert kept.skipped == ["cam_a/0.jpg"] and len(kept) == 6 and vectors.shape == (6, 32)
+    np.testing.assert_array_equal(vectors, embed_gallery(model, folder, 4, CPU, workers=0)[0])
+    (written[0]).write_bytes(b"broken")
+    shard_gallery = gallery_module.subset(gallery, list(range(12)))
+    shard_gallery.spans[3] = (0, 100)  # a tar header, not an image
+    with pytest.raises(GalleryError, match=r"^.*test-000000.tar:.*: not a readable image$"):
+        embed_gallery(model, shard_gallery, 5, CPU, workers=1)
+
+
+def test_hnsw_recall_is_checked_on_a_seeded_sample_of_the_captions(project, tmp_path, monkeypatch):
+    root = tmp_path / "recall"
+    shutil.copytree(project, root, symlinks=True)
+    monkeypatch.setattr(build_module, "RECALL_QUERIES", 7)
+    params = params_from_dict(project_params({"search": {"index": "hnsw"}}))
+    first = build_index(params, "baseline", CPU, IndexPaths.under(root, "baseline"))
+    assert first["index_kind"] == "hnsw" and first["recall_queries"] == 7 and first["recall_at_10"] == 1.0
+    assert build_index(params, "baseline", CPU, IndexPaths.under(root, "baseline"))["recall_queries"] == 7
 
 
 def test_an_empty_or_missing_gallery_folder_stops_before_anything_is_written(project, tmp_path):
@@ -234,11 +317,31 @@ def test_exact_ties_go_to_the_lower_row_as_in_evaluate():
     gallery[30] = gallery[40] = gallery[3]
     scores, rows = exact_top_k(gallery, gallery[[3]], 3)
     assert rows[0].tolist() == [3, 30, 40] and np.ptp(scores) < 1e-6
+    assert exact_top_k(gallery, gallery[[3]], 2)[1][0].tolist() == [3, 30]  # the cut inside the tie
+
+
+@pytest.mark.parametrize("k", [1, 5, 17, 400])
+def test_exact_top_k_is_a_stable_full_sort_across_blocks_and_ties_at_the_cut(monkeypatch, k):
+    """Small integer vectors: scores are exact small integers, so most rows have a tie at the k-th
+    score that runs past the cut; blocks of 7 queries (the score matrix bound shrunk)."""
+    from pipeline.search import index as index_module
+
+    rng = np.random.default_rng(3)
+    gallery = rng.integers(-1, 2, (400, 6)).astype(np.float32)
+    queries = rng.integers(-1, 2, (50, 6)).astype(np.float32)
+    monkeypatch.setattr(index_module, "SCORE_BLOCK_BYTES", 7 * 400 * 4)
+    scores, rows = exact_top_k(gallery, queries, k)
+    full = queries @ gallery.T
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    assert rows.shape == (50, k) and rows.dtype == np.int64 and (rows == expected).all()
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, expected, 1))
+    if k < 400:  # the cut does fall inside a tie in most rows: the (k+1)-th best equals the k-th
+        ranked = -np.sort(-full, axis=1)
+        assert (ranked[:, k] == ranked[:, k - 1]).sum() > 25
 
 
 def test_write_index_replaces_an_old_index_whole(tmp_path):
     from pipeline.search.gallery import Gallery
-    from pipeline.search.index import load_index
 
     gallery = Gallery(["a", "b"], ["x.png", "y.png"], ["", ""], [-1, -1], "crops")
     for size in (4, 8):

@@ -12,12 +12,16 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.io import write_json_atomic
 
-from .embed import embed_gallery, encode_queries, load_model, model_fingerprint
-from .gallery import PREPARED_SPLITS, describe, gallery_fingerprint, open_gallery
+from .embed import embed_gallery, encode_queries, load_model, loader_workers, model_fingerprint, model_stat
+from .gallery import PREPARED_SPLITS, describe, gallery_fingerprint, gallery_stat, open_gallery
 from .index import build_hnsw, exact_top_k, hnsw_top_k, index_folder, recall_at, resolve_kind, write_index
 
 log = logging.getLogger("pipeline.search")
 RECALL_K = 10
+# an HNSW index's recall@10 is checked against exact search on a random sample of this many queries
+# (the split's captions, or a folder's own images), drawn with RECALL_SEED
+RECALL_QUERIES = 1000
+RECALL_SEED = 0
 
 
 def _split_captions(prepared: Path, split: str) -> list[str]:
@@ -49,10 +53,14 @@ def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict
     prepared, spec = paths.prepared, params.search.gallery
     folder = paths.model / "best"
     model = load_model(folder, variant, device)
-    gallery, images = open_gallery(spec, prepared)
-    log.info("index@%s: embedding %d images of %s with %s", variant, len(gallery), gallery.source, folder)
+    gallery = open_gallery(spec, prepared)
+    # the files' stats before their contents are read: a file that changes from here on is refused
+    stats = {"model": model_stat(folder), "gallery": gallery_stat(spec, prepared)}
+    workers = loader_workers(len(gallery), params.train.eval_batch_size)
+    log.info("index@%s: embedding %d images of %s with %s (%d decoding workers)", variant, len(gallery),
+             gallery.source, folder, workers)
     started = time.perf_counter()
-    embeddings, gallery = embed_gallery(model, gallery, images, params.train.eval_batch_size, device)
+    embeddings, gallery = embed_gallery(model, gallery, params.train.eval_batch_size, device, workers)
     embed_seconds = time.perf_counter() - started
     kind = resolve_kind(params.search.index, len(gallery))
     hnsw, recall, index_seconds = None, None, 0.0
@@ -65,9 +73,10 @@ def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict
         "kind": kind,
         "size": len(gallery),
         "dim": int(embeddings.shape[1]),
-        "model": {"folder": str(folder),
-                  "digest": model_fingerprint(folder)},
-        "gallery": {"name": describe(spec, "data/prepared"), "digest": gallery_fingerprint(spec, prepared)},
+        # content digests (read here, once) and the stats a search checks (docs/search.md)
+        "model": {"folder": str(folder), "digest": model_fingerprint(folder), "stat": stats["model"]},
+        "gallery": {"name": describe(spec, "data/prepared"), "digest": gallery_fingerprint(spec, prepared),
+                    "stat": stats["gallery"]},
     }
     write_index(paths.index, embeddings, gallery, meta, hnsw)
     seconds = embed_seconds + index_seconds
@@ -80,19 +89,24 @@ def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict
         "dim": meta["dim"],
         "build_seconds": round(seconds, 2),
         "embed_images_per_second": round(len(gallery) / embed_seconds, 1),
-        "recall_at_10": None if recall is None else round(recall, 4),
+        "recall_at_10": None if recall is None else round(recall[0], 4),
+        "recall_queries": None if recall is None else recall[1],
     }
     write_json_atomic(paths.metrics, metrics)
     log.info("index@%s: %s", variant, metrics)
     return metrics
 
 
-def _recall(model, hnsw, embeddings: np.ndarray, prepared: Path, spec: str, device) -> float | None:
-    """recall@10 of the HNSW index against exact search, on the split's own captions (a folder has
-    none: its images' own embeddings are the queries then)."""
+def _recall(model, hnsw, embeddings: np.ndarray, prepared: Path, spec: str, device) -> tuple[float, int]:
+    """(recall@10 of the HNSW index against exact search, queries asked): on a seeded random sample of
+    at most RECALL_QUERIES of the split's own captions (a folder has none: of its images' own
+    embeddings then)."""
+    rng = np.random.default_rng(RECALL_SEED)
     if spec in PREPARED_SPLITS:
-        queries = encode_queries(model, _split_captions(prepared, spec), device).embeddings
+        captions = _split_captions(prepared, spec)
+        chosen = np.sort(rng.choice(len(captions), min(RECALL_QUERIES, len(captions)), replace=False))
+        queries = encode_queries(model, [captions[i] for i in chosen], device).embeddings
     else:
-        queries = embeddings[np.linspace(0, len(embeddings) - 1, min(1000, len(embeddings))).astype(int)]
+        queries = embeddings[np.sort(rng.choice(len(embeddings), min(RECALL_QUERIES, len(embeddings)), replace=False))]
     k = min(RECALL_K, len(embeddings))
-    return recall_at(hnsw_top_k(hnsw, queries, k)[1], exact_top_k(embeddings, queries, k)[1])
+    return recall_at(hnsw_top_k(hnsw, queries, k)[1], exact_top_k(embeddings, queries, k)[1]), len(queries)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.data.canonical import IMAGE_EXTENSIONS, list_shards
 from pipeline.io import commit_temp, temp_path_for
@@ -42,6 +42,9 @@ class Gallery:
     person_ids: list[int]
     source: str  # "data/prepared:test" or the folder
     skipped: list[str] = field(default_factory=list)  # unreadable files of a folder, left out
+    # where each shard image's bytes lie in its shard (offset, size), known when the shards were just
+    # scanned (open_gallery), not stored in the table; None: looked up by member name
+    spans: list[tuple[int, int]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -50,6 +53,8 @@ class Gallery:
         """The encoded image of row `index` (from its shard or its file)."""
         if not self.members[index]:
             return Path(self.files[index]).read_bytes()
+        if self.spans is not None:
+            return read_span(self.files[index], *self.spans[index])
         with tarfile.open(self.files[index], "r") as tar:
             return tar.extractfile(self.members[index]).read()
 
@@ -65,22 +70,22 @@ def describe(spec: str, prepared: str | Path) -> str:
     return f"{Path(prepared)}:{spec}" if spec in PREPARED_SPLITS else str(Path(spec))
 
 
-def open_gallery(spec: str, prepared: str | Path = "data/prepared") -> tuple[Gallery, list[bytes | None]]:
-    """The gallery `search.gallery` names and, per row, its image bytes when they were read anyway
-    (shards) or None (a folder: read while embedding). GalleryError when there is nothing to search."""
+def open_gallery(spec: str, prepared: str | Path = "data/prepared") -> Gallery:
+    """The gallery `search.gallery` names: its table only, no image read (a shard's images are located
+    by their offsets, read while embedding). GalleryError when there is nothing to search."""
     if spec in PREPARED_SPLITS:
         return _prepared_gallery(Path(prepared), spec)
-    return folder_gallery(spec), []
+    return folder_gallery(spec)
 
 
-def _prepared_gallery(prepared: Path, split: str) -> tuple[Gallery, list[bytes]]:
+def _prepared_gallery(prepared: Path, split: str) -> Gallery:
     shards = list_shards(prepared, split)
     if not shards:
         raise GalleryError(f"search.gallery '{split}': no {split} shards under {prepared / 'shards'} "
                            f"(run `dvc repro prepare`)")
-    keys, files, members, pids, images = [], [], [], [], []
+    keys, files, members, pids, spans = [], [], [], [], []
     for shard in shards:
-        with tarfile.open(shard, "r") as tar:
+        with tarfile.open(shard, "r") as tar:  # headers and the small json members only
             rows: dict[str, dict] = {}
             for member in tar:
                 key, _, ext = member.name.partition(".")
@@ -88,7 +93,7 @@ def _prepared_gallery(prepared: Path, split: str) -> tuple[Gallery, list[bytes]]
                 if ext == "json":
                     entry["json"] = json.loads(tar.extractfile(member).read())
                 elif ext in IMAGE_EXTENSIONS and "member" not in entry:
-                    entry["member"], entry["bytes"] = member.name, tar.extractfile(member).read()
+                    entry["member"], entry["span"] = member.name, (member.offset_data, member.size)
             for key, entry in rows.items():
                 if "member" not in entry:
                     raise GalleryError(f"{shard}: sample {key} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
@@ -96,8 +101,17 @@ def _prepared_gallery(prepared: Path, split: str) -> tuple[Gallery, list[bytes]]
                 files.append(shard)
                 members.append(entry["member"])
                 pids.append(int(entry.get("json", {}).get("person_id", UNKNOWN_PERSON)))
-                images.append(entry["bytes"])
-    return Gallery(keys, files, members, pids, describe(split, prepared)), images
+                spans.append(entry["span"])
+    return Gallery(keys, files, members, pids, describe(split, prepared), spans=spans)
+
+
+def read_span(path: str | Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        payload = handle.read(size)
+    if len(payload) != size:
+        raise OSError(f"{path}: {size} bytes expected at offset {offset}, {len(payload)} there")
+    return payload
 
 
 def folder_images(folder: Path) -> list[Path]:
@@ -125,31 +139,20 @@ def decode(payload: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def iter_images(gallery: Gallery, images: list[bytes | None]) -> Iterator[tuple[int, Image.Image | None]]:
-    """(row, decoded image) in gallery order; None for a folder file that cannot be read as an image
-    (the caller skips and counts it)."""
-    for index in range(len(gallery)):
-        payload = images[index] if images else None
-        try:
-            yield index, decode(payload if payload is not None else gallery.image_bytes(index))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-            if gallery.members[index]:
-                raise GalleryError(f"{gallery.location(index)}: not a readable image") from None
-            yield index, None
-
-
 def subset(gallery: Gallery, rows: list[int]) -> Gallery:
     """The gallery restricted to `rows`, the others recorded as skipped."""
     kept = set(rows)
     skipped = gallery.skipped + [gallery.keys[i] for i in range(len(gallery)) if i not in kept]
+    spans = None if gallery.spans is None else [gallery.spans[i] for i in rows]
     return Gallery([gallery.keys[i] for i in rows], [gallery.files[i] for i in rows],
-                   [gallery.members[i] for i in rows], [gallery.person_ids[i] for i in rows], gallery.source, skipped)
+                   [gallery.members[i] for i in rows], [gallery.person_ids[i] for i in rows], gallery.source, skipped,
+                   spans)
 
 
 def gallery_fingerprint(spec: str, prepared: str | Path = "data/prepared") -> str:
-    """A digest of what the gallery holds: a prepared split's shard contents, or a folder's image
-    files by relative path, size and modification time (hashing every file of a large folder would
-    cost as much as reading it)."""
+    """A digest of what the gallery holds, taken when the index is built: a prepared split's shard
+    contents, or a folder's image files by relative path, size and modification time (hashing every
+    file of a large folder would cost as much as reading it)."""
     digest = hashlib.sha256(spec.encode() if spec in PREPARED_SPLITS else str(Path(spec)).encode())
     if spec in PREPARED_SPLITS:
         for shard in list_shards(prepared, spec):
@@ -158,7 +161,27 @@ def gallery_fingerprint(spec: str, prepared: str | Path = "data/prepared") -> st
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
         return digest.hexdigest()
+    return _folder_stat_digest(spec)
+
+
+def gallery_stat(spec: str, prepared: str | Path = "data/prepared") -> list[list] | str:
+    """What a search compares with the index's record, without reading an image: a prepared split's
+    shards as [name, size, mtime_ns]; a folder's digest of its images' relative paths, sizes and
+    modification times (one stat a file, not one record a file in index.json)."""
+    if spec in PREPARED_SPLITS:
+        return [file_stat(shard) for shard in list_shards(prepared, spec)]
+    return _folder_stat_digest(spec)
+
+
+def file_stat(path: str | Path) -> list:
+    """[name, size, mtime_ns]: a file rewritten, even with the same bytes, has another."""
+    stat = os.stat(path)
+    return [Path(path).name, stat.st_size, stat.st_mtime_ns]
+
+
+def _folder_stat_digest(spec: str) -> str:
     folder = Path(spec).expanduser()
+    digest = hashlib.sha256(str(Path(spec)).encode())
     for path in folder_images(folder) if folder.is_dir() else []:
         stat = path.stat()
         digest.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
