@@ -217,3 +217,11 @@ def test_the_weights_are_read_once_per_process_not_per_start(tmp_path, monkeypat
     first = weights_digest(str(original))
     assert sorted(reads) == sorted([2 * MB, len('{"sample_size": 32}'), len('{"_class_name": "StableDiffusionPipeline"}')])
     assert weights_digest(str(original)) == first and len(reads) == 3
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_an_error(tmp_path, caplog):
+    shard = _aged(_write(tmp_path / "shard.tar", 5))
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")
+    cache = DigestCache(tmp_path / "blocked" / "digests")
+    assert files_digest([shard], cache)[0][2] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert "not saved" in caplog.text and "the next run hashes again" in caplog.text
