@@ -19,7 +19,7 @@ run without the HNSW build). The index build's peak memory: `build_index` of a s
 `--build-images` JPEG crops in tar shards (a tiny random model) in a subprocess: its
 resource.getrusage ru_maxrss, and its children's (the loader workers). End to end: one text query on
 the embedded gallery (tokenise + encode + search + table, models/pdg/best) and index build images/s.
-Writes benchmarks/results/search.json, and merges rows {gallery, method, batched_ratio_to_gemm, p50_ms,
+Writes benchmarks/results/search.json (search_exact.json with --exact-only), and merges rows {gallery, method, batched_ratio_to_gemm, p50_ms,
 recall_at_10} into benchmarks/results/scale.json's `search` list (other keys are other benchmarks').
 
     python benchmarks/bench_search.py [--sizes 1000 100000 1000000] [--exact-only] [--threads N]
@@ -43,6 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "search.json"
+EXACT_RESULTS = REPO / "benchmarks" / "results" / "search_exact.json"  # an --exact-only run's
 SCALE = REPO / "benchmarks" / "results" / "scale.json"
 SCRATCH = REPO / "build" / "bench_search"
 DIM, LATENT, K = 512, 32, 10
@@ -294,10 +295,12 @@ def main() -> int:
                         help="synthetic crops whose index build's peak memory is measured (0: not measured)")
     parser.add_argument("--code-root", type=Path, default=REPO,
                         help="the checkout whose pipeline the build-memory subprocess imports (default this one)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the JSON written (default {RESULTS.relative_to(REPO)})")
+    parser.add_argument("--out", type=Path, help=f"the JSON written (default {RESULTS.relative_to(REPO)}, "
+                                                 f"{EXACT_RESULTS.relative_to(REPO)} with --exact-only)")
     parser.add_argument("--scale", type=Path, default=SCALE,
                         help=f"the file whose `search` rows are merged (default {SCALE.relative_to(REPO)})")
     args = parser.parse_args()
+    args.out = args.out or (EXACT_RESULTS if args.exact_only else RESULTS)
     import faiss
     import torch
 
