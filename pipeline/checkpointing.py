@@ -1,6 +1,7 @@
 """The resumable training state, in formats that cannot run code: tensors in safetensors, the rest JSON.
 
-A state folder (models/<variant>/state, a DVC output that may be pulled from a shared remote) holds:
+A state folder (models/<variant>/state, pipeline/run_folder.py; a DVC output that may be pulled from a
+shared remote) holds:
 
     model.safetensors         the unwrapped model's weights
     optimizer.safetensors     the optimiser's tensors (moments, step counts) ...
@@ -36,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from pipeline.io import commit_temp, recover_directory, remove_directory, temp_path_for, write_json_atomic
+from pipeline.io import commit_temp, temp_path_for, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +49,6 @@ FIXED_FILES = (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, SC
 
 class StateError(Exception):
     """A saved training state that cannot be read: the message names the file."""
-
-
-@dataclass(frozen=True)
-class TrainOutputs:
-    """best/ and last/ models and state/, the resumable training state, under one folder."""
-
-    out_dir: Path
-
-    @property
-    def state_dir(self) -> Path:
-        return self.out_dir / "state"
-
-    @property
-    def best(self) -> Path:
-        return self.out_dir / "best"
-
-    @property
-    def last(self) -> Path:
-        return self.out_dir / "last"
-
-    def recover(self) -> None:
-        """Undo what a kill inside a folder swap left (pipeline/io.py)."""
-        for directory in (self.state_dir, self.best, self.last):
-            recover_directory(directory)
-
-    def clear_state(self) -> None:
-        """Remove state/ for a fresh run. best/ and last/ stay until the new run's own replace them
-        (best/ after its first epoch, last/ at its end): a run that fails loses nothing."""
-        remove_directory(self.state_dir)
 
 
 def _rng_files(rank: int) -> tuple[str, str]:

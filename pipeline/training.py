@@ -18,7 +18,6 @@ one configuration write byte-identical outputs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline.checkpointing import (StateError, TrainOutputs, apply_training_state, load_model_weights, read_progress,
+from pipeline.checkpointing import (StateError, apply_training_state, load_model_weights, read_progress,
                                     read_training_state, save_training_state)
 from pipeline.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
@@ -40,12 +39,13 @@ from pipeline.data.loader import ContrastivePairs, ShardIndex, StreamPlan, build
 from pipeline.distributed import check_shared_folder, on_main
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.imports import code_digest
-from pipeline.io import files_digest, replace_directory, staging_path, start_directory, write_json_atomic
+from pipeline.io import files_digest, write_json_atomic
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix
 from pipeline.models.tokenization import tokenize
 from pipeline.optimization import build_optimizer, warmup_cosine_schedule
+from pipeline.run_folder import RunFolder, fingerprint
 from pipeline.text.approximate import ApproximateText, build_approximate_text
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def training_fingerprint(params: Params, data_files: list[str | Path], variant: 
     relevant["image_size"] = [params.data.image_height, params.data.image_width]
     relevant["data"] = files_digest(data_files)
     relevant["code"] = code_digest("stages.train")
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(relevant)
 
 
 def _check_mixup_layer(online: OnlineConfig, model: DualEncoder) -> None:
@@ -130,7 +130,7 @@ class Trainer:
     split of `prepared_dir`, and applies the variant's online PDG."""
 
     def __init__(
-        self, params: Params, prepared_dir: str | Path, outputs: TrainOutputs, accelerator: Accelerator,
+        self, params: Params, prepared_dir: str | Path, outputs: RunFolder, accelerator: Accelerator,
         variant: VariantConfig | None = None, timing_file: str | Path | None = None,
     ):
         self.params = params
@@ -141,7 +141,7 @@ class Trainer:
         self.online = self.variant.online
         self.outputs = outputs
         self.accelerator = accelerator
-        check_shared_folder(accelerator, outputs.out_dir)
+        check_shared_folder(accelerator, outputs.root)
         train_dir = Path(self.variant.data)
         self.shards = list_shards(train_dir, "train")
         if not self.shards:
@@ -212,7 +212,8 @@ class Trainer:
             self.outputs.clear_state()
             return "afresh", None
         if saved.epoch >= self.cfg.epochs:
-            if not self._holds_this_run(self.outputs.best, saved.best_epoch) and saved.best_epoch != saved.epoch:
+            if not self.outputs.holds(self.outputs.best, saved.fingerprint, saved.best_epoch) \
+                    and saved.best_epoch != saved.epoch:
                 log.info("saved state in %s is a finished run, but its best model (epoch %d) is gone: "
                          "starting afresh", state, saved.best_epoch)
                 self.outputs.clear_state()
@@ -230,30 +231,10 @@ class Trainer:
     def finished(self) -> bool:
         return self.progress.epoch >= self.cfg.epochs
 
-    def _on_main(self, action) -> None:
-        """`action` on the main process only, every process waiting for it."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            action()
-        self.accelerator.wait_for_everyone()
-
-    def _holds_this_run(self, directory: Path, epoch: int) -> bool:
-        """Whether `directory` holds this run's model of `epoch` (not one of an earlier configuration,
-        which a fresh run leaves in place until it replaces it)."""
-        try:
-            saved = json.loads((directory / "training.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return saved.get("fingerprint") == self.progress.fingerprint and saved.get("epoch") == epoch
-
     def save_state(self) -> None:
-        """The whole state into a staging folder, swapped in for the previous state (pipeline/io.py)."""
-        state = self.outputs.state_dir
-        staging = staging_path(state)  # made by the main process, written by every one
-        self._on_main(lambda: start_directory(state))
-        save_training_state(staging, self.accelerator, self.model, self.optimizer, self.scheduler,
-                            dataclasses.asdict(self.progress))
-        self._on_main(lambda: replace_directory(staging, state))
+        """The whole state, written by every process into one staging folder swapped in whole."""
+        self.outputs.save_state(self.accelerator, lambda staging: save_training_state(
+            staging, self.accelerator, self.model, self.optimizer, self.scheduler, dataclasses.asdict(self.progress)))
 
     # -- loop --------------------------------------------------------------------------------
 
@@ -374,19 +355,15 @@ class Trainer:
         score = metrics["R1"] + metrics["mAP"]  # ties in R1 are common on small val sets
         if score > self.progress.best_score:
             self.progress.best_score, self.progress.best_epoch = score, epoch + 1
-            self._save_model(self.outputs.best)
+            self._save_model(self.outputs.best, epoch + 1)
 
-    def _save_model(self, directory: Path) -> None:
-        def save() -> None:
-            staging = start_directory(directory)
+    def _save_model(self, directory: Path, epoch: int) -> None:
+        def write(staging: Path) -> None:
             model = self.unwrapped  # its tokenizer saves the padding of its last call: make it this one's
             tokenize(model.tokenizer, [""], model.config.max_text_length)
             model.save_pretrained(staging)
-            write_json_atomic(staging / "training.json", {"epoch": self.progress.epochs[-1]["epoch"],
-                                                          "fingerprint": self.progress.fingerprint})
-            replace_directory(staging, directory)
 
-        self._on_main(save)
+        self.outputs.save_model(self.accelerator, directory, write, self.progress.fingerprint, epoch)
 
     def _record_timing(self, record: dict | None = None) -> None:
         """Add an epoch's timing (or none) and write the file: a finished run that `dvc repro` reruns
@@ -412,13 +389,15 @@ class Trainer:
             self._read_timing()
         if self.finished:
             self._record_timing()
-            missing = [d for d, epoch in ((self.outputs.best, self.progress.best_epoch),
-                                          (self.outputs.last, self.progress.epoch)) if not self._holds_this_run(d, epoch)]
-            if missing:  # best/ only when the last epoch was the best (resume_if_possible)
+            run = self.progress.fingerprint
+            missing = [(d, epoch) for d, epoch in ((self.outputs.best, self.progress.best_epoch),
+                                                   (self.outputs.last, self.progress.epoch))
+                       if not self.outputs.holds(d, run, epoch)]
+            if missing:  # best/ only when the last epoch was the best (_decide)
                 load_model_weights(self.outputs.state_dir, self.accelerator, self.model)
-                for directory in missing:
+                for directory, epoch in missing:
                     log.info("writing %s from the saved state", directory)
-                    self._save_model(directory)
+                    self._save_model(directory, epoch)
             return self.progress
         while self.progress.epoch < self.cfg.epochs:
             epoch = self.progress.epoch
@@ -427,6 +406,6 @@ class Trainer:
             self._validate(epoch, timing)
             self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
             self.save_state()
-        if not self._holds_this_run(self.outputs.last, self.progress.epoch):
-            self._save_model(self.outputs.last)
+        if not self.outputs.holds(self.outputs.last, self.progress.fingerprint, self.progress.epoch):
+            self._save_model(self.outputs.last, self.progress.epoch)
         return self.progress

@@ -16,7 +16,8 @@ from pipeline.io import write_bytes_atomic, write_json_atomic
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import start_stage
 from pipeline.optimization import make_accelerator
-from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
+from pipeline.run_folder import RunFolder
+from pipeline.training import NonFiniteLossError, Trainer
 
 
 log = logging.getLogger("stages.train")
@@ -50,7 +51,7 @@ def main() -> int:
     try:
         accelerator = make_accelerator(params)
         try:
-            trainer = Trainer(params, args.prepared, TrainOutputs(args.model), accelerator,
+            trainer = Trainer(params, args.prepared, RunFolder(args.model), accelerator,
                               params.variant(args.variant), timing_file=args.reports / "timing.json")
         except FieldError as err:  # a check on the variant's settings: name them in full
             raise err.under(f"variants.{args.variant}") from None

@@ -25,7 +25,6 @@ from pipeline.pdg.generate import (
     run_generation,
     select_sources,
     wait_for_shards,
-    weights_digest,
 )
 from pipeline.pdg.shards import load_source_images
 from pipeline.generator.model import load_generator
@@ -159,16 +158,6 @@ def test_the_generation_fingerprint_sees_source_contents_and_code(generator, tmp
     edited = generation_fingerprint(CFG, generator, [manifest])
     monkeypatch.setattr(generate_module, "code_digest", lambda entry: "other code")
     assert generation_fingerprint(CFG, generator, [manifest]) != edited
-
-
-def test_weights_digest_hashes_file_stats_not_contents(generator, tmp_path):
-    copy = shutil.copytree(generator, tmp_path / "sd")  # copy2 keeps sizes and mtimes
-    assert weights_digest(str(copy)) == weights_digest(generator)
-    weights = next(copy.rglob("*.safetensors"))
-    stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten weights: a new mtime
-    assert weights_digest(str(copy)) != weights_digest(generator)
-    assert weights_digest("org/some-model") == "org/some-model"
 
 
 def test_wait_for_shards_returns_once_every_shard_exists(tmp_path):

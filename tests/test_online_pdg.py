@@ -19,7 +19,8 @@ from pipeline.text.approximate import (
 )
 from pipeline.text.lexicon import COLOR_FAMILY, GARMENT_NOUNS
 from pipeline.optimization import make_accelerator
-from pipeline.training import Trainer, TrainOutputs
+from pipeline.run_folder import RunFolder
+from pipeline.training import Trainer
 from test_training import TINY_TRAINING
 from tiny_project import TINY_PROFILE, deep_merge
 
@@ -126,7 +127,7 @@ def tiny_params(tmp_path_factory):
 
 def _fit(params, folder, out_dir, variant):
     variant = params.variants[variant].__class__(data=str(folder), online=params.variants[variant].online)
-    trainer = Trainer(params, folder, TrainOutputs(out_dir), make_accelerator(params, cpu=True), variant)
+    trainer = Trainer(params, folder, RunFolder(out_dir), make_accelerator(params, cpu=True), variant)
     return trainer.fit()
 
 
@@ -135,7 +136,7 @@ def test_a_mixup_layer_beyond_the_towers_names_its_whole_key(tiny_params, tmp_pa
     online = dataclasses.replace(params.variants["pdg"].online, mixup_layer=params.model.layers)
     variant = dataclasses.replace(params.variants["pdg"], data=str(folder), online=online)
     with pytest.raises(FieldError) as caught:
-        Trainer(params, folder, TrainOutputs(tmp_path), make_accelerator(params, cpu=True), variant)
+        Trainer(params, folder, RunFolder(tmp_path), make_accelerator(params, cpu=True), variant)
     assert str(caught.value.under("variants.pdg")) == (
         f"params: 'variants.pdg.online.mixup_layer' {params.model.layers} must be below {params.model.layers}, "
         "the number of layers of the shallower tower")

@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path[:0] = [os.environ["STATE_TEST_CODE"], {tests!r}]
 from pipeline.config import params_from_dict
 from pipeline.optimization import make_accelerator
-from pipeline.training import Trainer, TrainOutputs
+from pipeline.run_folder import RunFolder
+from pipeline.training import Trainer
 from test_training import TINY_TRAINING
 from tiny_project import TINY_PROFILE, deep_merge
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -50,7 +51,7 @@ if die_at:
         return real_replace(src, dst)
     os.replace = replace
 params = params_from_dict(deep_merge(TINY_PROFILE, TINY_TRAINING))
-trainer = Trainer(params, prepared, TrainOutputs(Path(out_dir)), make_accelerator(params, cpu=True), timing_file=timing or None)
+trainer = Trainer(params, prepared, RunFolder(Path(out_dir)), make_accelerator(params, cpu=True), timing_file=timing or None)
 print(trainer.fit().global_step)
 """.format(tests=str(REPO / "tests"))
 
@@ -308,10 +309,11 @@ def test_prepare_killed_inside_its_swap_reruns_to_the_same_output(tmp_path):
 def test_a_state_that_does_not_fit_the_run_is_one_error_naming_the_file(prepared, straight, tmp_path):
     from pipeline.checkpointing import StateError, apply_training_state, read_training_state
     from pipeline.optimization import make_accelerator
-    from pipeline.training import Trainer, TrainOutputs
+    from pipeline.run_folder import RunFolder
+    from pipeline.training import Trainer
 
     params = params_from_dict(deep_merge(TINY_PROFILE, TINY_TRAINING))
-    trainer = Trainer(params, prepared, TrainOutputs(tmp_path / "run"), make_accelerator(params, cpu=True))
+    trainer = Trainer(params, prepared, RunFolder(tmp_path / "run"), make_accelerator(params, cpu=True))
     state = shutil.copytree(straight / "state", tmp_path / "state")
     saved = read_training_state(state, trainer.accelerator)
     apply_training_state(saved, trainer.accelerator, trainer.model, trainer.optimizer, trainer.scheduler)

@@ -19,7 +19,8 @@ from pipeline.data.canonical import list_shards
 from pipeline.data.loader import StreamPlan, build_shard_index, global_batches
 from pipeline.data.prepare import prepare
 from pipeline.optimization import make_accelerator
-from pipeline.training import NonFiniteLossError, Trainer, TrainOutputs
+from pipeline.run_folder import RunFolder
+from pipeline.training import NonFiniteLossError, Trainer
 from tiny_project import TINY_PROFILE, deep_merge, dvc, make_tiny_project, stage_command
 
 # A model and schedule small enough for a few seconds of CPU training.
@@ -175,7 +176,7 @@ class _NanAtStep:
 
 def _trainer(prepared, out_dir, **train):
     params = params_from_dict(deep_merge(deep_merge(TINY_PROFILE, TINY_TRAINING), {"train": train}))
-    trainer = Trainer(params, prepared, TrainOutputs(out_dir), make_accelerator(params, cpu=True))
+    trainer = Trainer(params, prepared, RunFolder(out_dir), make_accelerator(params, cpu=True))
     trainer.criterion = _NanAtStep(trainer.criterion, trainer, step=3)
     return trainer
 

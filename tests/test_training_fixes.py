@@ -18,7 +18,8 @@ from pipeline.data.prepare import prepare
 from pipeline.evaluation import RetrievalSplit, embed_retrieval_split
 from pipeline.models import build_model
 from pipeline.optimization import build_optimizer, lr_lambda, make_accelerator, resolve_mixed_precision
-from pipeline.training import Trainer, TrainOutputs, training_fingerprint
+from pipeline.run_folder import RunFolder
+from pipeline.training import Trainer, training_fingerprint
 from test_models import CAPTIONS, TINY, save_tiny_clip
 from test_training import TINY_TRAINING
 from tiny_project import TINY_PROFILE, deep_merge
@@ -95,7 +96,7 @@ def _params(**train):
 
 def _trainer(prepared: Path, out_dir: Path, **train) -> Trainer:
     params = _params(**train)
-    return Trainer(params, prepared, TrainOutputs(out_dir), make_accelerator(params, cpu=True))
+    return Trainer(params, prepared, RunFolder(out_dir), make_accelerator(params, cpu=True))
 
 
 def _digest(path: Path) -> tuple[str, int]:

@@ -4,8 +4,8 @@ The work is planned up front as an ordered list of jobs (source image, caption e
 cut into shards of `pdg.shard_size` jobs. A shard's content depends only on its jobs, so:
 - resuming keeps every finished shard (shards are written under a temporary name, then renamed);
 - N processes take shards i with i % N == rank, and their union equals a 1-process run;
-- a changed configuration (params or generator weights) is detected by a fingerprint and
-  starts over instead of mixing old and new samples; params that change no sample (the batch
+- a changed configuration (params or generator weights) is detected by a fingerprint
+  (pipeline/run_folder.py) and starts over instead of mixing old and new samples; params that change no sample (the batch
   size, the sample sheet) are not part of it, so changing them keeps finished shards.
 A shard's p2p jobs are edited in batches of at most `pdg.batch_size` cut at group boundaries (the
 K samples of one source caption), so each group is inverted once (`edit_batches`).
@@ -30,14 +30,14 @@ from PIL import Image
 from pipeline.config import PdgConfig
 from pipeline.data.canonical import ImageRecord, write_tar_atomic
 from pipeline.imports import code_digest
-from pipeline.io import files_digest, recover_directory, replace_directory, start_directory, write_json_atomic
+from pipeline.io import files_digest
 from pipeline.pdg.shards import SHARD_NAME
+from pipeline.run_folder import keep_or_start
 from pipeline.text import find_color_phrases
 from pipeline.text.caption_edit import CaptionEdit, edit_captions
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_FILE = "generation.json"
 @dataclass(frozen=True)
 class GenerationJob:
     key: str  # the sample's key in the shards
@@ -157,21 +157,10 @@ def weights_digest(generator: str) -> str:
     return tree_digest(generator, keep=lambda name: name.endswith((*WEIGHT_SUFFIXES, ".json")))[0]
 
 
-def prepare_output(out_dir: Path, fingerprint: dict) -> None:
-    """Keep finished shards of the same configuration; otherwise swap in an empty folder (with the new
-    fingerprint: pipeline/io.py's swap, so a kill leaves the old folder or the new one, whole). Run
-    by the main process alone (pipeline.distributed.on_main)."""
-    marker = out_dir / FINGERPRINT_FILE
-    recover_directory(out_dir)
-    if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
-        for leftover in out_dir.glob(".*.tmp-*"):  # from a process killed mid-write
-            leftover.unlink()
-        return
-    if out_dir.exists():
-        log.info("%s holds samples of another configuration: starting afresh", out_dir)
-    staging = start_directory(out_dir)
-    write_json_atomic(staging / FINGERPRINT_FILE, fingerprint)
-    replace_directory(staging, out_dir)
+def prepare_output(out_dir: Path, fingerprint: dict) -> bool:
+    """Keep the finished shards of the same configuration, or start an empty folder (the one rule of
+    a fingerprinted folder: pipeline/run_folder.py); True when kept. For the main process alone."""
+    return keep_or_start(out_dir, fingerprint)
 
 
 EditFunction = Callable[[list[GenerationJob], list[Image.Image]], list]
