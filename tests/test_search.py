@@ -176,12 +176,19 @@ def test_search_checks_files_by_stat_and_reads_no_shard_or_weights_for_it(projec
         assert len(Searcher.for_variant(params, "baseline", other).search(["a man in a red shirt"], 3)[0].hits) == 3
     shard = other / "data" / "prepared" / "shards" / "test-000000.tar"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # touched, the same bytes
+    weights = other / "models" / "baseline" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes (a dvc checkout does this)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert len(Searcher.for_variant(params, "baseline", other).search(["a man in a red shirt"], 3)[0].hits) == 3
+    payload = bytearray(shard.read_bytes())
+    payload[-2048] ^= 1  # the same size, another content
+    shard.write_bytes(bytes(payload))
     with pytest.raises(SearchError, match=r"the gallery data/prepared:test changed since the index was built"):
         Searcher.for_variant(params, "baseline", other)
     build_index(params, "baseline", CPU, IndexPaths.under(other, "baseline"))  # rebuilt: the new stats recorded
-    weights = other / "models" / "baseline" / "best" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes())  # rewritten with the same bytes: another size or time is another file
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    payload = bytearray(weights.read_bytes())
+    payload[-1] ^= 1
+    weights.write_bytes(bytes(payload))
     with pytest.raises(SearchError, match=r"built by another model than .*best now holds: rebuild it with "
                                           r"`dvc repro index@baseline`"):
         Searcher.for_variant(params, "baseline", other)

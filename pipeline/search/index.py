@@ -193,16 +193,25 @@ def hnsw_vectors(hnsw) -> np.ndarray:
     return faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(storage.ntotal, storage.d)
 
 
-def check_fingerprint(index: Index, variant: str, model_stat: list, gallery_name: str, gallery_stat) -> None:
+def check_fingerprint(index: Index, variant: str, model_stat: list, gallery_name: str, gallery_stat,
+                      model_digest=None, gallery_digest=None) -> None:
     """Refuse an index that another model or another gallery built, saying how to rebuild it. The check
-    is by file stats (size, modification time) that the build recorded beside the content digests: a
-    file rewritten since, even with the same bytes, is another file; nothing is read or hashed here."""
+    is by file stats (size, modification time) that the build recorded beside the content digests, so
+    nothing is read while they agree. Where a stat differs (a `dvc checkout` or a copy rewrites files
+    with the same bytes), `model_digest()` / `gallery_digest()`, when given, decide by content: the
+    cost is paid only then."""
     rebuild = f"rebuild it with `dvc repro index@{variant}`"
     built = index.meta
-    if built["model"].get("stat") != model_stat:
+
+    def same(part: str, stat, digest) -> bool:
+        if built[part].get("stat") == stat:
+            return True
+        return digest is not None and built[part].get("digest") == digest()
+
+    if not same("model", model_stat, model_digest):
         raise SearchError(f"{index.folder} was built by another model than {built['model']['folder']} now holds: {rebuild}")
     if built["gallery"]["name"] != gallery_name:
         raise SearchError(f"{index.folder} indexes the gallery {built['gallery']['name']}, but search.gallery is "
                           f"{gallery_name}: {rebuild}")
-    if built["gallery"].get("stat") != gallery_stat:
+    if not same("gallery", gallery_stat, gallery_digest):
         raise SearchError(f"{index.folder}: the gallery {gallery_name} changed since the index was built: {rebuild}")

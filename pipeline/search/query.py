@@ -11,8 +11,8 @@ import torch
 
 from pipeline.config import Params
 
-from .embed import SearchError, embed_gallery, encode_queries, load_model, model_folder, model_stat
-from .gallery import describe, folder_gallery, gallery_stat
+from .embed import SearchError, embed_gallery, encode_queries, load_model, model_fingerprint, model_folder, model_stat
+from .gallery import describe, folder_gallery, gallery_fingerprint, gallery_stat
 from .index import Index, check_fingerprint, check_k, in_memory_index, index_folder, load_index
 
 log = logging.getLogger("pipeline.search")
@@ -49,7 +49,8 @@ class Searcher:
     def for_variant(cls, params: Params, variant: str, root: Path = Path("."), device=None) -> "Searcher":
         """index/<variant> with models/<variant>/best, refused unless that model and the gallery that
         search.gallery names now are the ones that built it: checked by the files' stats that the build
-        recorded (size, modification time), so starting reads no shard and hashes no weights."""
+        recorded (size, modification time), so starting reads no shard and hashes no weights; by
+        content only where a stat differs."""
         device = device or torch.device("cpu")
         params.variant(variant)
         folder = model_folder(variant, root / "models")
@@ -57,8 +58,9 @@ class Searcher:
             raise SearchError(f"no trained model in {folder}: run `dvc repro train@{variant}` first")
         index = load_index(index_folder(variant, root / "index"), variant)
         spec = params.search.gallery
-        check_fingerprint(index, variant, model_stat(folder), describe(spec, "data/prepared"),
-                          gallery_stat(spec, root / "data" / "prepared"))
+        prepared = root / "data" / "prepared"
+        check_fingerprint(index, variant, model_stat(folder), describe(spec, "data/prepared"), gallery_stat(spec, prepared),
+                          lambda: model_fingerprint(folder), lambda: gallery_fingerprint(spec, prepared))
         if index.gallery.files and not Path(index.gallery.files[0]).is_absolute() and root != Path("."):
             index.gallery.files = [str(root / f) for f in index.gallery.files]
         return cls(load_model(folder, variant, device), index, variant, device)
