@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from scale_results import merge_rows  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
@@ -131,29 +132,6 @@ def machine() -> dict:
     return {"cpu": model or "unknown", "cores": os.cpu_count()}
 
 
-def merge_results(rows: list[dict], out: Path) -> None:
-    """Read scale.json, replace this benchmark's rows of the same (measure, code, files), write it
-    back atomically, under a lock on the results folder against another writer of the same file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(out.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            payload = json.loads(out.read_text())
-        except FileNotFoundError:
-            payload = {}
-        if not isinstance(payload, dict):
-            sys.exit(f"bench_digests: {out} is not a JSON object: not overwriting it")
-        key = lambda row: (row.get("measure"), row.get("code"), row.get("files"))  # noqa: E731
-        fresh = {key(row) for row in rows}
-        payload["digests"] = [row for row in payload.get("digests", []) if key(row) not in fresh] + rows
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        os.close(lock)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=200_000, help="images under the synthetic root")
@@ -182,7 +160,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stamp = {"date": datetime.date.today().isoformat(), **machine()}
-    merge_results([{**row, **stamp} for row in rows], args.out)
+    merge_rows("digests", [{**row, **stamp} for row in rows], ("measure", "code", "files"), args.out)
     print(f"wrote {len(rows)} rows to {args.out} (digests)")
     return 0
 

@@ -30,20 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from scale_results import merge_rows  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
 DATA = Path("/tmp/bench_scale")
-
-
-def merge_results(key: str, rows: list[dict], match: tuple[str, ...]) -> None:
-    """Replace the rows of `key` that agree with a new row on `match`, keep the rest, write atomically."""
-    sys.path.insert(0, str(REPO))
-    from pipeline.io import write_json_atomic
-
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    kept = [r for r in results.get(key, []) if not any(all(r.get(m) == n.get(m) for m in match) for n in rows)]
-    results[key] = kept + rows
-    write_json_atomic(RESULTS, results)
 
 
 def make(args) -> None:
@@ -164,7 +155,7 @@ def loader(args) -> None:
                        "--buffer", str(args.buffer), "--out", str(out)]
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rows.append(json.loads(out.read_text()))
-    merge_results("loader", rows, ("code", "world_size", "workers"))
+    merge_rows("loader", rows, ("code", "world_size", "workers"))
 
 
 def spread(args) -> None:
@@ -195,7 +186,7 @@ def spread(args) -> None:
     for row in rows:
         row.update(batch=batch, pairs=len(ids), identities=11003)
         print(row)
-    merge_results("identity_spread", rows, ("shuffle",))
+    merge_rows("identity_spread", rows, ("shuffle",))
 
 
 def decode(args) -> None:
@@ -223,7 +214,7 @@ def decode(args) -> None:
     ms = 1000 * (time.perf_counter() - started) / args.pairs
     row = {"size": "384x128", "jpeg_bytes": int(np.mean([len(p) for p in payloads])), "ms_per_pair_one_core": round(ms, 3)}
     print(row)
-    merge_results("decode", [row], ("size",))
+    merge_rows("decode", [row], ("size",))
 
 
 def main() -> None:

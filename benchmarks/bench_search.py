@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import os
 import subprocess
@@ -39,6 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from scale_results import merge_rows  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -266,25 +267,6 @@ def scale_rows(sizes: list[dict]) -> list[dict]:
     return rows
 
 
-def merge_scale(rows: list[dict], out: Path = SCALE) -> None:
-    """Read scale.json, replace the `search` rows of the same (gallery, method), keep every other row and
-    key, write it back atomically, under a lock on the results folder (as bench_digests.py takes it)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(out.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        payload = json.loads(out.read_text()) if out.is_file() else {}
-        if not isinstance(payload, dict):
-            raise SystemExit(f"bench_search: {out} is not a JSON object: not overwriting it")
-        fresh = {(row["gallery"], row["method"]) for row in rows}
-        payload["search"] = [r for r in payload.get("search", []) if (r.get("gallery"), r.get("method")) not in fresh] + rows
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        os.close(lock)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
@@ -343,7 +325,7 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     if result["sizes"]:
-        merge_scale(scale_rows(result["sizes"]), args.scale)
+        merge_rows("search", scale_rows(result["sizes"]), ("gallery", "method"), args.scale)
         print(f"merged {len(scale_rows(result['sizes']))} rows into {args.scale} (search)")
     return 0
 
