@@ -6,6 +6,7 @@
     python benchmarks/bench_scale.py loader --code before --code-root /tmp/before
     python benchmarks/bench_scale.py spread                           # identity spread at CUHK-PEDES size
     python benchmarks/bench_scale.py decode                           # a worker's cost per pair at 384x128
+    python benchmarks/bench_scale.py project                          # the table of docs/scale.md
 
 Each run starts `torchrun --standalone --nproc_per_node R`; every rank runs the loader of `--code-root`
 (its `pipeline.data.loader`, old stream API or shard-index API) with N workers, as the trainer does:
@@ -112,7 +113,9 @@ def _rank(args) -> None:
     index = L.build_shard_index(shards) if indexed else None
     index_s = time.perf_counter() - started
     loader_args = dict(batch_size=None, num_workers=args.workers)
+    started = time.perf_counter()
     read = sum(b.get("rchar", 0) for b in DataLoader(Reads(dataset(0, index)), **loader_args))
+    read_s = time.perf_counter() - started
     dist.barrier()
     started = time.perf_counter()
     steps = 0
@@ -129,7 +132,8 @@ def _rank(args) -> None:
     next(iter(DataLoader(dataset(pairs // args.batch // 2, index_again), **loader_args)))
     resume_s = time.perf_counter() - started
     rows = [None] * world
-    dist.all_gather_object(rows, {"read": read, "seconds": seconds, "resume_s": resume_s, "index_s": index_s})
+    dist.all_gather_object(rows, {"read": read, "read_s": read_s, "seconds": seconds, "resume_s": resume_s,
+                                      "index_s": index_s})
     if rank == 0:
         dataset_bytes = sum(Path(s).stat().st_size for s in shards)
         row = {"code": args.code, "world_size": world, "workers": args.workers, "dataset_bytes": dataset_bytes,
@@ -137,6 +141,7 @@ def _rank(args) -> None:
                "pairs_per_s": round(args.steps * args.batch / max(r["seconds"] for r in rows), 1),
                "resume_first_batch_s": round(max(r["resume_s"] for r in rows), 3),
                "index_build_s": round(rows[0]["index_s"], 3), "global_batch": args.batch,
+               "read_pass_s": round(max(r["read_s"] for r in rows), 3),
                "measured_steps": args.steps}
         print(json.dumps(row))
         Path(args.out).write_text(json.dumps(row))
@@ -217,10 +222,49 @@ def decode(args) -> None:
     merge_rows("decode", [row], ("size",))
 
 
+# The two settings docs/scale.md projects to: pairs, images, bytes of shards, processes, workers each.
+TARGETS = {
+    "CUHK-PEDES, 1 node x 8 GPUs": {"pairs": 68_108, "images": 34_054, "bytes": 656e6, "ranks": 8, "workers": 8},
+    "1.5 M pairs, 4 nodes x 8 GPUs": {"pairs": 1_500_000, "images": 1_500_000, "bytes": 150e9, "ranks": 32, "workers": 8},
+}
+
+
+def project(args) -> None:
+    """The measured rows scaled to TARGETS, as a markdown table (docs/scale.md): bytes by the read
+    pattern each code has (every worker reads everything, before; each pair once, after), times by the
+    measured rates per byte, per sample and per pair."""
+    results = json.loads(RESULTS.read_text())
+    rows = {(r["code"], r["world_size"], r["workers"]): r for r in results["loader"]}
+    before, after = rows["before", 1, 1], rows["after", 1, 1]
+    scan_rate = before["bytes_read_per_process"] / before["read_pass_s"]  # bytes/s of one worker's tar scan
+    bench_images = after["pairs"] / 2
+    index_per_image = after["index_build_s"] / bench_images
+    decode_ms = results["decode"][0]["ms_per_pair_one_core"]
+    print("| figure | " + " | ".join(TARGETS) + " |\n|---|" + "---|" * len(TARGETS))
+    lines = {k: [] for k in ("read_before", "read_after", "scan", "resume_before", "resume_after", "ceiling", "epoch")}
+    for t in TARGETS.values():
+        per_node = min(8, t["ranks"])
+        captions = t["pairs"] / t["images"]
+        lines["read_before"].append(f"{t['workers'] * t['bytes'] / 1e9:,.1f} GB a process, {per_node * t['workers'] * t['bytes'] / 1e12:,.2f} TB a node")
+        lines["read_after"].append(f"{captions * t['bytes'] / t['ranks'] / 1e9:,.2f} GB a process, {captions * t['bytes'] * per_node / t['ranks'] / 1e9:,.1f} GB a node")
+        lines["scan"].append(f"{t['bytes'] / scan_rate / 60:,.1f} min (every worker, every epoch)")
+        lines["resume_before"].append(f"{t['bytes'] / 2 / scan_rate / 60:,.1f} min")
+        lines["resume_after"].append(f"{t['images'] * index_per_image:,.1f} s (the shard index; then one batch)")
+        ceiling = t["workers"] * 1000 / decode_ms
+        lines["ceiling"].append(f"{ceiling:,.0f} pairs/s a GPU ({t['workers']} workers x {1000 / decode_ms:,.0f})")
+        lines["epoch"].append(f"{t['pairs'] / (ceiling * t['ranks']) / 60:,.1f} min")
+    names = {"read_before": "bytes read an epoch, before", "read_after": "bytes read an epoch, after",
+             "scan": "one worker's scan of the shards, before", "resume_before": "mid-epoch resume, before",
+             "resume_after": "mid-epoch resume, after", "ceiling": "loader ceiling at 384x128, after",
+             "epoch": "epoch at the loader ceiling, after"}
+    for key, values in lines.items():
+        print(f"| {names[key]} | " + " | ".join(values) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("make", "loader", "spread", "decode", "_rank"):
+    for name in ("make", "loader", "spread", "decode", "project", "_rank"):
         sub = commands.add_parser(name)
         sub.add_argument("--data", type=Path, default=DATA)
         if name == "make":
@@ -240,7 +284,8 @@ def main() -> None:
             sub.add_argument("--workers", type=int, default=1)
             sub.add_argument("--out", required=True)
     args = parser.parse_args()
-    {"make": make, "loader": loader, "spread": spread, "decode": decode, "_rank": _rank}[args.command](args)
+    {"make": make, "loader": loader, "spread": spread, "decode": decode, "project": project,
+     "_rank": _rank}[args.command](args)
 
 
 if __name__ == "__main__":
