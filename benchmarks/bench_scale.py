@@ -229,35 +229,56 @@ TARGETS = {
 }
 
 
+STORAGE_BYTES_PER_S = 2e9  # an assumed node storage rate (local NVMe or a parallel file system): not measured here
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds / 60:,.1f} min" if seconds >= 120 else f"{seconds:,.1f} s"
+
+
 def project(args) -> None:
     """The measured rows scaled to TARGETS, as a markdown table (docs/scale.md): bytes by the read
-    pattern each code has (every worker reads everything, before; each pair once, after), times by the
-    measured rates per byte, per sample and per pair."""
+    pattern of each code (every worker reads everything, before; each pair once, after); CPU times by
+    the rates measured per sample and per pair; storage time at STORAGE_BYTES_PER_S (assumed)."""
     results = json.loads(RESULTS.read_text())
     rows = {(r["code"], r["world_size"], r["workers"]): r for r in results["loader"]}
     before, after = rows["before", 1, 1], rows["after", 1, 1]
-    scan_rate = before["bytes_read_per_process"] / before["read_pass_s"]  # bytes/s of one worker's tar scan
-    bench_images = after["pairs"] / 2
-    index_per_image = after["index_build_s"] / bench_images
+    bench_samples = after["pairs"] / 2
+    scan_per_sample = before["read_pass_s"] / bench_samples  # one worker's tar scan, CPU, page cache
+    index_per_sample = after["index_build_s"] / bench_samples
     decode_ms = results["decode"][0]["ms_per_pair_one_core"]
-    print("| figure | " + " | ".join(TARGETS) + " |\n|---|" + "---|" * len(TARGETS))
-    lines = {k: [] for k in ("read_before", "read_after", "scan", "resume_before", "resume_after", "ceiling", "epoch")}
+    table = {k: [] for k in ("read_before", "read_after", "disk_before", "disk_after", "scan", "resume_before",
+                             "resume_after", "ceiling", "epoch")}
     for t in TARGETS.values():
-        per_node = min(8, t["ranks"])
+        node = min(8, t["ranks"])
         captions = t["pairs"] / t["images"]
-        lines["read_before"].append(f"{t['workers'] * t['bytes'] / 1e9:,.1f} GB a process, {per_node * t['workers'] * t['bytes'] / 1e12:,.2f} TB a node")
-        lines["read_after"].append(f"{captions * t['bytes'] / t['ranks'] / 1e9:,.2f} GB a process, {captions * t['bytes'] * per_node / t['ranks'] / 1e9:,.1f} GB a node")
-        lines["scan"].append(f"{t['bytes'] / scan_rate / 60:,.1f} min (every worker, every epoch)")
-        lines["resume_before"].append(f"{t['bytes'] / 2 / scan_rate / 60:,.1f} min")
-        lines["resume_after"].append(f"{t['images'] * index_per_image:,.1f} s (the shard index; then one batch)")
+        node_before, node_after = node * t["workers"] * t["bytes"], captions * t["bytes"] * node / t["ranks"]
+        table["read_before"].append(f"{_size(t['workers'] * t['bytes'])} a process, {_size(node_before)} a node")
+        table["read_after"].append(f"{_size(captions * t['bytes'] / t['ranks'])} a process, {_size(node_after)} a node")
+        table["disk_before"].append(_time(node_before / STORAGE_BYTES_PER_S))
+        table["disk_after"].append(_time(node_after / STORAGE_BYTES_PER_S))
+        table["scan"].append(_time(t["images"] * scan_per_sample))
+        table["resume_before"].append(f"{_time(t['images'] / 2 * scan_per_sample)} of CPU, {_size(t['bytes'] / 2)} read, "
+                                      "by every worker")
+        table["resume_after"].append(f"{_time(t['images'] * index_per_sample)} (the main process's shard index), "
+                                     "then one batch")
         ceiling = t["workers"] * 1000 / decode_ms
-        lines["ceiling"].append(f"{ceiling:,.0f} pairs/s a GPU ({t['workers']} workers x {1000 / decode_ms:,.0f})")
-        lines["epoch"].append(f"{t['pairs'] / (ceiling * t['ranks']) / 60:,.1f} min")
+        table["ceiling"].append(f"{ceiling:,.0f} pairs/s a GPU ({t['workers']} workers x {1000 / decode_ms:,.0f})")
+        table["epoch"].append(_time(t["pairs"] / (ceiling * t["ranks"])))
     names = {"read_before": "bytes read an epoch, before", "read_after": "bytes read an epoch, after",
-             "scan": "one worker's scan of the shards, before", "resume_before": "mid-epoch resume, before",
-             "resume_after": "mid-epoch resume, after", "ceiling": "loader ceiling at 384x128, after",
-             "epoch": "epoch at the loader ceiling, after"}
-    for key, values in lines.items():
+             "disk_before": f"a node's reads an epoch at {STORAGE_BYTES_PER_S / 1e9:.0f} GB/s (assumed), before",
+             "disk_after": "the same, after", "scan": "one worker's tar scan an epoch (CPU), before",
+             "resume_before": "mid-epoch resume, before", "resume_after": "mid-epoch resume, after",
+             "ceiling": "loader ceiling at 384x128, after", "epoch": "an epoch at the loader ceiling, after"}
+    print("| figure | " + " | ".join(TARGETS) + " |\n|---|" + "---|" * len(TARGETS))
+    for key, values in table.items():
         print(f"| {names[key]} | " + " | ".join(values) + " |")
 
 
