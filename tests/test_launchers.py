@@ -137,16 +137,24 @@ def test_single_process_stages_refuse_a_launcher(monkeypatch):
     assert line.startswith("stage evaluate runs in one process, but was started under a launcher with WORLD_SIZE=4")
 
 
-@pytest.mark.slow  # stages in subprocesses
-@pytest.mark.parametrize("stage", ["evaluate@baseline", "filter", "caption", "index@baseline"])
-def test_a_single_process_stage_under_a_launcher_stops_with_one_line(tmp_path, stage):
-    project = make_tiny_project(tmp_path)
-    before = sorted(p.relative_to(project).as_posix() for p in project.rglob("*"))
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # what torchrun sets
-    result = subprocess.run(stage_command(stage, repo=project), cwd=project, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "runs in one process, but was started under a launcher with WORLD_SIZE=2" in lines[0]
-    after = sorted(p.relative_to(project).as_posix() for p in project.rglob("*") if "__pycache__" not in p.parts)
-    assert after == [name for name in before if "__pycache__" not in name]  # nothing written
+@pytest.mark.parametrize("dvc_stage", ["evaluate@baseline", "filter", "caption", "index@baseline", "prepare",
+                                       "train_generator", "externals"])
+def test_a_single_process_stage_under_a_launcher_stops_with_one_line(tmp_path, monkeypatch, capsys, dvc_stage):
+    import importlib
+    import logging
+
+    command = stage_command(dvc_stage)  # python -m stages.<stage> <its arguments in dvc.yaml>
+    stage = command[2].removeprefix("stages.")
+
+    monkeypatch.chdir(tmp_path)  # nothing to read or write here: the stage must stop before either
+    monkeypatch.setattr(logging.root, "handlers", [])  # the stage's own log set-up, as in a fresh process
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # what torchrun sets
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", [stage, *command[3:]])
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(f"stages.{stage}").main()
+    assert stopped.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"stage {stage} runs in one process, but was started under a launcher with " \
+        "WORLD_SIZE=2" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -81,3 +81,27 @@ def test_a_truncated_shard_is_one_line_naming_it(tmp_path, index):
     with pytest.raises(BrokenArtifact, match=r"train-000000.tar: not a readable tar shard .*rerun the stage") as err:
         build_shard_index([str(shard)])
     assert "\n" not in str(err.value)
+
+
+def test_the_header_scanner_agrees_with_tarfile_and_hands_other_tars_to_it(tmp_path, index):
+    import tarfile
+
+    source = index.shards[0]
+    pax = tmp_path / "train-000000.tar"  # the same members, written with pax headers: read by tarfile
+    with tarfile.open(source) as tar, tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as out:
+        for member in tar:
+            out.addfile(member, tar.extractfile(member))
+    plain, other = build_shard_index([source]), build_shard_index([str(pax)])
+    with tarfile.open(source) as tar:
+        spans = {m.name: [m.offset_data, m.size] for m in tar}
+    assert [spans[f"{key}.json"] for key in plain.keys] == plain.json_span.tolist()
+    assert list(plain.keys) == list(other.keys) and plain.person_id.tolist() == other.person_id.tolist()
+    assert plain.first_pair.tolist() == other.first_pair.tolist() and plain.num_bytes == other.num_bytes
+
+    damaged = tmp_path / "damaged" / "train-000000.tar"
+    damaged.parent.mkdir()
+    payload = bytearray(open(source, "rb").read())
+    payload[0] ^= 0x20  # the first header's name: its checksum no longer matches
+    damaged.write_bytes(bytes(payload))
+    with pytest.raises(BrokenArtifact, match=r"not a readable tar shard \(bad header checksum at byte 0\)"):
+        build_shard_index([str(damaged)])

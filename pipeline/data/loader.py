@@ -79,6 +79,53 @@ def _broken(path: str, reason: str) -> BrokenArtifact:
                           f"rerun the stage that writes it ({rerun_hint(path)})")
 
 
+_BLOCK = 512
+
+
+class _NotPlainTar(Exception):
+    """A member this scanner does not read (pax or GNU headers, links, base-256 sizes): tarfile reads it."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:
+        raise _NotPlainTar("base-256 number")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _plain_members(fd: int, length: int) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of each member of a plain USTAR tar (what canonical.write_tar_atomic
+    writes), from its 512-byte headers alone: three times faster than tarfile, which builds an object
+    and parses every field of each header. ValueError for a damaged or truncated shard."""
+    members, offset = [], 0
+    while True:
+        header = os.pread(fd, _BLOCK, offset)
+        if len(header) < _BLOCK:
+            raise ValueError(f"unexpected end of data at byte {offset}")
+        if header == bytes(_BLOCK):
+            return members
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ValueError(f"bad header checksum at byte {offset}")
+        if header[156:157] not in (b"0", b"\0"):
+            raise _NotPlainTar(f"member type {header[156:157]!r}")
+        name, prefix = header[:100].split(b"\0", 1)[0], header[345:500].split(b"\0", 1)[0]
+        size = _octal(header[124:136])
+        if offset + _BLOCK + size > length:
+            raise ValueError(f"unexpected end of data in {name.decode(errors='replace')}")
+        members.append(((prefix + b"/" + name if prefix else name).decode(), offset + _BLOCK, size))
+        offset += _BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _members(path: str) -> list[tuple[str, int, int]]:
+    with open(path, "rb") as handle:
+        try:
+            return _plain_members(handle.fileno(), os.fstat(handle.fileno()).st_size)
+        except _NotPlainTar:
+            handle.seek(0)
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
+                return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
 def build_shard_index(shards: Sequence[str]) -> ShardIndex:
     """Scan the shards' tar headers (and their small JSON rows, for identities and caption counts);
     image bytes are not read. A truncated or unreadable shard, or a sample without an image, is a
@@ -86,20 +133,20 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
     keys, shard_ids, image_spans, json_spans, person_ids, counts = [], [], [], [], [], []
     for number, path in enumerate(shards):
         try:
-            with tarfile.open(path, "r:") as tar:
-                members: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    members.setdefault(key, {})[ext] = member
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            for name, offset, size in _members(path):
+                key, _, ext = name.partition(".")
+                members.setdefault(key, {})[ext] = (offset, size)
+            with open(path, "rb") as handle:
                 for key, found in members.items():
                     image = next((found[e] for e in IMAGE_EXTENSIONS if e in found), None)
                     if image is None or "json" not in found:
                         raise _broken(path, f"sample {key} lacks its image or JSON member")
-                    row = json.loads(tar.extractfile(found["json"]).read())
+                    row = json.loads(os.pread(handle.fileno(), found["json"][1], found["json"][0]))
                     keys.append(key)
                     shard_ids.append(number)
-                    image_spans.append((image.offset_data, image.size))
-                    json_spans.append((found["json"].offset_data, found["json"].size))
+                    image_spans.append(image)
+                    json_spans.append(found["json"])
                     person_ids.append(row["person_id"])
                     counts.append(len(row["captions"]))
         except (tarfile.TarError, EOFError, OSError, ValueError, KeyError) as err:
