@@ -158,3 +158,20 @@ def test_a_single_process_stage_under_a_launcher_stops_with_one_line(tmp_path, m
     assert len(lines) == 1 and f"stage {stage} runs in one process, but was started under a launcher with " \
         "WORLD_SIZE=2" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_under_a_launcher_each_log_line_names_its_rank_and_the_group_waits_an_hour(monkeypatch, capsys):
+    import logging
+
+    from pipeline.distributed import PROCESS_GROUP_TIMEOUT, accelerator_for
+    from pipeline.runtime import setup_logging
+
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    setup_logging()
+    logging.getLogger("stages.train").error("out of memory")
+    assert "[rank 5] ERROR stages.train: out of memory" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    handler = accelerator_for(cpu=True).init_handler  # what the process group is created with
+    assert handler.timeout == PROCESS_GROUP_TIMEOUT and PROCESS_GROUP_TIMEOUT.total_seconds() == 3600
