@@ -175,3 +175,18 @@ def test_under_a_launcher_each_log_line_names_its_rank_and_the_group_waits_an_ho
     monkeypatch.setenv("WORLD_SIZE", "1")
     handler = accelerator_for(cpu=True).init_handler  # what the process group is created with
     assert handler.timeout == PROCESS_GROUP_TIMEOUT and PROCESS_GROUP_TIMEOUT.total_seconds() == 3600
+
+
+@pytest.mark.parametrize("launcher, problem", [
+    ("python -m stages.train", "must be python, or start with torchrun or accelerate launch"),
+    ("torchrun --nproc_per_node 2 train.py", "names a module or script"),
+    ("mpirun -np 8", "must be python, or start with torchrun or accelerate launch"),
+    ("accelerate", "must be python, or start with torchrun or accelerate launch"),
+])
+def test_a_bad_launcher_is_one_line_naming_the_key(launcher, problem):
+    from pipeline.config import params_from_dict
+
+    for section in ("train", "pdg"):
+        with pytest.raises(ConfigError, match=rf"^params: '{section}.launcher' {problem}"):
+            params_from_dict({section: {"launcher": launcher}})
+    assert params_from_dict({"train": {"launcher": "accelerate launch --multi_gpu --num_processes 8"}})
