@@ -10,6 +10,14 @@ from pipeline.search.command import add_commands as add_search_commands
 from pipeline.text.edit_command import edit_captions_command
 
 
+def _gpu_count(text: str) -> int:
+    """--gpus: a whole number of at least 1 (argparse turns the ValueError into one usage line, exit 2)."""
+    count = int(text)
+    if count < 1:
+        raise ValueError(text)
+    return count
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--captioner", help="an image-to-text model folder (e.g. BLIP base), optional")
     profile.add_argument("--params", default="params.yaml", help="the params file to write (default: params.yaml)")
     profile.add_argument("--no-check", action="store_true", help="write even if a folder is missing or unreadable")
-    profile.add_argument("--gpus", type=int, default=1,
+    profile.add_argument("--gpus", type=_gpu_count, default=1,
                          help="GPUs of a node that train and generate use (above 1: accelerate launch --multi_gpu)")
     profile.set_defaults(run=lambda a: profile_command(a.name, a.params, a.data_root, a.clip, a.sd, a.captioner,
                                                        check=not a.no_check, gpus=a.gpus))

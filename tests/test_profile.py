@@ -160,3 +160,22 @@ def test_a_broken_config_json_and_a_missing_params_file_are_one_line_each(tmp_pa
     assert lines[0].startswith(f"params: 'model.vision_path' {broken}: config.json is not valid JSON (")
     assert profile_command("embedded", str(tmp_path / "none.yaml"), None, None, None, None) == 1
     assert capsys.readouterr().out.strip() == f"params: cannot read {tmp_path / 'none.yaml'}: No such file or directory"
+
+
+@pytest.mark.parametrize("gpus", ["0", "-2", "eight"])
+def test_a_gpu_count_below_one_is_a_usage_error_naming_the_flag(gpus, capsys):
+    from pipeline.cli import _parser
+
+    with pytest.raises(SystemExit) as stopped:
+        _parser().parse_args(["profile", "cuhk-pedes", "--gpus", gpus])
+    assert stopped.value.code == 2
+    assert f"argument --gpus: invalid _gpu_count value: '{gpus}'" in capsys.readouterr().err
+
+
+def test_a_gpu_count_sets_both_launchers():
+    from pipeline.profile import launcher_for
+
+    recipe = real_recipe("cuhk-pedes", "r", "c", "s", gpus=8)
+    assert recipe["train"]["launcher"] == recipe["pdg"]["launcher"] == launcher_for(8) == \
+        "accelerate launch --multi_gpu --num_processes 8"
+    assert real_recipe("cuhk-pedes", "r", "c", "s")["train"]["launcher"] == "python"
