@@ -33,6 +33,7 @@ from pipeline.config import FilterConfig, load_params
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
 from pipeline.generator.probe import CONFIG_FILE, AttributeProbe
 from pipeline.io import write_json_atomic
+from pipeline.pdg.calibration import Calibration, calibrate_on_prepared
 from pipeline.pdg.filtering import ScoredPair, filter_pairs, read_generated, referenced_sources, written
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.pdg.scorers import Scorer, load_scorer
@@ -71,10 +72,10 @@ def margin_auc(confirmed: list[float], wrong: list[float]) -> float | None:
 
 def attribute_check(
     samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer, cfg: FilterConfig,
-    checker: AttributeChecker, show_progress: bool = False,
+    calibration: Calibration, checker: AttributeChecker, show_progress: bool = False,
 ) -> tuple[list[ScoredPair], dict]:
     """The filter's pairs (scored and judged as the stage does) and the attribute check's report."""
-    pairs = filter_pairs(samples, sources, scorer, cfg, show_progress=show_progress)
+    pairs = filter_pairs(samples, sources, scorer, cfg, calibration, show_progress=show_progress)
     verdicts = {}
     for start in range(0, len(pairs), cfg.batch_size):
         batch = pairs[start : start + cfg.batch_size]
@@ -132,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"no generated pairs in {args.raw}: run `dvc repro generate`")
     sources = load_source_images(args.prepared, referenced_sources(samples))
     scorer = load_scorer(cfg.scorer, inference_device())
-    pairs, check = attribute_check(samples, sources, scorer, cfg, AttributeChecker(AttributeProbe.load(probe), attributes),
-                                   show_progress=True)
+    calibration = calibrate_on_prepared(scorer, args.prepared, cfg)
+    pairs, check = attribute_check(samples, sources, scorer, cfg, calibration,
+                                   AttributeChecker(AttributeProbe.load(probe), attributes), show_progress=True)
     report = {
         "date": started.isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "experiments.attribute_check", *(argv if argv is not None else sys.argv[1:])]),

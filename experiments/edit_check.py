@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.text.lexicon import COLOR_FAMILY
+from pipeline.text.lexicon import palette_name
 
 from pipeline.generator.probe import LOWER_NOUNS, UPPER_NOUNS, AttributeProbe, predict_colours
 
@@ -35,11 +35,6 @@ def garment_of(phrase: str) -> str | None:
     if words & _LOWER_WORDS:
         return "lower"
     return None
-
-
-def palette_name(colour: str) -> str:
-    """The SynthPedes palette colour a caption's colour word belongs to ("grey" -> "gray")."""
-    return COLOR_FAMILY.get(colour.lower(), colour.lower())
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class GeneratorConfig:
 class PdgConfig:
     """Offline proximity data generation: which pairs to edit, and how."""
 
-    method: str = field(default="p2p", metadata={"choices": ("p2p", "img2img")})
+    # p2p | img2img | oracle (SynthPedes only: the renderer's true edit, pipeline/pdg/oracle.py)
+    method: str = field(default="p2p", metadata={"choices": ("p2p", "img2img", "oracle")})
     num_samples: int = field(default=2, metadata=bounded(1, 64))  # proximity samples per source pair
     source_count: int = field(default=200, metadata=bounded(0))  # training images used as sources; 0 = fraction
     source_fraction: float = field(default=1.0, metadata=bounded(0.0, 1.0))  # used when source_count is 0
@@ -229,19 +230,22 @@ class FilterConfig:
     # a trained dual encoder of this project (models/<variant>, its best/) or a CLIP folder or hub id;
     # dvc.yaml makes it a dependency of the filter stage, so a hub id must be downloaded to a folder first
     scorer: str = "models/baseline"
-    # consistency: s(generated image, edited caption) - s(generated image, source caption) >= margin ...
-    margin: float = field(default=0.02, metadata=bounded(-2.0, 2.0))
-    # ... and s(generated image, edited caption) >= min_similarity (cosine)
-    min_similarity: float = field(default=0.1, metadata=bounded(-1.0, 1.0))
+    # consistency, calibrated on the scorer's own behaviour on real training pairs (pipeline/pdg/calibration.py):
+    # s(generated, edited caption) - s(generated, source caption) at least the preference of real images for
+    # their caption over a colour-edited one at this level of that distribution (0.1: its lowest 10%) ...
+    margin_level: float = field(default=0.1, metadata=bounded(0.0, 1.0))
+    # ... and s(generated, edited caption) at least the similarity of real pairs at this level
+    similarity_level: float = field(default=0.01, metadata=bounded(0.0, 1.0))
+    calibration_pairs: int = field(default=1000, metadata=bounded(10))  # real training pairs measured
     # fidelity: mean absolute change (grey levels, 0-255) outside the edited region, at most this
     max_outside_change: float = field(default=40.0, metadata=bounded(0.0, 255.0))
     # degenerate: a blank image (pixel std below this, grey levels) or a noisy one (share of
     # high-frequency energy above this) is rejected
     min_pixel_std: float = field(default=8.0, metadata=bounded(0.0, 255.0))
     max_noise_share: float = field(default=0.5, metadata=bounded(0.0, 1.0))
-    # near-duplicates: a kept image whose embedding is this similar to an earlier kept one from the
-    # same source is dropped
-    duplicate_similarity: float = field(default=0.995, metadata=bounded(0.0, 1.0))
+    # near-duplicates: a kept image of a source differing from an earlier kept one of that source by
+    # less than this mean |change| (grey levels) is dropped (pixels: no scorer's scale involved)
+    duplicate_change: float = field(default=1.0, metadata=bounded(0.0, 255.0))
     batch_size: int = field(default=128, metadata=bounded(1))
     sheet_samples: int = field(default=8, metadata=bounded(0, 100))  # kept and rejected examples each
 

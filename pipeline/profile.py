@@ -37,7 +37,7 @@ EMBEDDED = {
     "pdg": {"source_count": 200, "source_fraction": 1.0, "num_steps": 20, "guidance": 4.0, "canvas_height": 0,
             "canvas_width": 0, "precision": "auto", "inversion": "ddim", "null_text_steps": 0, "batch_size": 16,
             "shard_size": 64, "launcher": "python"},
-    "filter": {"scorer": "models/baseline", "margin": 0.02, "min_similarity": 0.1, "duplicate_similarity": 0.995},
+    "filter": {"scorer": "models/baseline", "margin_level": 0.1, "similarity_level": 0.01, "calibration_pairs": 1000},
     "caption": {"captioner": ""},
 }
 
@@ -68,9 +68,9 @@ def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str 
         "pdg": {"source_count": 0, "source_fraction": 1.0, "num_steps": 50, "guidance": 7.5, "canvas_height": 512,
                 "canvas_width": 192, "precision": "auto", "inversion": "negative-prompt", "null_text_steps": 0,
                 "batch_size": 8, "shard_size": 256, "launcher": launcher},
-        # CLIP cosines: matching person/caption pairs lie around 0.2-0.35 and a one-colour edit moves
-        # them by about 0.01-0.03; starting points, calibrated from metrics/filter.json's distributions
-        "filter": {"scorer": clip, "margin": 0.005, "min_similarity": 0.18, "duplicate_similarity": 0.97},
+        # the same levels as the embedded default: the filter stage calibrates the thresholds on CLIP's own
+        # cosines over real training pairs (pipeline/pdg/calibration.py, metrics/filter.json)
+        "filter": {"scorer": clip, "margin_level": 0.1, "similarity_level": 0.01, "calibration_pairs": 1000},
         "caption": {"captioner": captioner},
     }
 

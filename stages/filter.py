@@ -1,12 +1,15 @@
 """DVC stage `filter`: score every generated pair in data/pdg/raw and keep the good ones.
 
-Writes the kept pairs to data/pdg/filtered (their json gains the scores), metrics/filter.json
-(pairs in, kept, failures per reason, acceptance rate, and the quantiles of the consistency and
-fidelity scores over all pairs, to calibrate the thresholds on) and reports/filter/examples.png
+First calibrates the consistency thresholds on the scorer's behaviour on `filter.calibration_pairs`
+real training pairs (pipeline/pdg/calibration.py). Writes the kept pairs to data/pdg/filtered (their
+json gains the scores), metrics/filter.json (pairs in, kept, failures per reason, acceptance rate,
+the quantiles of the consistency and fidelity scores over all pairs, and the calibration: the real
+pairs' distributions and the thresholds they give) and reports/filter/examples.png
 (kept and rejected pairs with their scores). The scorer is `filter.scorer`: a trained dual encoder of this
 project (models/baseline, the default) or a CLIP folder; dvc.yaml makes it the stage's dependency. How often
 train_generator's attribute probe confirms the kept and the rejected edits (SynthPedes) is a
-diagnostic run outside the DAG: `python -m experiments.attribute_check`.
+diagnostic run outside the DAG: `python -m experiments.attribute_check`; how well it tells right edits from
+known-bad ones against SynthPedes' ground truth: benchmarks/bench_filter_truth.py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline.io import write_json_atomic, writing_directory
+from pipeline.pdg.calibration import calibrate_on_prepared
 from pipeline.pdg.filtering import filter_pairs, read_generated, referenced_sources, summarise, write_kept
 from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
 from pipeline.pdg.shards import load_source_images, pdg_shards
@@ -46,12 +50,16 @@ def main() -> int:
     except (OSError, ValueError) as err:
         log.error("params: 'filter.scorer' %r could not be loaded as a CLIP model: %s", cfg.scorer, err)
         return 1
+    calibration = calibrate_on_prepared(scorer, args.prepared, cfg)
+    log.info("calibrated on %d real training pairs: margin >= %.5f (level %g), similarity >= %.5f (level %g)",
+             calibration.preference.size, calibration.margin_threshold, cfg.margin_level,
+             calibration.similarity_threshold, cfg.similarity_level)
     samples = read_generated(shards)
     sources = load_source_images(args.prepared, referenced_sources(samples))
-    pairs = filter_pairs(samples, sources, scorer, cfg)
+    pairs = filter_pairs(samples, sources, scorer, cfg, calibration)
     with writing_directory(args.out) as staging:
         written = write_kept(pairs, staging, params.pdg.shard_size, cfg.enabled)
-    report = summarise(pairs, cfg.enabled).to_json()
+    report = summarise(pairs, cfg.enabled, calibration).to_json()
     write_json_atomic(args.metrics, report)
     plot_filter_examples(pairs, sources, args.sheet, cfg.sheet_samples)
     log.info("kept %d of %d pairs: %s", written, len(pairs), report)

@@ -31,6 +31,7 @@ from pipeline.pdg.generate import (
     shard_names,
     wait_for_shards,
 )
+from pipeline.pdg.oracle import oracle_editor, oracle_plan
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.generator.checkpoint import resolve_generator
 from pipeline.generator.model import load_generator
@@ -72,10 +73,18 @@ def main() -> int:
     generator = resolve_generator(args.generator)
     canvas = (cfg.canvas_width, cfg.canvas_height) if cfg.canvas_width else None
     parts = load_generator(generator, accelerator.device, cfg.precision, canvas=canvas)
+    # the oracle plans the diffusion generator's jobs (the same alignable edits), less those it cannot render
     plan = plan_generation(read_manifest(manifest_path(args.prepared, "train")), cfg, alignable_with(parts.tokenizer))
-    log.info("%d samples planned from %d sources (%d without an editable caption, %d edits not alignable); "
-             "generator at %dx%d pixels in %s", len(plan.jobs), plan.sources, plan.sources_without_edit,
-             plan.edits_not_alignable, *parts.image_size, parts.dtype)
+    if cfg.method == "oracle":
+        try:
+            plan = oracle_plan(plan, params.synth.seed)
+        except ValueError as err:
+            log.error("params: 'pdg.method' oracle: %s", err)
+            return 1
+    log.info("%d samples planned from %d sources (%d without an editable caption, %d edits not alignable, "
+             "%d not renderable); generator at %dx%d pixels in %s", len(plan.jobs), plan.sources,
+             plan.sources_without_edit, plan.edits_not_alignable, plan.edits_not_renderable, *parts.image_size,
+             parts.dtype)
     sources = [manifest_path(args.prepared, "train"), *list_shards(args.prepared, "train")]
     on_main(accelerator, lambda: prepare_output(args.out, generation_fingerprint(cfg, generator, sources)))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -87,6 +96,7 @@ def main() -> int:
         "sources": plan.sources,
         "sources_without_edit": plan.sources_without_edit,
         "edits_not_alignable": plan.edits_not_alignable,
+        "edits_not_renderable": plan.edits_not_renderable,
         "samples": len(plan.jobs),
         "shards": len(shards),
         "processes": world,
@@ -107,7 +117,8 @@ def main() -> int:
 
     with count_unet(parts) as count, tqdm(total=mine, unit="sample", desc=f"generate ({cfg.method})",
                                           disable=not accelerator.is_main_process) as bar:
-        editor = MeteredEditor(make_editor(parts, cfg), count, first_batch)
+        edit = oracle_editor(params.synth.seed) if cfg.method == "oracle" else make_editor(parts, cfg)
+        editor = MeteredEditor(edit, count, first_batch)
         report = run_generation(plan, images, editor, cfg, generator, args.out, rank, world, bar.update)
     if accelerator.is_main_process:
         # no barrier here: under NCCL it times out after 30 minutes, and ranks may finish hours apart

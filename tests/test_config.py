@@ -86,7 +86,7 @@ def test_the_field_defaults_are_the_shipped_params(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "key 'lr' appears twice in one mapping (lines 2 and 3)"),
     ("train:\n  lr: .nan\n", "'train.lr' must be a finite number, got nan"),
-    ("filter:\n  margin: .inf\n", "'filter.margin' must be a finite number, got inf"),
+    ("filter:\n  margin_level: .inf\n", "'filter.margin_level' must be a finite number, got inf"),
     ("train:\n  seed: -1\n", "'train.seed' must be in [0, None]"),
     ("data:\n  image_height: 60\n", "'model.patch_size' 8 does not divide the image size 60x32"),
     ("pdg:\n  method: img2img\n  strength: 0.01\n  num_steps: 20\n", "'pdg.strength' 0.01 leaves none of the 20 steps"),

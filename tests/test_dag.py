@@ -13,16 +13,16 @@ from experiments.ablation import experiments
 from pipeline.data.canonical import manifest_path, read_manifest
 from test_generator_training import TINY_GENERATOR_PARAMS
 from test_training import TINY_TRAINING
-from tiny_project import deep_merge, dvc, make_tiny_project, stale_stages
+from tiny_project import assert_calibrated, deep_merge, dvc, make_tiny_project, stale_stages
 
 pytestmark = pytest.mark.slow  # real `dvc repro` of the whole tiny DAG
 
 TINY_DAG = deep_merge(TINY_TRAINING, {
     "generator": {**TINY_GENERATOR_PARAMS, "vae_steps": 4, "unet_steps": 4, "sample_steps": 2, "latent_channels": 4},
     "pdg": {"source_count": 4, "num_samples": 1, "num_steps": 3, "batch_size": 2, "shard_size": 2, "sheet_samples": 2},
-    # a barely trained generator makes poor edits: keep everything not degenerate, so pairs flow on
-    "filter": {"margin": -2.0, "min_similarity": -1.0, "max_outside_change": 255.0, "min_pixel_std": 0.0,
-               "max_noise_share": 1.0, "duplicate_similarity": 1.0, "sheet_samples": 2},
+    # a barely trained generator makes poor edits: the filter scores them (and calibrates) but keeps
+    # every pair, so pairs flow on
+    "filter": {"enabled": False, "calibration_pairs": 10, "sheet_samples": 2},
     "variants": {"pdg": {"online": {"embedding_neighbours": False, "mixup_layer": 0, "mixup_prob": 0.5}}},
 })
 
@@ -49,6 +49,7 @@ def test_repro_runs_every_stage_and_both_variants(project):
     filtered = json.loads((project / "metrics" / "filter.json").read_text())
     assert filtered["pairs_in"] == generated["samples"] and filtered["kept"] >= 1
     assert "attribute_check" not in filtered  # a diagnostic outside the DAG (experiments/attribute_check.py)
+    assert_calibrated(filtered["calibration"], most_pairs=10)
     captioned = json.loads((project / "metrics" / "caption.json").read_text())
     assert captioned["proximity_images"] == filtered["kept"]
     rows = read_manifest(manifest_path(project / "data" / "pdg" / "train", "train"))

@@ -17,6 +17,7 @@ from pipeline.data.canonical import write_tar_atomic
 from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.generator.probe import LOWER_CLASSES, UPPER_CLASSES
 from pipeline.pdg.filtering import read_generated, write_kept
+from tiny_project import fixed_calibration
 
 TORSO, LEGS = (slice(14, 34), slice(8, 24)), (slice(34, 58), slice(10, 22))
 SOURCE = {"upper_color": "red", "lower_color": "blue", "lower_visible": "yes"}
@@ -117,8 +118,8 @@ def _png(array: np.ndarray) -> bytes:
 
 def test_the_check_says_how_often_kept_and_rejected_edits_are_right(tmp_path):
     samples, sources, checker = _shard(tmp_path)
-    cfg = FilterConfig(margin=0.05, min_similarity=0.5)
-    pairs, check = attribute_check(samples, sources, _TorsoScorer(), cfg, checker)
+    cfg, calibration = FilterConfig(), fixed_calibration(0.05, 0.5)
+    pairs, check = attribute_check(samples, sources, _TorsoScorer(), cfg, calibration, checker)
     undone = ["consistency_margin", "consistency_similarity"]  # a red shirt, captioned green
     assert {p.key: p.reasons for p in pairs} == {"right": [], "not-done": undone, "spilled": [], "shoes": []}
     assert check["judged"] == 3 and check["not_judged"] == 1
@@ -129,18 +130,17 @@ def test_the_check_says_how_often_kept_and_rejected_edits_are_right(tmp_path):
     assert check["margin_auc"] == 0.75
     assert "| 4 | 3 (2 / 1) | 33.33 | 50.00 | 0.00 | 0.7500 |" in markdown({"pairs": 4, "attribute_check": check})
     # with the filter off every pair is kept: the rejected group is empty
-    _, unfiltered = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(enabled=False), checker)
+    _, unfiltered = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(enabled=False), calibration, checker)
     assert unfiltered["judged_kept"] == 3 and unfiltered["confirmed_percent"]["rejected"] is None
 
 
 def test_the_check_agrees_with_what_the_filter_stage_wrote(tmp_path):
     samples, sources, checker = _shard(tmp_path)
-    cfg = FilterConfig(margin=0.05, min_similarity=0.5)
-    pairs, _ = attribute_check(samples, sources, _TorsoScorer(), cfg, checker)
+    pairs, _ = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(), fixed_calibration(0.05, 0.5), checker)
     write_kept(pairs, tmp_path / "filtered", shard_size=2)
     assert agreement(pairs, tmp_path / "filtered", enabled=True) == {
         "kept_keys_agree": True, "stage_kept": 3, "kept": 3, "max_score_difference": 0.0}
-    stricter, _ = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(margin=0.9), checker)
+    stricter, _ = attribute_check(samples, sources, _TorsoScorer(), FilterConfig(), fixed_calibration(0.9, 0.5), checker)
     assert not agreement(stricter, tmp_path / "filtered", enabled=True)["kept_keys_agree"]
 
 

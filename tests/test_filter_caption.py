@@ -31,7 +31,7 @@ from pipeline.pdg.filtering import (
     summarise,
     write_kept,
 )
-from tiny_project import TINY_PROFILE
+from tiny_project import TINY_PROFILE, fixed_calibration
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -95,19 +95,20 @@ def _generated_shard(tmp_path):
 
 def test_filter_rejects_each_bad_pair_for_its_reason_and_reports_counts(tmp_path):
     shards, sources = _generated_shard(tmp_path)
-    cfg = FilterConfig(margin=0.05, min_similarity=0.5, duplicate_similarity=0.999, batch_size=2)
-    pairs = filter_pairs(read_generated(shards), sources, _ColourScorer(), cfg, show_progress=False)
+    cfg, calibration = FilterConfig(duplicate_change=1.0, batch_size=2), fixed_calibration(0.05, 0.5)
+    pairs = filter_pairs(read_generated(shards), sources, _ColourScorer(), cfg, calibration, show_progress=False)
     verdict = {p.key: p.reasons for p in pairs}
     assert verdict["good"] == [] and verdict["copy"] == ["duplicate"]
     assert "consistency_margin" in verdict["wrong"] and "consistency_similarity" in verdict["wrong"]
     assert "blank" in verdict["blank"] and "noise" in verdict["noise"]
-    report = summarise(pairs, enabled=True).to_json()
+    report = summarise(pairs, enabled=True, calibration=calibration).to_json()
     assert report["pairs_in"] == 5 and report["kept"] == 1 and report["acceptance_rate"] == 0.2
     assert report["failed_by_reason"]["duplicate"] == 1 and report["failed_by_reason"]["blank"] == 1
     assert write_kept(pairs, tmp_path / "kept", shard_size=4) == 1
     (kept,) = iter_shard_samples(sorted(str(p) for p in (tmp_path / "kept").glob("pdg-*.tar")))
     assert kept["__key__"] == "good" and json.loads(kept["json"])["filter_scores"]["margin"] > 0.05
-    assert summarise(pairs, enabled=False).kept == 5
+    assert report["calibration"]["margin_threshold"] == 0.05 and report["calibration"]["similarity_threshold"] == 0.5
+    assert summarise(pairs, enabled=False, calibration=calibration).kept == 5
     assert write_kept(pairs, tmp_path / "all", shard_size=4, enabled=False) == 5
 
 
@@ -136,7 +137,7 @@ def test_a_clip_checkpoint_scores_pairs(tmp_path):
     scorer = ClipScorer(str(_tiny_clip(tmp_path / "clip")))
     assert scorer.model.dtype == torch.float32  # on the CPU
     shards, sources = _generated_shard(tmp_path)
-    pairs = filter_pairs(read_generated(shards), sources, scorer, FilterConfig(margin=-2, min_similarity=-1),
+    pairs = filter_pairs(read_generated(shards), sources, scorer, FilterConfig(), fixed_calibration(-2.0, -1.0),
                          show_progress=False)
     assert len(pairs) == 5 and all(-1 <= p.scores["edited_similarity"] <= 1 for p in pairs)
     assert len({round(p.scores["edited_similarity"], 6) for p in pairs}) > 1  # images differ, so do scores
@@ -232,14 +233,14 @@ def test_filter_stage_names_the_key_and_the_path_of_a_missing_scorer(tmp_path, m
 
 
 def _scored(key, **scores):
-    return ScoredPair(key, {"source_key": key}, {}, scores, torch.zeros(2))
+    return ScoredPair(key, {"source_key": key}, {}, scores, np.zeros(2))
 
 
 def test_the_report_gives_quantiles_of_every_threshold_score():
     pairs = [_scored(f"p{i}", edited_similarity=i / 10, source_similarity=1 - i / 10, margin=float(i),
                      outside_change=10.0 * i, pixel_std=20.0, noise_share=0.1) for i in range(11)]
     pairs[3].reasons = ["fidelity"]  # rejected pairs count too
-    report = summarise(pairs, enabled=True).to_json()
+    report = summarise(pairs, enabled=True, calibration=fixed_calibration(0.0, 0.0)).to_json()
     assert report["pairs_in"] == 11 and report["kept"] == 10 and report["failed_by_reason"]["fidelity"] == 1
     quantiles = report["score_quantiles"]
     assert set(quantiles) == {"edited_similarity", "source_similarity", "margin", "outside_change"}
@@ -247,7 +248,7 @@ def test_the_report_gives_quantiles_of_every_threshold_score():
                                    "max": 10.0}
     assert quantiles["outside_change"]["p95"] == 95.0 and quantiles["edited_similarity"]["median"] == 0.5
     assert quantiles["source_similarity"]["p05"] == 0.05 and quantiles["source_similarity"]["max"] == 1.0
-    assert summarise([], enabled=True).to_json()["score_quantiles"] == {}
+    assert summarise([], enabled=True, calibration=fixed_calibration(0.0, 0.0)).to_json()["score_quantiles"] == {}
 
 
 def _kept_sample(key, person, phrase, colour, caption="A man in a red shirt and blue jeans walking.", source="src"):

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
-from tiny_project import FIXTURES, deep_merge, make_tiny_project, require_fixture, stale_stages
+from tiny_project import FIXTURES, assert_calibrated, deep_merge, make_tiny_project, require_fixture, stale_stages
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,7 @@ SHORT = {
     "generator": {"sample_steps": 1},
     "pdg": {"source_count": 1, "num_samples": 2, "num_steps": 2, "batch_size": 2, "shard_size": 2, "sheet_samples": 2},
     # random weights make random scores: keep every pair so that each later stage has work
-    "filter": {"margin": -2.0, "min_similarity": -1.0, "max_outside_change": 255.0, "min_pixel_std": 0.0,
-               "max_noise_share": 1.0, "duplicate_similarity": 1.0, "sheet_samples": 2, "batch_size": 8},
+    "filter": {"enabled": False, "calibration_pairs": 10, "sheet_samples": 2, "batch_size": 8},
     "caption": {"captioner_max_tokens": 6, "batch_size": 2},
     "variants": {"pdg": {"online": {"embedding_neighbours": False}}},
 }
@@ -129,6 +128,7 @@ def test_clip_filter_blip_captions_and_the_pdg_variant(real_run):
     project, _, _ = real_run
     filtered = _metrics(project, "filter")
     assert filtered["pairs_in"] == 2 and filtered["kept"] == 2
+    assert_calibrated(filtered["calibration"], most_pairs=10)  # on CLIP's cosines, at real shapes
     captioned = _metrics(project, "caption")
     assert captioned["proximity_images"] == 2 and captioned["captioner"].endswith("blip-base")
     rows = read_manifest(manifest_path(project / "data" / "pdg" / "train", "train"))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -89,3 +90,24 @@ def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
     captions = load_retrieval_split(prepared, "train").captions
     model, _ = build_model(ModelConfig(**TINY_MODEL), (64, 32), captions=captions)
     model.save_pretrained(folder)
+
+
+def assert_calibrated(calibration: dict, most_pairs: int) -> None:
+    """The filter's calibration is well formed: real pairs measured, ordered quantiles, and each
+    threshold the quantile of its distribution at its level."""
+    assert 1 <= calibration["real_pairs"] <= most_pairs
+    for name, threshold, level in (("preference", "margin_threshold", "margin_level"),
+                                   ("similarity", "similarity_threshold", "similarity_level")):
+        levels = list(calibration[name].values())
+        assert levels == sorted(levels) and all(np.isfinite(levels))
+        assert calibration[name]["min"] <= calibration[threshold] <= calibration[name]["max"]
+        if calibration[level] == 0.0:
+            assert calibration[threshold] == calibration[name]["min"]
+    assert 0.0 <= calibration["preferred_share"] <= 1.0
+
+
+def fixed_calibration(margin: float, similarity: float):
+    """A filter calibration whose thresholds are exactly `margin` and `similarity` (level 0 of one value each)."""
+    from pipeline.pdg.calibration import Calibration
+
+    return Calibration(np.array([margin]), np.array([similarity]), margin_level=0.0, similarity_level=0.0)

@@ -59,6 +59,8 @@ def batch_unet_evaluations(cfg: PdgConfig, group_sizes: Sequence[int]) -> int:
     """UNet rows of one edit batch made of groups of these sizes (an upper bound with null-text)."""
     steps, passes = cfg.num_steps, 2 if cfg.guidance != 1 else 1
     groups, edits = len(group_sizes), sum(group_sizes)
+    if cfg.method == "oracle":  # the renderer draws the truth: no UNet
+        return 0
     if cfg.method == "img2img":
         return min(round(cfg.strength * steps), steps) * passes * edits
     rows = steps * groups + steps * (groups + edits) * passes

@@ -2,18 +2,20 @@
 
 Every pair gets four scores, each against its own param:
 - consistency, under a scorer (the baseline dual encoder, or a CLIP): the generated image must
-  match its edited caption better than the source caption, by `margin`, and the edited caption
-  with at least `min_similarity`;
+  match its edited caption better than the source caption, and the edited caption well enough,
+  each by thresholds calibrated on the scorer's behaviour on real training pairs at
+  `margin_level` and `similarity_level` (pipeline/pdg/calibration.py);
 - fidelity: the mean absolute pixel change (0-255) between the generated and the source image
   over the least-changed (1 - EDIT_AREA) of the pixels, so the edited garment itself is left out
   whatever the method (no mask needed);
 - not degenerate: pixel standard deviation (blank images) and the share of the image's energy in
   its finest details (pure noise);
-- near-duplicates: among kept pairs from the same source image, one whose image embedding is at
-  least `duplicate_similarity` like an earlier kept one is dropped; so are exact pixel duplicates.
+- near-duplicates: among kept pairs from the same source image, one whose pixels differ from an
+  earlier kept one's by less than `duplicate_change` (mean, grey levels) is dropped; so are exact
+  pixel duplicates anywhere.
 
-Whether the kept edits are right by SynthPedes' colour labels is a diagnostic, not a criterion:
-experiments/attribute_check.py.
+How well the filter tells right edits from known-bad ones, against SynthPedes' ground truth:
+benchmarks/bench_filter_truth.py.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import FilterConfig
 from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
+from pipeline.pdg.calibration import Calibration
 from pipeline.pdg.shards import SHARD_NAME
 from pipeline.pdg.scorers import Scorer
 
@@ -80,7 +82,7 @@ class ScoredPair:
     record: dict
     members: dict[str, bytes]
     scores: dict[str, float]
-    embedding: torch.Tensor  # the generated image's, for near-duplicate removal
+    pixels: np.ndarray  # the generated image (float RGB), for near-duplicate removal
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -88,7 +90,9 @@ class ScoredPair:
         return not self.reasons
 
 
-def score_batch(samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer) -> list[ScoredPair]:
+def score_batch(
+    samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer, calibration: Calibration
+) -> list[ScoredPair]:
     records = [json.loads(s["json"]) for s in samples]
     images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples]
     originals = [Image.open(io.BytesIO(sources[r["source_key"]])).convert("RGB") for r in records]
@@ -103,21 +107,22 @@ def score_batch(samples: list[dict[str, bytes]], sources: dict[str, bytes], scor
             "edited_similarity": edited_sim[i],
             "source_similarity": source_sim[i],
             "margin": edited_sim[i] - source_sim[i],
+            "consistency_score": calibration.consistency_score(edited_sim[i] - source_sim[i], edited_sim[i]),
             "outside_change": outside_change(images[i], originals[i]),
             "pixel_std": pixel_std(images[i]),
             "noise_share": noise_share(images[i]),
         }
-        pairs.append(ScoredPair(sample["__key__"], record, sample, scores, image_emb[i]))
+        pairs.append(ScoredPair(sample["__key__"], record, sample, scores, _array(images[i])))
     return pairs
 
 
-def judge(pair: ScoredPair, cfg: FilterConfig) -> list[str]:
+def judge(pair: ScoredPair, cfg: FilterConfig, calibration: Calibration) -> list[str]:
     """Every criterion the pair fails (duplicates are judged afterwards, among kept pairs)."""
     s = pair.scores
     failed = []
-    if s["margin"] < cfg.margin:
+    if s["margin"] < calibration.margin_threshold:
         failed.append("consistency_margin")
-    if s["edited_similarity"] < cfg.min_similarity:
+    if s["edited_similarity"] < calibration.similarity_threshold:
         failed.append("consistency_similarity")
     if s["outside_change"] > cfg.max_outside_change:
         failed.append("fidelity")
@@ -128,22 +133,24 @@ def judge(pair: ScoredPair, cfg: FilterConfig) -> list[str]:
     return failed
 
 
-def mark_duplicates(pairs: list[ScoredPair], threshold: float) -> None:
-    """Among kept pairs, in order: exact pixel copies anywhere, and near copies of the same source."""
+def mark_duplicates(pairs: list[ScoredPair], max_change: float) -> None:
+    """Among kept pairs, in order: exact pixel copies anywhere, and near copies of the same source
+    (mean |difference| below `max_change` grey levels from an earlier kept one of that source)."""
     seen_pixels: set[str] = set()
-    kept_by_source: dict[str, list[torch.Tensor]] = {}
+    kept_by_source: dict[str, list[np.ndarray]] = {}
     for pair in pairs:
         if not pair.kept:
             continue
         digest = hashlib.sha256(pair.members["png"]).hexdigest()
         earlier = kept_by_source.setdefault(pair.record["source_key"], [])
-        closest = max((float(pair.embedding @ e) for e in earlier), default=-1.0)
-        pair.scores["closest_kept_similarity"] = closest
-        if digest in seen_pixels or closest >= threshold:
+        closest = min((float(np.abs(pair.pixels - e).mean()) for e in earlier if e.shape == pair.pixels.shape),
+                      default=255.0)
+        pair.scores["closest_kept_change"] = closest
+        if digest in seen_pixels or closest < max_change:
             pair.reasons.append("duplicate")
             continue
         seen_pixels.add(digest)
-        earlier.append(pair.embedding)
+        earlier.append(pair.pixels)
 
 
 @dataclass
@@ -156,6 +163,7 @@ class FilterReport:
     enabled: bool
     score_means: dict[str, float]
     score_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -166,20 +174,21 @@ class FilterReport:
             "rejected_by_first_reason": self.rejected_by_first_reason,
             "score_means": {k: round(v, 4) for k, v in self.score_means.items()},
             "score_quantiles": {name: {k: round(v, 4) for k, v in q.items()} for name, q in self.score_quantiles.items()},
+            "calibration": self.calibration,
         }
 
 
 def filter_pairs(
     samples: list[dict[str, bytes]], sources: dict[str, bytes], scorer: Scorer, cfg: FilterConfig,
-    show_progress: bool = True,
+    calibration: Calibration, show_progress: bool = True,
 ) -> list[ScoredPair]:
     """Scores and judges every generated pair (from `read_generated`), in order."""
     pairs: list[ScoredPair] = []
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc="filter", unit="batch", disable=not show_progress):
-        pairs += score_batch(samples[start : start + cfg.batch_size], sources, scorer)
+        pairs += score_batch(samples[start : start + cfg.batch_size], sources, scorer, calibration)
     for pair in pairs:
-        pair.reasons = judge(pair, cfg)
-    mark_duplicates(pairs, cfg.duplicate_similarity)
+        pair.reasons = judge(pair, cfg, calibration)
+    mark_duplicates(pairs, cfg.duplicate_change)
     return pairs
 
 
@@ -197,7 +206,7 @@ def read_generated(shards: list[str]) -> list[dict[str, bytes]]:
     return samples
 
 
-def summarise(pairs: list[ScoredPair], enabled: bool) -> FilterReport:
+def summarise(pairs: list[ScoredPair], enabled: bool, calibration: Calibration) -> FilterReport:
     failed = Counter(reason for pair in pairs for reason in pair.reasons)
     first = Counter(pair.reasons[0] for pair in pairs if pair.reasons)
     rejected = sum(not written(pair, enabled) for pair in pairs)
@@ -205,11 +214,12 @@ def summarise(pairs: list[ScoredPair], enabled: bool) -> FilterReport:
              ("edited_similarity", "source_similarity", "margin", "outside_change", "pixel_std", "noise_share")} if pairs else {}
     return FilterReport(len(pairs), len(pairs) - rejected, rejected, {r: failed.get(r, 0) for r in REASONS},
                         {r: first.get(r, 0) for r in REASONS}, enabled, means,
-                        {name: quantiles([p.scores[name] for p in pairs]) for name in QUANTILE_SCORES} if pairs else {})
+                        {name: quantiles([p.scores[name] for p in pairs]) for name in QUANTILE_SCORES} if pairs else {},
+                        calibration.to_json())
 
 
-# The scores a first real run calibrates its thresholds on: both consistency similarities, their
-# margin, and the fidelity score (change outside the edit); each over all pairs, kept or not.
+# The scores reported as quantiles over all pairs, kept or not: both consistency similarities,
+# their margin (beside the calibration's thresholds) and the fidelity score (change outside the edit).
 QUANTILE_SCORES = ("edited_similarity", "source_similarity", "margin", "outside_change")
 QUANTILES = {"min": 0.0, "p05": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
 

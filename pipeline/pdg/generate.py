@@ -53,6 +53,7 @@ class GenerationPlan:
     sources: int  # training images drawn as sources
     sources_without_edit: int  # of those, images none of whose captions has an editable colour phrase
     edits_not_alignable: int = 0  # edits dropped: the prompt tokens could not be aligned (e.g. past the limit)
+    edits_not_renderable: int = 0  # oracle only: edits dropped whose true image the renderer cannot draw
 
     def shards(self, shard_size: int) -> list[list[GenerationJob]]:
         return [self.jobs[i : i + shard_size] for i in range(0, len(self.jobs), shard_size)]
@@ -342,4 +343,4 @@ def make_editor(parts, cfg: PdgConfig) -> EditFunction:
             guidance=cfg.guidance, seed=[job.seed for job in jobs],
         )
 
-    return prompt_to_prompt if cfg.method == "p2p" else sdedit
+    return {"p2p": prompt_to_prompt, "img2img": sdedit}[cfg.method]

@@ -29,6 +29,12 @@ COLOR_FAMILY = {
     "blonde": "yellow", "blond": "yellow",
 }
 
+
+def palette_name(colour: str) -> str:
+    """The palette colour a colour word belongs to ("grey" -> "gray", "navy" -> "blue")."""
+    return COLOR_FAMILY.get(colour.lower(), colour.lower())
+
+
 # Shade words that belong to the colour they precede ("dark blue", "light-gray", "hot pink"):
 # the replacement takes the whole shade. Alone ("dark pants", "light colored") they are no colour.
 SHADE_MODIFIERS = frozenset(

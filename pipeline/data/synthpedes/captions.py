@@ -24,7 +24,7 @@ _NOUNS = {
     "female": ("woman", "woman", "lady", "young woman", "female pedestrian", "girl"),
 }
 _PRONOUNS = {"male": ("he", "his"), "female": ("she", "her")}
-_GARMENT_WORDS = {
+GARMENT_WORDS = {
     "t-shirt": ("t-shirt", "tee", "t-shirt", "short-sleeved shirt", "tee shirt"),
     "shirt": ("shirt", "long-sleeved shirt", "button-up shirt", "shirt"),
     "jacket": ("jacket", "jacket", "zip-up jacket"),
@@ -63,7 +63,7 @@ def _article(phrase: str) -> str:
 
 def _item(colour: str, kind: str, rng: np.random.Generator) -> str:
     """A noun phrase for one coloured item: 'a red jacket', 'black pants', 'a bag that is blue'."""
-    noun = _choose(rng, _GARMENT_WORDS[kind])
+    noun = _choose(rng, GARMENT_WORDS[kind])
     roll = rng.random()
     if kind in _PLURAL:
         if roll < 0.8:
@@ -78,7 +78,7 @@ def _item(colour: str, kind: str, rng: np.random.Generator) -> str:
 def _upper_phrase(a: dict[str, str], rng: np.random.Generator) -> str:
     if a["upper_pattern"] == "none" or rng.random() < 0.3:
         return _item(a["upper_color"], a["upper_type"], rng)
-    noun = _choose(rng, _GARMENT_WORDS[a["upper_type"]])
+    noun = _choose(rng, GARMENT_WORDS[a["upper_type"]])
     base, stripes = _color(a["upper_color"], rng), _color(a["upper_pattern_color"], rng)
     form = rng.integers(3)
     if form == 0:
