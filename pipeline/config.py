@@ -232,8 +232,8 @@ class FilterConfig:
     scorer: str = "models/baseline"
     # consistency, calibrated on the scorer's own behaviour on real training pairs (pipeline/pdg/calibration.py):
     # s(generated, edited caption) - s(generated, source caption) at least the preference of real images for
-    # their caption over a colour-edited one at this level of that distribution (0.1: its lowest 10%) ...
-    margin_level: float = field(default=0.1, metadata=bounded(0.0, 1.0))
+    # their caption over a colour-edited one at this level of that distribution (0.05: its lowest 5%) ...
+    margin_level: float = field(default=0.05, metadata=bounded(0.0, 1.0))
     # ... and s(generated, edited caption) at least the similarity of real pairs at this level
     similarity_level: float = field(default=0.01, metadata=bounded(0.0, 1.0))
     calibration_pairs: int = field(default=1000, metadata=bounded(10))  # real training pairs measured

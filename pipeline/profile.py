@@ -37,7 +37,7 @@ EMBEDDED = {
     "pdg": {"source_count": 200, "source_fraction": 1.0, "num_steps": 20, "guidance": 4.0, "canvas_height": 0,
             "canvas_width": 0, "precision": "auto", "inversion": "ddim", "null_text_steps": 0, "batch_size": 16,
             "shard_size": 64, "launcher": "python"},
-    "filter": {"scorer": "models/baseline", "margin_level": 0.1, "similarity_level": 0.01, "calibration_pairs": 1000},
+    "filter": {"scorer": "models/baseline", "margin_level": 0.05, "similarity_level": 0.01, "calibration_pairs": 1000},
     "caption": {"captioner": ""},
 }
 
@@ -70,7 +70,7 @@ def real_recipe(source: str, data_root: str, clip: str, sd: str, captioner: str 
                 "batch_size": 8, "shard_size": 256, "launcher": launcher},
         # the same levels as the embedded default: the filter stage calibrates the thresholds on CLIP's own
         # cosines over real training pairs (pipeline/pdg/calibration.py, metrics/filter.json)
-        "filter": {"scorer": clip, "margin_level": 0.1, "similarity_level": 0.01, "calibration_pairs": 1000},
+        "filter": {"scorer": clip, "margin_level": 0.05, "similarity_level": 0.01, "calibration_pairs": 1000},
         "caption": {"captioner": captioner},
     }
 

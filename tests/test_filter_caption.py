@@ -53,6 +53,7 @@ def test_pixel_statistics_separate_blank_noise_and_edits():
     source = Image.fromarray(_person().astype(np.uint8))
     edited = Image.fromarray(_person((30, 200, 30)).astype(np.uint8))
     assert pixel_std(Image.new("RGB", (32, 64), (128, 128, 128))) == 0.0
+    assert pixel_std(Image.new("RGB", (32, 64), (200, 30, 35))) == 0.0  # flat and coloured: blank too
     assert pixel_std(source) > 20
     assert noise_share(Image.fromarray(rng.integers(0, 256, (64, 32, 3)).astype(np.uint8))) > 0.7
     assert noise_share(source) < 0.15

@@ -8,7 +8,7 @@ training pairs, measured in the filter stage:
   s(image, caption) - s(image, edited caption) (the colour sensitivity `evaluate` reports): a
   generated image must prefer its edited caption over its source caption, s(generated, edited) -
   s(generated, source), at least as much as real images do at `filter.margin_level` of theirs
-  (0.1: the least convincing 10% of real pairs);
+  (0.05: the least convincing 5% of real pairs);
 - the *similarity* of a real image to its true caption: the generated image's similarity to its
   edited caption must reach `filter.similarity_level` of those.
 Levels are invariant to any increasing affine change of the cosines (a temperature, a cosine

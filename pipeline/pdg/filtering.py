@@ -53,7 +53,9 @@ def _array(image: Image.Image) -> np.ndarray:
 
 
 def pixel_std(image: Image.Image) -> float:
-    return float(_array(image).std())
+    """Standard deviation of the pixels, per colour channel, averaged: 0 for any flat image (a flat red
+    one too, whose values differ between channels but not between pixels)."""
+    return float(_array(image).std(axis=(0, 1)).mean())
 
 
 def noise_share(image: Image.Image) -> float:
