@@ -48,6 +48,7 @@ ROWS: dict[str, tuple[str, dict, str | None]] = {
     "offline-mixup": ("pdg", NO_TEXT, None),                     # proximity pairs + feature mixup
     "filter-off": ("pdg", {"filter.enabled": False}, None),      # every generated pair kept
     "img2img": ("pdg", {"pdg.method": "img2img"}, None),         # SDEdit instead of Prompt-to-Prompt
+    "oracle": ("pdg", {"pdg.method": "oracle"}, None),           # SynthPedes' true edits: every edit right
     "samples-1": ("pdg", {"pdg.num_samples": 1}, None),
     "samples-4": ("pdg", {"pdg.num_samples": 4}, None),
     "text-only": ("pdg", {**NO_MIXUP, **ORIGINAL_PAIRS}, None),  # approximate text on the original pairs
