@@ -131,14 +131,16 @@ def filter_table(results, calibration: Calibration, level: float) -> dict:
     }
 
 
-def generator_quality(raw: Path, filtered: Path, cases, seed: int) -> dict:
+def generator_quality(raw: Path, filtered: Path, cases, seed: int, scorer, calibration: Calibration) -> dict:
     """The diffusion generator's pairs against the true edits, per item (see the module docstring)."""
     by_key = {key: (record, changes) for key, record, _, _, changes in cases}
     kept = {s["__key__"] for s in iter_shard_samples(pdg_shards(filtered))} if filtered.is_dir() else set()
+    samples = [s for s in iter_shard_samples(pdg_shards(raw)) if s["__key__"] in by_key]
+    sources = {by_key[s["__key__"]][0].key: _png(Source.of(by_key[s["__key__"]][0], seed).render()) for s in samples}
+    scores = {pair.key: pair.scores["consistency_score"] for start in range(0, len(samples), 128)
+              for pair in score_batch(samples[start : start + 128], sources, scorer, calibration)}
     rows = defaultdict(lambda: defaultdict(list))
-    for sample in iter_shard_samples(pdg_shards(raw)):
-        if sample["__key__"] not in by_key:
-            continue
+    for sample in samples:
         record, changes = by_key[sample["__key__"]]
         truth, _ = true_edit(Source.of(record, seed), changes)
         if truth is None:
@@ -157,6 +159,7 @@ def generator_quality(raw: Path, filtered: Path, cases, seed: int) -> dict:
             row["source_inside_error"].append(np.abs(source - true)[region].mean())
             row["colour_right"].append(nearest == truth.new_colour)
             row["kept"].append(sample["__key__"] in kept)
+            row["score"].append(scores[sample["__key__"]])
     table = {}
     for group, row in rows.items():
         right, kept_flags = np.array(row["colour_right"]), np.array(row["kept"])
@@ -168,6 +171,9 @@ def generator_quality(raw: Path, filtered: Path, cases, seed: int) -> dict:
             "colour_right_share": round(float(right.mean()), 4),
             "kept_share_of_right": round(float(kept_flags[right].mean()), 4) if right.any() else None,
             "kept_share_of_wrong": round(float(kept_flags[~right].mean()), 4) if (~right).any() else None,
+            # the filter's ranking: the chance a right edit scores above a wrong one (0.5: blind)
+            "consistency_auc_right_vs_wrong": auc(np.array(row["score"])[right], np.array(row["score"])[~right])
+            if right.any() and (~right).any() else None,
         }
     return table
 
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                    **{k: v["kept_share"] for k, v in t["negatives"].items()}}
                       for level, t in sweep.items()},
         "not_rendered": skipped,
-        "generator": generator_quality(Path(args.raw), Path(args.filtered), train_cases, seed)
+        "generator": generator_quality(Path(args.raw), Path(args.filtered), train_cases, seed, scorer, calibration)
         if pdg_shards(args.raw) else {},
     }
     write_json_atomic(args.out, report)
@@ -223,10 +229,11 @@ def markdown(report: dict) -> str:
              f"| {report['true_edits']} | true edits | - | {report['true_edits_kept_share']:.3f} |"]
     lines += [f"| {v['pairs']} | {kind} | {v['auc']:.3f} | {v['kept_share']:.3f} |" for kind, v in report["negatives"].items()]
     if report["generator"]:
-        lines += ["", "| item | edits | error inside | outside | unchanged inside | colour right | kept of right | kept of wrong |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| item | edits | error inside | outside | unchanged inside | colour right | kept of right "
+                  "| kept of wrong | AUC right vs wrong |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {item} | {r['edits']} | {r['inside_error']} | {r['outside_error']} | {r['source_inside_error']} "
-                  f"| {r['colour_right_share']:.3f} | {r['kept_share_of_right']} | {r['kept_share_of_wrong']} |"
+                  f"| {r['colour_right_share']:.3f} | {r['kept_share_of_right']} | {r['kept_share_of_wrong']} "
+                  f"| {r['consistency_auc_right_vs_wrong']} |"
                   for item, r in sorted(report["generator"].items())]
     return "\n".join(lines)
 
