@@ -117,6 +117,8 @@ def experiments(show: list) -> dict[str, dict]:
     found = {}
     for commit in show:
         for group in commit.get("experiments") or []:
+            if (group.get("executor") or {}).get("state") not in (None, "success"):
+                continue  # queued or running: its metrics are still its baseline commit's
             for revision in group.get("revs") or []:
                 data, name = revision.get("data") or {}, revision.get("name")
                 if not name or revision.get("error") or not data.get("metrics"):

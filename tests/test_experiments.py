@@ -13,10 +13,12 @@ def _revision(name, seed, metrics, error=None):
     }}
 
 
-def _show(*revisions):
+def _show(*revisions, states=None):
+    states = states or {}
     return [{"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
             {"rev": "1" * 40, "name": "main", "data": {}, "error": None,
-             "experiments": [{"name": r["name"], "executor": None, "revs": [r]} for r in revisions]}]
+             "experiments": [{"name": r["name"], "revs": [r], "executor": {"state": states[r["name"]]}
+                              if r["name"] in states else None} for r in revisions]}]
 
 
 def _metrics(r1, machine=MACHINE_B):
@@ -46,6 +48,14 @@ def test_exp_show_is_read_into_rows_per_seed_and_failed_runs_are_left_out():
     text = markdown(table)
     assert "| pdg | Xeon (avx512+amx) | 0, 1 | 23.00 ± 1.41 | 50.00 ± 0.00 |" in text
     assert "| offline | Xeon (avx512+amx) | 0 | 20.00 | 50.00 |" in text
+
+
+def test_queued_and_running_experiments_are_not_read_as_results():
+    # a queued or running experiment shows its baseline commit's metrics: they are not its own
+    show = _show(_revision("pdg-s0", 0, _metrics(24.0)), _revision("pdg-s1", 1, _metrics(24.0)),
+                 _revision("pdg-s2", 2, _metrics(24.0)), _revision("oracle-s0", 0, _metrics(26.0)),
+                 states={"pdg-s1": "queued", "pdg-s2": "running", "oracle-s0": "success"})
+    assert sorted(experiments(show)) == ["oracle-s0", "pdg-s0"]
 
 
 def test_figures_from_two_machines_never_share_a_row():
