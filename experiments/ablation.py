@@ -3,7 +3,7 @@
 
     python -m experiments.ablation queue --rows baseline pdg --seeds 0 1 2   # dvc exp run --queue, per row and seed
     dvc exp run --run-all                                                    # or: dvc queue start; dvc queue status
-    python -m experiments.ablation report --rows baseline pdg                # the table (and --figure PNG)
+    python -m experiments.ablation report --rows baseline pdg                # the table (--figure PNG, --rev COMMIT)
     dvc exp show                                                             # every row and seed, as DVC lists them
 
 An experiment is named `<row>-s<seed>`; its params are the row's `-S` overrides and `train.seed`,
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     commands.choices["report"].add_argument("--out", type=Path, help="also write the table to this markdown file")
     commands.choices["report"].add_argument("--figure", type=Path, help="and a bar chart of R1 to this PNG")
+    commands.choices["report"].add_argument("--rev", default="HEAD",
+                                            help="the commit the experiments were queued from (default HEAD)")
     args = parser.parse_args(argv)
     if args.command == "queue":
         queued = set()
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(command, check=True)
         print("queued; run them with `dvc exp run --run-all` (or `dvc queue start`)")
         return 0
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+    shown = subprocess.run(["dvc", "exp", "show", "--json", "--rev", args.rev], check=True, capture_output=True,
+                           text=True).stdout
     table = results(experiments(json.loads(shown)), args.rows)
     table = {row: [r for r in records if r["seed"] in args.seeds] for row, records in table.items()}
     missing = [experiment_name(r, s) for r in args.rows for s in args.seeds
