@@ -95,10 +95,12 @@ def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
 def assert_calibrated(calibration: dict, most_pairs: int) -> None:
     """The filter's calibration is well formed: real pairs measured, ordered quantiles, and each
     threshold the quantile of its distribution at its level."""
+    from pipeline.pdg.calibration import LEVELS
+
     assert 1 <= calibration["real_pairs"] <= most_pairs
     for name, threshold, level in (("preference", "margin_threshold", "margin_level"),
                                    ("similarity", "similarity_threshold", "similarity_level")):
-        levels = list(calibration[name].values())
+        levels = [calibration[name][level] for level in LEVELS]  # the file's keys are sorted by name
         assert levels == sorted(levels) and all(np.isfinite(levels))
         assert calibration[name]["min"] <= calibration[threshold] <= calibration[name]["max"]
         if calibration[level] == 0.0:
