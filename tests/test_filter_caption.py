@@ -234,7 +234,7 @@ def test_filter_stage_names_the_key_and_the_path_of_a_missing_scorer(tmp_path, m
 
 
 def _scored(key, **scores):
-    return ScoredPair(key, {"source_key": key}, {}, scores, np.zeros(2))
+    return ScoredPair(key, {"source_key": key}, {}, scores)
 
 
 def test_the_report_gives_quantiles_of_every_threshold_score():

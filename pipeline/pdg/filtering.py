@@ -84,7 +84,6 @@ class ScoredPair:
     record: dict
     members: dict[str, bytes]
     scores: dict[str, float]
-    pixels: np.ndarray  # the generated image (float RGB), for near-duplicate removal
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -114,7 +113,7 @@ def score_batch(
             "pixel_std": pixel_std(images[i]),
             "noise_share": noise_share(images[i]),
         }
-        pairs.append(ScoredPair(sample["__key__"], record, sample, scores, _array(images[i])))
+        pairs.append(ScoredPair(sample["__key__"], record, sample, scores))
     return pairs
 
 
@@ -137,22 +136,29 @@ def judge(pair: ScoredPair, cfg: FilterConfig, calibration: Calibration) -> list
 
 def mark_duplicates(pairs: list[ScoredPair], max_change: float) -> None:
     """Among kept pairs, in order: exact pixel copies anywhere, and near copies of the same source
-    (mean |difference| below `max_change` grey levels from an earlier kept one of that source)."""
+    (mean |difference| below `max_change` grey levels from an earlier kept one of that source).
+    Images are decoded here from the PNG each pair already holds, only for kept pairs: no decoded
+    copy of every generated image is kept alongside its bytes."""
     seen_pixels: set[str] = set()
-    kept_by_source: dict[str, list[np.ndarray]] = {}
+    kept_by_source: dict[str, list[ScoredPair]] = {}
     for pair in pairs:
         if not pair.kept:
             continue
         digest = hashlib.sha256(pair.members["png"]).hexdigest()
         earlier = kept_by_source.setdefault(pair.record["source_key"], [])
-        closest = min((float(np.abs(pair.pixels - e).mean()) for e in earlier if e.shape == pair.pixels.shape),
-                      default=255.0)
+        pixels = _decoded(pair)
+        others = (other for other in map(_decoded, earlier) if other.shape == pixels.shape)
+        closest = min((float(np.abs(pixels - other).mean()) for other in others), default=255.0)
         pair.scores["closest_kept_change"] = closest
         if digest in seen_pixels or closest < max_change:
             pair.reasons.append("duplicate")
             continue
         seen_pixels.add(digest)
-        earlier.append(pair.pixels)
+        earlier.append(pair)
+
+
+def _decoded(pair: ScoredPair) -> np.ndarray:
+    return _array(Image.open(io.BytesIO(pair.members["png"])))
 
 
 @dataclass
