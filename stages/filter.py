@@ -50,7 +50,11 @@ def main() -> int:
     except (OSError, ValueError) as err:
         log.error("params: 'filter.scorer' %r could not be loaded as a CLIP model: %s", cfg.scorer, err)
         return 1
-    calibration = calibrate_on_prepared(scorer, args.prepared, cfg)
+    try:
+        calibration = calibrate_on_prepared(scorer, args.prepared, cfg)
+    except ValueError as err:  # no training caption names a colour: nothing to calibrate on
+        log.error("filter: cannot calibrate on the train split of %s: %s", args.prepared, err)
+        return 1
     log.info("calibrated on %d real training pairs: margin >= %.5f (level %g), similarity >= %.5f (level %g)",
              calibration.preference.size, calibration.margin_threshold, cfg.margin_level,
              calibration.similarity_threshold, cfg.similarity_level)

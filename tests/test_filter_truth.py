@@ -205,3 +205,11 @@ def test_two_scorers_at_different_cosine_scales_keep_the_same_pairs(prepared):
     share = {kind: np.mean([key in kept["wide"] for key in (s["__key__"] for s in samples) if key.startswith(kind)])
              for kind in ("true", "unchanged", "wrong_colour")}
     assert share["true"] > share["unchanged"] + 0.3 and share["true"] > share["wrong_colour"] + 0.3
+
+
+def test_captions_without_a_colour_leave_nothing_to_calibrate_on(prepared):
+    rows, images = _train(prepared)
+    colourless = [row.__class__(**{**vars(row), "captions": ["a person walking"]}) for row in rows]
+    assert real_pairs(colourless, 100) == []
+    with pytest.raises(ValueError, match="no training caption with an editable colour phrase"):
+        calibrate(PaletteScorer(), [], images, FilterConfig())
