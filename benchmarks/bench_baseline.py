@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.config import load_params
+from pipeline.core.config import load_params
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.models import build_model

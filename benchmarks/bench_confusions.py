@@ -24,7 +24,7 @@ import torch
 
 from pipeline.data.canonical import iter_shard_samples, list_shards
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.models import DualEncoder
 from pipeline.generator.probe import LOWER_NOUNS, UPPER_NOUNS, names_colour
 

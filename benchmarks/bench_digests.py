@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "scale.json"
 FOLDERS = ("CUHK01", "CUHK03", "Market", "test_query", "train_query")
 SHARD_MB = 64
-MEASURED = ("pipeline/io.py", "pipeline/externals.py", "pipeline/data/sources.py")  # the code a row's commit names
+MEASURED = ("pipeline/core/io.py", "pipeline/externals.py", "pipeline/data/sources.py")  # the code a row's commit names
 
 # Run in a child process with a checkout's code on PYTHONPATH; prints {"seconds": ...}.
 CHILD = """
@@ -40,7 +40,7 @@ import json, sys, time
 from pathlib import Path
 what, target = sys.argv[1], sys.argv[2]
 if what == "externals":
-    from pipeline.config import params_from_dict
+    from pipeline.core.config import params_from_dict
     from pipeline.externals import write_stage_digests
     params = params_from_dict({"data": {"source": "cuhk-pedes", "root": target}})
     started = time.perf_counter()
@@ -48,7 +48,7 @@ if what == "externals":
     seconds, entry = time.perf_counter() - started, digests["prepare"]["data.root"]
     print(json.dumps({"seconds": seconds, "files": entry.get("files"), "problems": entry.get("problems")}))
 else:
-    from pipeline.io import files_digest
+    from pipeline.core.io import files_digest
     paths = sorted(str(p) for p in Path(target).iterdir())
     started = time.perf_counter()
     rows = files_digest(paths)
@@ -149,7 +149,7 @@ def main() -> int:
         started = time.perf_counter()
         make_root(work / "cuhk-pedes", args.files)
         shard_count = make_shards(work / "shards", args.shard_mb)
-        time.sleep(2.1)  # older than the cache's racy window (pipeline/io.py RACY_NS), as a real data set is
+        time.sleep(2.1)  # older than the cache's racy window (pipeline/core/io.py RACY_NS), as a real data set is
         print(f"made {args.files} images and {shard_count} shards in {time.perf_counter() - started:.1f} s")
         shard_bytes = sum(path.stat().st_size for path in (work / "shards").iterdir())
         rows = []

@@ -36,17 +36,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import load_params  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest  # noqa: E402
 from pipeline.data.synthpedes import COLOR_NAMES  # noqa: E402
 from pipeline.data.synthpedes.truth import KNOWN_BAD, Source, true_edit, known_bad  # noqa: E402
-from pipeline.io import write_json_atomic  # noqa: E402
+from pipeline.core.io import write_json_atomic  # noqa: E402
 from pipeline.pdg.calibration import Calibration, calibrate_on_prepared  # noqa: E402
 from pipeline.pdg.filtering import judge, score_batch  # noqa: E402
 from pipeline.pdg.generate import plan_generation  # noqa: E402
 from pipeline.pdg.scorers import load_scorer  # noqa: E402
 from pipeline.pdg.shards import pdg_shards  # noqa: E402
-from pipeline.runtime import inference_device, machine  # noqa: E402
+from pipeline.core.runtime import inference_device, machine  # noqa: E402
 from pipeline.text import find_color_phrases  # noqa: E402
 from pipeline.text.caption_edit import edit_captions  # noqa: E402
 

@@ -29,8 +29,8 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 
-from pipeline.config import load_params, params_from_dict
-from pipeline.io import write_json_atomic
+from pipeline.core.config import load_params, params_from_dict
+from pipeline.core.io import write_json_atomic
 from pipeline.generator.checkpoint import save_pipeline
 from pipeline.generator.data import load_images
 from pipeline.generator.samples import plot_loss_curves, write_sample_grid

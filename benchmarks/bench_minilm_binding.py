@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, BertModel
 
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.models import minilm_path
 
 REPO = Path(__file__).resolve().parents[1]

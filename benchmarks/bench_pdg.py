@@ -53,10 +53,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import PdgConfig, load_params
+from pipeline.core.config import PdgConfig, load_params
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.data.synthpedes import COLOR_RGB
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.editing.edit import EditRequest, edit_p2p_batch
 from pipeline.pdg.generate import GenerationJob, alignable_with, make_editor, plan_generation
 from pipeline.pdg.shards import load_source_images

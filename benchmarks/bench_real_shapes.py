@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.core.config import ModelConfig  # noqa: E402
 from pipeline.losses import HardnessAwareContrastiveLoss  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.models.tokenization import tokenize  # noqa: E402

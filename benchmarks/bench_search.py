@@ -155,7 +155,7 @@ def end_to_end(variant: str = "pdg") -> dict | None:
     """One text query through the CLI's path on the embedded test gallery, and the index build rate."""
     import torch
 
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
     from pipeline.search.build import IndexPaths, build_index
     from pipeline.search.query import Searcher, format_table
 
@@ -191,7 +191,7 @@ _BUILD_CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 import torch
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.search.build import IndexPaths, build_index
 root = Path(sys.argv[1])
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -215,7 +215,7 @@ def synthetic_build_gallery(images: int) -> Path:
     root = SCRATCH / f"memory-{images}"
     if (root / "done").is_file():
         return root
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
     from pipeline.models import build_model
 
     shards = root / "data" / "prepared" / "shards"
@@ -288,7 +288,7 @@ def main() -> int:
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    from pipeline.runtime import machine
+    from pipeline.core.runtime import machine
 
     began = time.perf_counter()
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.core.config import ModelConfig
 from pipeline.losses import HardnessAwareContrastiveLoss
 from pipeline.models import build_model, tokenize
 

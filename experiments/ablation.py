@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, Params, deep_merge, params_from_dict
+from pipeline.core.config import ConfigError, Params, deep_merge, params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.data.loader import count_pairs
 from pipeline.training import steps_per_epoch

@@ -29,15 +29,15 @@ import numpy as np
 from PIL import Image
 
 from experiments.edit_check import AttributeChecker, colour_edit
-from pipeline.config import FilterConfig, load_params
+from pipeline.core.config import FilterConfig, load_params
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
 from pipeline.generator.probe import CONFIG_FILE, AttributeProbe
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.pdg.calibration import Calibration, calibrate_on_prepared
 from pipeline.pdg.filtering import ScoredPair, filter_pairs, read_generated, referenced_sources, written
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.pdg.scorers import Scorer, load_scorer
-from pipeline.runtime import inference_device, machine
+from pipeline.core.runtime import inference_device, machine
 
 OUT = Path(__file__).resolve().parent / "results" / "attribute_check.json"
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from experiments.ablation import METRICS, experiments, nested
-from pipeline.config import ConfigError, deep_merge, params_from_dict
+from pipeline.core.config import ConfigError, deep_merge, params_from_dict
 
 TARGET = "evaluate@baseline"
 LEARNED_FROM = 0.07  # where a learned temperature starts (the default before this study)

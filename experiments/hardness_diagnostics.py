@@ -30,7 +30,7 @@ import torch
 
 from experiments.hardness import check_row, experiment_name, shown
 from pipeline.evaluation import embed_retrieval_split, load_retrieval_split
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.losses import hardness_log_weights
 from pipeline.models import DualEncoder
 

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from pipeline.io import commit_temp, temp_path_for, write_json_atomic
+from pipeline.core.io import commit_temp, temp_path_for, write_json_atomic
 
 log = logging.getLogger(__name__)
 

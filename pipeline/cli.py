@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.data.validate import FORMATS, check_data_command
-from pipeline.profile import PROFILES, profile_command
+from pipeline.core.profile import PROFILES, profile_command
 from pipeline.search.command import add_commands as add_search_commands
 from pipeline.text.edit_command import edit_captions_command
 

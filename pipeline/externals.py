@@ -19,7 +19,7 @@ read is a problem line. A model folder holds few files: it is walked.
 A hub id must pin `hub.revision` to a commit: its files are then immutable, and the id with the
 commit is its digest (downloaded or not). An unreadable file is recorded as a problem line, on
 which the consuming stage stops. Contents are hashed once per file, through the project's digest
-cache (pipeline/io.py, DigestCache): later runs only stat.
+cache (pipeline/core/io.py, DigestCache): later runs only stat.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import os
 from pathlib import Path
 from stat import S_ISREG
 
-from pipeline.config import Params
-from pipeline.io import DigestCache, project_digest_cache, tree_digest, write_json_atomic
-from pipeline.profile import ALL_INPUTS, STAGE_INPUTS, check_inputs
+from pipeline.core.config import Params
+from pipeline.core.io import DigestCache, project_digest_cache, tree_digest, write_json_atomic
+from pipeline.core.profile import ALL_INPUTS, STAGE_INPUTS, check_inputs
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import torch.distributed.nn.functional as dist_functional
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import LossConfig
+from pipeline.core.config import LossConfig
 
 
 def _is_distributed() -> bool:

@@ -8,8 +8,8 @@ import math
 import torch
 from accelerate import Accelerator
 
-from pipeline.config import Params
-from pipeline.distributed import accelerator_for
+from pipeline.core.config import Params
+from pipeline.core.distributed import accelerator_for
 from pipeline.models import DualEncoder
 
 

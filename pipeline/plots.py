@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.io import temp_path_for, commit_temp  # noqa: E402
+from pipeline.core.io import temp_path_for, commit_temp  # noqa: E402
 
 _PNG_METADATA = {"Software": None}
 

@@ -7,8 +7,8 @@ kill, a requeue or a changed configuration may find half done. One set of rules 
   contents of its data, its code), never how it was executed (threads, processes, launcher, loader
   workers, batch split);
 - work of another fingerprint is started afresh; work of this one is continued or, finished, kept;
-- every write is a whole-folder swap (pipeline/io.py), so a kill leaves the old version or the new;
-- the main process decides and writes; under a launcher the others are told (pipeline/distributed.py).
+- every write is a whole-folder swap (pipeline/core/io.py), so a kill leaves the old version or the new;
+- the main process decides and writes; under a launcher the others are told (pipeline/core/distributed.py).
 
 Training keeps `state/` (the newest resumable state, pipeline/checkpointing.py's format, whose
 progress record carries the fingerprint) and its models `best/` and `last/`, each marked with the
@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from pipeline.io import (recover_directory, remove_directory, replace_directory, staging_path, start_directory,
+from pipeline.core.io import (recover_directory, remove_directory, replace_directory, staging_path, start_directory,
                          write_json_atomic)
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class RunFolder:
         return self.root / "last"
 
     def recover(self) -> None:
-        """Undo what a kill inside a folder swap left (pipeline/io.py)."""
+        """Undo what a kill inside a folder swap left (pipeline/core/io.py)."""
         for directory in (self.state_dir, self.best, self.last):
             recover_directory(directory)
 

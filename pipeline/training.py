@@ -1,11 +1,11 @@
 """The contrastive training loop of the dual encoder, on Accelerate.
 
 One process on a CPU or N processes on GPUs run the same code (`train.launcher` in params.yaml starts
-them; pipeline/distributed.py: the main process digests the data, indexes the shards and decides
+them; pipeline/core/distributed.py: the main process digests the data, indexes the shards and decides
 whether to resume, the others are told). Every `checkpoint_every`
 steps the full state (weights, optimiser, schedule, RNGs, and our progress record) is
 saved by pipeline/checkpointing.py (safetensors and JSON: nothing is unpickled on resume) and swapped
-in as a whole folder (pipeline/io.py); a restarted run resumes from the newest state and,
+in as a whole folder (pipeline/core/io.py); a restarted run resumes from the newest state and,
 because the data stream is a pure function of (seed, epoch, step), continues exactly
 where it stopped; a finished run of the same fingerprint is done (rerunning the stage, e.g.
 `dvc repro` after `accelerate launch -m stages.train`, trains nothing). After each epoch the
@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 from pipeline.checkpointing import (StateError, apply_training_state, load_model_weights, read_progress,
                                     read_training_state, save_training_state)
-from pipeline.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
+from pipeline.core.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.data.loader import ContrastivePairs, ShardIndex, StreamPlan, build_shard_index, pair_loader
-from pipeline.distributed import check_shared_folder, on_main
+from pipeline.core.distributed import check_shared_folder, on_main
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.imports import code_digest
-from pipeline.io import files_digest, write_json_atomic
+from pipeline.core.io import files_digest, write_json_atomic
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import DualEncoder, build_model, minilm_path
 from pipeline.models.mixup import FeatureMix

@@ -12,10 +12,10 @@ import logging
 import sys
 
 from pipeline.data.canonical import list_shards, manifest_path, read_manifest
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.pdg.captioning import ImageCaptioner, proximity_rows, read_kept, write_training_set
 from pipeline.pdg.shards import pdg_shards
-from pipeline.runtime import inference_device, start_stage
+from pipeline.core.runtime import inference_device, start_stage
 
 log = logging.getLogger("stages.caption")
 

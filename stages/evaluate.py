@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from pipeline.evaluation import colour_sensitivity, embed_retrieval_split, load_retrieval_split, retrieval_scores
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
-from pipeline.runtime import machine, inference_device, start_stage
+from pipeline.core.runtime import machine, inference_device, start_stage
 
 EXAMPLE_QUERIES = 6
 EXAMPLE_TOP_K = 10

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.externals import write_stage_digests
-from pipeline.runtime import start_stage
+from pipeline.core.runtime import start_stage
 
 
 def main() -> int:

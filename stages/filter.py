@@ -18,13 +18,13 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.io import write_json_atomic, writing_directory
+from pipeline.core.io import write_json_atomic, writing_directory
 from pipeline.pdg.calibration import calibrate_on_prepared
 from pipeline.pdg.filtering import filter_pairs, read_generated, referenced_sources, summarise, write_kept
 from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
-from pipeline.runtime import inference_device, start_stage
+from pipeline.core.runtime import inference_device, start_stage
 
 
 log = logging.getLogger("stages.filter")

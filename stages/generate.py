@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.distributed import accelerator_for, check_shared_folder, on_main
+from pipeline.core.distributed import accelerator_for, check_shared_folder, on_main
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest
-from pipeline.io import write_json_atomic
+from pipeline.core.io import write_json_atomic
 from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
 from pipeline.pdg.generate import (
     alignable_with,
@@ -36,7 +36,7 @@ from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.generator.checkpoint import resolve_generator
 from pipeline.generator.model import load_generator
 from pipeline.plots import plot_generated_pairs
-from pipeline.runtime import start_stage
+from pipeline.core.runtime import start_stage
 
 log = logging.getLogger("stages.generate")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline.runtime import inference_device, start_stage
+from pipeline.core.runtime import inference_device, start_stage
 from pipeline.search.build import IndexPaths, build_index
 from pipeline.search.embed import SearchError
 from pipeline.search.gallery import GalleryError

@@ -12,8 +12,8 @@ from pipeline.data.prepare import (
     write_prepared_contact_sheet,
 )
 from pipeline.data.validate import UnusableInput
-from pipeline.io import writing_directory
-from pipeline.runtime import start_stage
+from pipeline.core.io import writing_directory
+from pipeline.core.runtime import start_stage
 
 log = logging.getLogger("stages.prepare")
 

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from pipeline.checkpointing import StateError
-from pipeline.config import ConfigError, FieldError
-from pipeline.io import write_bytes_atomic, write_json_atomic
+from pipeline.core.config import ConfigError, FieldError
+from pipeline.core.io import write_bytes_atomic, write_json_atomic
 from pipeline.plots import plot_training_curves
-from pipeline.runtime import start_stage
+from pipeline.core.runtime import start_stage
 from pipeline.optimization import make_accelerator
 from pipeline.run_folder import RunFolder
 from pipeline.training import NonFiniteLossError, Trainer

@@ -23,16 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import GeneratorConfig, SynthConfig
+from pipeline.core.config import GeneratorConfig, SynthConfig
 from pipeline.data.synthpedes import render_generator_pool
-from pipeline.hub import looks_like_path
-from pipeline.io import replace_directory, start_directory, write_json_atomic
+from pipeline.core.hub import looks_like_path
+from pipeline.core.io import replace_directory, start_directory, write_json_atomic
 from pipeline.generator.checkpoint import load_pretrained_pipeline, pretrained_sample_size, save_pipeline, write_pretrained_pointer
 from pipeline.generator.data import labelled_images, LabelledImages, load_grid_images, load_images
 from pipeline.generator.samples import plot_loss_curves, plot_no_training, write_sample_grid
 from pipeline.generator.training import reconstruction_psnr, train_generator
 from pipeline.generator.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
-from pipeline.runtime import inference_device, start_stage
+from pipeline.core.runtime import inference_device, start_stage
 
 EVALUATION_PROMPTS = 200  # val captions naming a garment colour, for the prompted-colour accuracy
 # The sample grid of a pretrained checkpoint: few images, since a real Stable Diffusion on a CPU is slow.
@@ -48,7 +48,7 @@ def main() -> int:
     started = time.perf_counter()
     shutil.rmtree(paths.reports, ignore_errors=True)
     paths.reports.mkdir(parents=True)
-    # the model folders are written whole under staging names, then swapped in (pipeline/io.py)
+    # the model folders are written whole under staging names, then swapped in (pipeline/core/io.py)
     staged = argparse.Namespace(**{**vars(paths), "generator": start_directory(paths.generator),
                                    "probe": start_directory(paths.probe)})
     try:

@@ -14,7 +14,7 @@ FIXTURES_DIR = Path(os.environ.get("TBPS_FIXTURES", Path(__file__).resolve().par
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """The tiny SynthPedes profile prepared once (tests/tiny_project.py's TINY_PROFILE), read-only."""
-    from pipeline.config import params_from_dict
+    from pipeline.core.config import params_from_dict
     from pipeline.data.prepare import prepare
     from tiny_project import TINY_PROFILE
 

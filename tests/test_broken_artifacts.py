@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data.canonical import iter_shard_samples, list_shards
 from pipeline.generator.checkpoint import resolve_generator
-from pipeline.io import BrokenArtifact
+from pipeline.core.io import BrokenArtifact
 from pipeline.models import DualEncoder
 from tiny_project import make_tiny_project, stage_command
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, Params, load_params, params_from_dict
+from pipeline.core.config import ConfigError, DataConfig, Params, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The project's content-digest cache (pipeline/io.py, DigestCache): a file's contents are read once,
+"""The project's content-digest cache (pipeline/core/io.py, DigestCache): a file's contents are read once,
 then known by (size, mtime_ns, inode); a same-size edit with a new mtime is read again; a cache file
 that cannot be read is an empty cache, and concurrent writers never leave one that cannot be read.
 The generator's weights are digested by content through it, so a copy without its mtimes is the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.io
-from pipeline.io import DigestCache, files_digest, project_digest_cache, tree_digest
+import pipeline.core.io
+from pipeline.core.io import DigestCache, files_digest, project_digest_cache, tree_digest
 from pipeline.pdg.generate import weights_digest
 
 MB = 1 << 20
@@ -25,15 +25,15 @@ MB = 1 << 20
 
 @pytest.fixture
 def reads(monkeypatch) -> list[int]:
-    """The size of every file pipeline.io reads in full to digest it, in order."""
+    """The size of every file pipeline.core.io reads in full to digest it, in order."""
     sizes: list[int] = []
-    real = pipeline.io.file_digest
+    real = pipeline.core.io.file_digest
 
     def counting(path):
         sizes.append(os.path.getsize(path))
         return real(path)
 
-    monkeypatch.setattr(pipeline.io, "file_digest", counting)
+    monkeypatch.setattr(pipeline.core.io, "file_digest", counting)
     return sizes
 
 

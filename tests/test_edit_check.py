@@ -12,7 +12,7 @@ from PIL import Image
 
 from experiments.attribute_check import agreement, attribute_check, markdown
 from experiments.edit_check import AttributeChecker, colour_edit, edit_confirmed, garment_of, palette_name, read_colours
-from pipeline.config import FilterConfig
+from pipeline.core.config import FilterConfig
 from pipeline.data.canonical import write_tar_atomic
 from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.generator.probe import LOWER_CLASSES, UPPER_CLASSES

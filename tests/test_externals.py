@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.externals import LEGACY_STATE_FILE, stage_digests, write_stage_digests
-from pipeline.io import DigestCache
+from pipeline.core.io import DigestCache
 from tiny_project import dvc, make_tiny_project, stale_stages
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -95,17 +95,17 @@ def test_a_hub_id_is_its_id_and_pinned_commit_and_a_branch_is_no_pin(tmp_path, m
 
 
 def test_an_unreadable_file_under_data_root_is_a_problem_line_not_a_traceback(cuhk_copy, tmp_path, monkeypatch):
-    import pipeline.io
+    import pipeline.core.io
 
     crop = sorted((cuhk_copy / "imgs").rglob("*.png"))[0]
-    real = pipeline.io.file_digest
+    real = pipeline.core.io.file_digest
 
     def digest(path):  # what reading a file without read permission raises (the tests run as root)
         if Path(path) == crop:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(pipeline.io, "file_digest", digest)
+    monkeypatch.setattr(pipeline.core.io, "file_digest", digest)
     entry = stage_digests(_cuhk(cuhk_copy), DigestCache(tmp_path / "digests"))["prepare"]["data.root"]
     assert entry == {"problems": [f"params: 'data.root': {crop}: Permission denied"]}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import CaptionConfig, FilterConfig
+from pipeline.core.config import CaptionConfig, FilterConfig
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest, write_tar_atomic
 from pipeline.pdg.captioning import (
     ImageCaptioner,

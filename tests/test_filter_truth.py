@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import FilterConfig, PdgConfig
+from pipeline.core.config import FilterConfig, PdgConfig
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.data.synthpedes.truth import KNOWN_BAD, Source, changed_region, edit_target, known_bad, true_edit

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import PdgConfig
+from pipeline.core.config import PdgConfig
 from pipeline.data.canonical import iter_shard_samples, manifest_path, read_manifest
 from pipeline.pdg.generate import (
     alignable_with,

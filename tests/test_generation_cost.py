@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.config import PdgConfig
+from pipeline.core.config import PdgConfig
 from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.pdg.cost import count_unet, plan_unet_evaluations, unet_evaluations
 from pipeline.pdg.generate import (

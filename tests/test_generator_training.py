@@ -12,7 +12,7 @@ import torch
 import yaml
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.data.synthpedes import COLOR_NAMES
 from pipeline.generator.caption_tokenizer import colour_words, train_caption_tokenizer
 from pipeline.generator.build import build_text_encoder, build_unet, build_vae, _groups

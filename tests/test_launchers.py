@@ -13,8 +13,8 @@ import pytest
 import torch.multiprocessing as mp
 import yaml
 
-from pipeline.config import ConfigError
-from pipeline.distributed import RankError, refuse_launcher
+from pipeline.core.config import ConfigError
+from pipeline.core.distributed import RankError, refuse_launcher
 from test_losses import free_port
 from tiny_generator import build_tiny_generator
 from tiny_project import deep_merge, dvc, make_tiny_project, stage_command, stale_stages
@@ -98,7 +98,7 @@ def _agreeing_worker(rank: int, port: int, root: str, results: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-    from pipeline.distributed import accelerator_for, check_shared_folder, on_main
+    from pipeline.core.distributed import accelerator_for, check_shared_folder, on_main
 
     accelerator = accelerator_for(cpu=True)
     outcome = {}
@@ -163,8 +163,8 @@ def test_a_single_process_stage_under_a_launcher_stops_with_one_line(tmp_path, m
 def test_under_a_launcher_each_log_line_names_its_rank_and_the_group_waits_an_hour(monkeypatch, capsys):
     import logging
 
-    from pipeline.distributed import PROCESS_GROUP_TIMEOUT, accelerator_for
-    from pipeline.runtime import setup_logging
+    from pipeline.core.distributed import PROCESS_GROUP_TIMEOUT, accelerator_for
+    from pipeline.core.runtime import setup_logging
 
     monkeypatch.setattr(logging.root, "handlers", [])
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -184,7 +184,7 @@ def test_under_a_launcher_each_log_line_names_its_rank_and_the_group_waits_an_ho
     ("accelerate", "must be python, or start with torchrun or accelerate launch"),
 ])
 def test_a_bad_launcher_is_one_line_naming_the_key(launcher, problem):
-    from pipeline.config import params_from_dict
+    from pipeline.core.config import params_from_dict
 
     for section in ("train", "pdg"):
         with pytest.raises(ConfigError, match=rf"^params: '{section}.launcher' {problem}"):

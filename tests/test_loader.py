@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.data import loader
 from pipeline.data.canonical import list_shards
 from pipeline.data.loader import ContrastivePairs, StreamPlan, build_shard_index
 from pipeline.data.prepare import prepare
-from pipeline.io import BrokenArtifact
+from pipeline.core.io import BrokenArtifact
 from pipeline.models.preprocessing import ImagePreprocessor
 from tiny_project import TINY_PROFILE, deep_merge
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.config import LossConfig
+from pipeline.core.config import LossConfig
 from pipeline.losses import HardnessAwareContrastiveLoss, gather_with_grad
 
 # Rows are images, columns captions; similarity = image_emb @ text_emb.T.

@@ -23,7 +23,7 @@ from transformers import (
     ViTModel,
 )
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.core.config import ConfigError, ModelConfig
 from pipeline.models import (
     CLIP_MEAN,
     CLIP_STD,

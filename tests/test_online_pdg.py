@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, FieldError, params_from_dict
+from pipeline.core.config import ConfigError, FieldError, params_from_dict
 from pipeline.data.prepare import prepare
 from pipeline.losses import HardnessAwareContrastiveLoss, mixed_pair_targets
 from pipeline.models import minilm_path

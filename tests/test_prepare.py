@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.data.canonical import SPLITS, iter_shard_samples, list_shards, manifest_path, read_manifest, rgb_image
 from pipeline.data.loader import StreamPlan, build_shard_index, global_batches
 from pipeline.data.prepare import DataProblemsError, prepare, write_data_metrics

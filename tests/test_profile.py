@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import hub
-from pipeline.config import HubConfig, load_params
+from pipeline.core import hub
+from pipeline.core.config import HubConfig, load_params
 from tiny_generator import build_tiny_generator
-from pipeline.profile import EMBEDDED, check_inputs, profile_command, real_recipe
+from pipeline.core.profile import EMBEDDED, check_inputs, profile_command, real_recipe
 from test_models import save_tiny_clip
 from tiny_project import REPO, make_tiny_project, stage_command
 
@@ -74,7 +74,7 @@ def test_a_folder_of_the_wrong_kind_and_a_data_root_without_annotations_are_name
     (tmp_path / "empty").mkdir()
     recipe = real_recipe("icfg-pedes", str(tmp_path / "empty"), str(folders["clip"]), str(folders["clip"]))
     from tiny_project import deep_merge
-    from pipeline.config import params_from_dict
+    from pipeline.core.config import params_from_dict
 
     params = params_from_dict(deep_merge(yaml.safe_load(PARAMS.read_text()), {**recipe, "model": {**recipe["model"], "embed_dim": 24}}))
     problems = check_inputs(params)
@@ -85,7 +85,7 @@ def test_a_folder_of_the_wrong_kind_and_a_data_root_without_annotations_are_name
 
 
 def test_embed_dim_must_match_the_clip_projection(tmp_path, folders):
-    from pipeline.config import params_from_dict
+    from pipeline.core.config import params_from_dict
 
     clip = str(folders["clip"])
     params = params_from_dict({"model": {"preset": "clip-vit-b16", "vision_path": clip, "text_path": clip,
@@ -95,7 +95,7 @@ def test_embed_dim_must_match_the_clip_projection(tmp_path, folders):
 
 
 def test_a_hub_id_is_refused_offline_and_pinned_when_allowed(tmp_path, monkeypatch):
-    from pipeline.config import params_from_dict
+    from pipeline.core.config import params_from_dict
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     unpinned = params_from_dict({"filter": {"scorer": "openai/clip-vit-base-patch16"}})
@@ -173,7 +173,7 @@ def test_a_gpu_count_below_one_is_a_usage_error_naming_the_flag(gpus, capsys):
 
 
 def test_a_gpu_count_sets_both_launchers():
-    from pipeline.profile import launcher_for
+    from pipeline.core.profile import launcher_for
 
     recipe = real_recipe("cuhk-pedes", "r", "c", "s", gpus=8)
     assert recipe["train"]["launcher"] == recipe["pdg"]["launcher"] == launcher_for(8) == \

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from pipeline.cli import main as cli
-from pipeline.config import ConfigError, ModelConfig, params_from_dict
+from pipeline.core.config import ConfigError, ModelConfig, params_from_dict
 from pipeline.evaluation import evaluate_retrieval, load_retrieval_split
 from pipeline.models import build_model
 from pipeline.search.build import IndexPaths, build_index

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.search.query import Searcher
 from pipeline.search.serve import make_server
 from test_search import make_search_project, project_params

@@ -58,8 +58,8 @@ def test_no_stage_hard_codes_a_dag_path(stage):
 
 
 def test_a_broken_output_names_the_stage_that_writes_it():
-    # pipeline/io.py's map from output to stage (for BrokenArtifact lines) agrees with dvc.yaml
-    from pipeline.io import rerun_hint
+    # pipeline/core/io.py's map from output to stage (for BrokenArtifact lines) agrees with dvc.yaml
+    from pipeline.core.io import rerun_hint
 
     for name, _, _, outs in STAGES:
         for out in outs:

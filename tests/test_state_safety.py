@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.data.prepare import prepare
-from pipeline.io import old_path, recover_directory, replace_directory, staging_path, writing_directory
+from pipeline.core.io import old_path, recover_directory, replace_directory, staging_path, writing_directory
 from test_training import TINY_TRAINING
 from tiny_project import TINY_PROFILE, deep_merge
 
@@ -32,7 +32,7 @@ DRIVER = """
 import logging, os, sys
 from pathlib import Path
 sys.path[:0] = [os.environ["STATE_TEST_CODE"], {tests!r}]
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.optimization import make_accelerator
 from pipeline.run_folder import RunFolder
 from pipeline.training import Trainer
@@ -183,7 +183,7 @@ def _die_between_renames(staging: Path, target: Path) -> int:
     code = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
-from pipeline.io import replace_directory
+from pipeline.core.io import replace_directory
 real = os.replace
 def replace(src, dst):
     if str(src).endswith(".staging"):

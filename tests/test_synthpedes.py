@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import SynthConfig
+from pipeline.core.config import SynthConfig
 from pipeline.data.contact_sheet import write_contact_sheet
 from pipeline.data.synthpedes import (
     COLOR_NAMES,

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import params_from_dict
+from pipeline.core.config import params_from_dict
 from pipeline.data.canonical import list_shards
 from pipeline.data.loader import StreamPlan, build_shard_index, global_batches
 from pipeline.data.prepare import prepare

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.config import ModelConfig, TrainConfig, params_from_dict
+from pipeline.core.config import ModelConfig, TrainConfig, params_from_dict
 from pipeline.data.canonical import list_shards
 from pipeline.data.prepare import prepare
 from pipeline.evaluation import RetrievalSplit, embed_retrieval_split

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.stage_command import stage_command  # noqa: F401  (the tests take it from here)
-from pipeline.config import deep_merge  # noqa: F401  (the tests take it from here)
+from pipeline.core.config import deep_merge  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("TBPS_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -82,7 +82,7 @@ def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
     """A random TINY_MODEL dual encoder (its tokenizer from `prepared`'s train captions) saved to `folder`."""
     import torch
 
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
     from pipeline.evaluation import load_retrieval_split
     from pipeline.models import build_model
 

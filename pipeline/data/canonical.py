@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.io import BrokenArtifact, rerun_hint, commit_temp, temp_path_for
+from pipeline.core.io import BrokenArtifact, rerun_hint, commit_temp, temp_path_for
 
 SPLITS = ("train", "val", "test")
 

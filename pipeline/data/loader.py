@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.augment import AugmentConfig, augmented_tensor
 from pipeline.data.canonical import IMAGE_EXTENSIONS
-from pipeline.io import BrokenArtifact, rerun_hint
+from pipeline.core.io import BrokenArtifact, rerun_hint
 from pipeline.models.preprocessing import ImagePreprocessor
 
 

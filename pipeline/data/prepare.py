@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Params
-from pipeline.io import write_json_atomic
+from pipeline.core.config import Params
+from pipeline.core.io import write_json_atomic
 from pipeline.data.canonical import (
     SPLITS,
     ImageRecord,

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.config import GeneratorConfig
+from pipeline.core.config import GeneratorConfig
 from pipeline.models import minilm_path
 from pipeline.generator.caption_tokenizer import train_caption_tokenizer
 

@@ -13,7 +13,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from pipeline.io import BrokenArtifact, rerun_hint
+from pipeline.core.io import BrokenArtifact, rerun_hint
 
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,10 @@ def write_pretrained_pointer(directory: str | Path, pretrained: str) -> Path:
 
 
 def load_pretrained_pipeline(name: str, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
-    """A pretrained Stable Diffusion folder or hub id (as `pipeline.hub` allows), without safety
+    """A pretrained Stable Diffusion folder or hub id (as `pipeline.core.hub` allows), without safety
     checker, with a DDIM scheduler as the embedded model samples with; float16 on a GPU."""
-    from pipeline.hub import pretrained_kwargs
-    from pipeline.runtime import inference_dtype
+    from pipeline.core.hub import pretrained_kwargs
+    from pipeline.core.runtime import inference_dtype
 
     device = torch.device(device)
     pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,

@@ -28,8 +28,8 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.hub import pretrained_kwargs
-from pipeline.runtime import inference_dtype
+from pipeline.core.hub import pretrained_kwargs
+from pipeline.core.runtime import inference_dtype
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 

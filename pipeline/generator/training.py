@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from pipeline.config import GeneratorConfig
+from pipeline.core.config import GeneratorConfig
 from pipeline.generator.build import SCHEDULE, assemble_pipeline, build_text_side, build_unet, build_vae, latent_downsampling
 from pipeline.generator.data import LabelledImages
 from pipeline.optimization import warmup_cosine_schedule

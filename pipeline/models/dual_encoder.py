@@ -20,9 +20,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase, ViTConfig, ViTModel
 
-from ..config import ConfigError, ModelConfig
-from ..hub import pretrained_kwargs
-from ..io import BrokenArtifact, rerun_hint, write_json_atomic
+from ..core.config import ConfigError, ModelConfig
+from ..core.hub import pretrained_kwargs
+from ..core.io import BrokenArtifact, rerun_hint, write_json_atomic
 from .mixup import FeatureMix
 from .preprocessing import CLIP_MEAN, CLIP_STD, VIT_MEAN, VIT_STD, ImagePreprocessor, pretrained_image_stats
 from .tokenization import train_caption_tokenizer

@@ -20,7 +20,7 @@ from transformers import (
     ViTModel,
 )
 
-from ..hub import pretrained_kwargs
+from ..core.hub import pretrained_kwargs
 from .mixup import FeatureMix, feature_mixing
 
 

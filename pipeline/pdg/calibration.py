@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import FilterConfig
+from pipeline.core.config import FilterConfig
 from pipeline.data.canonical import ImageRecord, manifest_path, read_manifest
 from pipeline.pdg.scorers import Scorer
 from pipeline.pdg.shards import load_source_images

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import CaptionConfig
+from pipeline.core.config import CaptionConfig
 from pipeline.data.canonical import (
     ImageRecord,
     iter_shard_samples,
@@ -37,10 +37,10 @@ from pipeline.data.canonical import (
     write_manifest,
     write_tar_atomic,
 )
-from pipeline.hub import pretrained_kwargs
-from pipeline.io import writing_directory
+from pipeline.core.hub import pretrained_kwargs
+from pipeline.core.io import writing_directory
 from pipeline.pdg.crops import padded, processor_fill
-from pipeline.runtime import inference_dtype
+from pipeline.core.runtime import inference_dtype
 from pipeline.text import find_color_phrases
 from pipeline.text.approximate import ApproximateText, lexicon_neighbours
 from pipeline.text.lexicon import COLOR_FAMILY

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.config import PdgConfig
+from pipeline.core.config import PdgConfig
 from pipeline.pdg.generate import EditFunction, GenerationPlan, job_groups, shard_batches
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.config import FilterConfig
+from pipeline.core.config import FilterConfig
 from pipeline.data.canonical import iter_shard_samples, write_tar_atomic
 from pipeline.pdg.calibration import Calibration
 from pipeline.pdg.shards import SHARD_NAME

@@ -27,10 +27,10 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline.config import PdgConfig
+from pipeline.core.config import PdgConfig
 from pipeline.data.canonical import ImageRecord, write_tar_atomic
 from pipeline.imports import code_digest
-from pipeline.io import files_digest
+from pipeline.core.io import files_digest
 from pipeline.pdg.shards import SHARD_NAME
 from pipeline.run_folder import keep_or_start
 from pipeline.text import find_color_phrases
@@ -149,9 +149,9 @@ def weights_digest(generator: str) -> str:
 
     Contents, not stats: a checkpoint copied without its mtimes (plain cp, some checkouts) is the same
     generator and keeps the finished shards of days of generation. Each file is read once, through
-    the project's digest cache (pipeline/io.py): later starts on every rank only stat it.
+    the project's digest cache (pipeline/core/io.py): later starts on every rank only stat it.
     """
-    from pipeline.io import tree_digest
+    from pipeline.core.io import tree_digest
 
     if not Path(generator).is_dir():
         return generator

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.hub import access, looks_like_path, pretrained_kwargs
+from pipeline.core.hub import access, looks_like_path, pretrained_kwargs
 from pipeline.pdg.crops import padded, processor_fill
-from pipeline.runtime import inference_dtype
+from pipeline.core.runtime import inference_dtype
 
 
 class Scorer(Protocol):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Params
-from pipeline.io import write_json_atomic
+from pipeline.core.config import Params
+from pipeline.core.io import write_json_atomic
 
 from .embed import embed_gallery, encode_queries, load_model, loader_workers, model_fingerprint, model_stat
 from .gallery import PREPARED_SPLITS, describe, gallery_fingerprint, gallery_stat, open_gallery

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
+from pipeline.core.config import ConfigError, load_params
 
 from .embed import SearchError
 from .gallery import GalleryError
@@ -48,7 +48,7 @@ def _fail(err: Exception) -> int:
 
 
 def open_searcher(args: argparse.Namespace):
-    from pipeline.runtime import inference_device
+    from pipeline.core.runtime import inference_device
 
     from .query import Searcher
 

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.io import file_digest
+from pipeline.core.io import file_digest
 from pipeline.models import DualEncoder, tokenize
 from pipeline.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME
 

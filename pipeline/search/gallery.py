@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.data.canonical import IMAGE_EXTENSIONS, list_shards
-from pipeline.io import commit_temp, temp_path_for
+from pipeline.core.io import commit_temp, temp_path_for
 
 PREPARED_SPLITS = ("test", "val")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.io import write_json_atomic, writing_directory
+from pipeline.core.io import write_json_atomic, writing_directory
 
 from .embed import SearchError
 from .gallery import TABLE_NAME, Gallery, read_table, write_table
@@ -144,7 +144,7 @@ def in_memory_index(embeddings: np.ndarray, gallery: Gallery, meta: dict) -> Ind
 
 
 def write_index(folder: Path, embeddings: np.ndarray, gallery: Gallery, meta: dict, hnsw=None) -> None:
-    """Write the whole folder under a staging name, then swap it in (pipeline/io.py: an existing index is
+    """Write the whole folder under a staging name, then swap it in (pipeline/core/io.py: an existing index is
     replaced only once the new one is complete)."""
     with writing_directory(folder) as tmp:
         np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(np.float32))

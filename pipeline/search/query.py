@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 
 from .embed import SearchError, embed_gallery, encode_queries, load_model, model_fingerprint, model_folder, model_stat
 from .gallery import describe, folder_gallery, gallery_fingerprint, gallery_stat

@@ -1,15 +1,20 @@
-"""Caption text tools: colour attribute phrases and colour edits for proximity data generation."""
+"""Caption text tools: colour attribute phrases (`color_phrases`), colour edits for proximity data
+generation (`caption_edit`), approximate text variants for online PDG (`approximate`) and the
+word lists they share (`lexicon`)."""
 
+from pipeline.text.approximate import ApproximateText, build_approximate_text
 from pipeline.text.caption_edit import CaptionEdit, ColorChange, edit_caption, edit_captions
 from pipeline.text.color_phrases import ColorMention, ColorPhrase, find_color_phrases
 from pipeline.text.lexicon import PALETTE
 
 __all__ = [
+    "ApproximateText",
     "PALETTE",
     "CaptionEdit",
     "ColorChange",
     "ColorMention",
     "ColorPhrase",
+    "build_approximate_text",
     "edit_caption",
     "edit_captions",
     "find_color_phrases",

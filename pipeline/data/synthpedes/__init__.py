@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import SynthConfig
+from pipeline.core.config import SynthConfig
 
 from .attributes import COLOR_NAMES, IDENTITY_KEYS, COLOR_RGB, sample_splits
 from .captions import VIEW_PHRASES, captions_for_image

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import hub
-from pipeline.config import ConfigError, Params, load_params
-from pipeline.distributed import rank_from_env, refuse_launcher, world_size_from_env
-from pipeline.io import BrokenArtifact
-from pipeline.profile import check_stage_inputs
+from pipeline.core import hub
+from pipeline.core.config import ConfigError, Params, load_params
+from pipeline.core.distributed import rank_from_env, refuse_launcher, world_size_from_env
+from pipeline.core.io import BrokenArtifact
+from pipeline.core.profile import check_stage_inputs
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -28,7 +28,7 @@ def start_stage(
 ) -> tuple[argparse.Namespace, Params]:
     """Parse the arguments, set up logging and load the params; a bad params file, or a variant
     that params.yaml does not define, exits with status 1. So does a stage that runs in one process
-    (not `launcher`) when it was started under a launcher (pipeline/distributed.py).
+    (not `launcher`) when it was started under a launcher (pipeline/core/distributed.py).
 
     `paths` name what the stage reads and writes: each is a required `--<name>` argument (a Path),
     given on the stage's command line in dvc.yaml beside its deps and outs, so a path is written
@@ -69,7 +69,7 @@ def _broken_artifact_hook(kind, error, trace) -> None:
 
 def _stage_name(caller: dict) -> str:
     """The stage calling `start_stage` (module `stages.<name>`, run with -m or imported), whose
-    external inputs (pipeline.profile.STAGE_INPUTS) are checked before any work."""
+    external inputs (pipeline.core.profile.STAGE_INPUTS) are checked before any work."""
     spec = caller.get("__spec__")
     return (spec.name if spec is not None else caller.get("__name__", "")).rpartition(".")[2]
 

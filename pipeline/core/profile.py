@@ -16,8 +16,8 @@ import os
 import re
 from pathlib import Path
 
-from pipeline import hub
-from pipeline.config import ConfigError, Params, params_from_dict
+from pipeline.core import hub
+from pipeline.core.config import ConfigError, Params, params_from_dict
 
 REAL_SOURCES = ("cuhk-pedes", "icfg-pedes", "rstpreid")
 PROFILES = (*REAL_SOURCES, "embedded")

@@ -1,6 +1,6 @@
 """Typed configuration: `params.yaml` is validated once into these objects.
 
-Every section is a frozen dataclass; pipeline/validation.py checks a raw tree into them (an
+Every section is a frozen dataclass; pipeline/core/validation.py checks a raw tree into them (an
 unknown, missing, repeated, mistyped or out-of-range value is a `ConfigError` naming the key).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.validation import ConfigError, FieldError, build_dataclass, bounded, deep_merge, read_params_yaml
+from pipeline.core.validation import ConfigError, FieldError, build_dataclass, bounded, deep_merge, read_params_yaml
 
 __all__ = ["ConfigError", "FieldError", "Params", "deep_merge", "load_params", "params_from_dict"]
 

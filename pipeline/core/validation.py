@@ -1,4 +1,4 @@
-"""The validation machinery behind pipeline.config: a raw params tree checked field by field into
+"""The validation machinery behind pipeline.core.config: a raw params tree checked field by field into
 frozen dataclasses, with one line naming the dotted key for an unknown, missing, repeated, mistyped
 or out-of-range value. A field's metadata may carry `choices`, a numeric range (`min`, `max`) or
 `false_means` (what a YAML `false` stands for)."""

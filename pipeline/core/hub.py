@@ -4,14 +4,14 @@ Every `from_pretrained` of the project passes `**pretrained_kwargs()`. By defaul
 `local_files_only=True`: a hub id then loads from the local Hugging Face cache or fails, and
 nothing reaches the network. `hub.allow_network: true` lets hub ids download; `hub.revision`
 pins the branch, tag or commit every hub id loads (local folders ignore it). The stages set the
-process-wide access from their params once, at start (`pipeline.runtime.start_stage`).
+process-wide access from their params once, at start (`pipeline.core.runtime.start_stage`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import HubConfig
+from pipeline.core.config import HubConfig
 
 _access = HubConfig()
 
