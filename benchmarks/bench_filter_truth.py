@@ -46,7 +46,8 @@ from pipeline.pdg.filtering import judge, score_batch  # noqa: E402
 from pipeline.pdg.generate import plan_generation  # noqa: E402
 from pipeline.pdg.scorers import load_scorer  # noqa: E402
 from pipeline.pdg.shards import pdg_shards  # noqa: E402
-from pipeline.core.runtime import inference_device, machine  # noqa: E402
+from pipeline.core.devices import inference_device  # noqa: E402
+from pipeline.core.runtime import machine  # noqa: E402
 from pipeline.text import find_color_phrases  # noqa: E402
 from pipeline.text.caption_edit import edit_captions  # noqa: E402
 

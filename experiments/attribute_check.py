@@ -37,7 +37,8 @@ from pipeline.pdg.calibration import Calibration, calibrate_on_prepared
 from pipeline.pdg.filtering import ScoredPair, filter_pairs, read_generated, referenced_sources, written
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.pdg.scorers import Scorer, load_scorer
-from pipeline.core.runtime import inference_device, machine
+from pipeline.core.devices import inference_device
+from pipeline.core.runtime import machine
 
 OUT = Path(__file__).resolve().parent / "results" / "attribute_check.json"
 

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from pipeline.core.io import commit_temp, temp_path_for, write_json_atomic
+from pipeline.core.io import write_json_atomic, writing_file
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ def _decode(value, tensors: dict[str, torch.Tensor], where: str):
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = temp_path_for(path)
-    save_file(tensors, str(tmp))
-    commit_temp(tmp, path)
+    with writing_file(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def _read_json(path: Path):

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.core.config import Params
+from pipeline.core.devices import has_gpu, training_precision
 from pipeline.core.distributed import accelerator_for
 from pipeline.models import DualEncoder
 
@@ -64,16 +65,6 @@ def build_optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def resolve_mixed_precision(choice: str, cpu: bool = False) -> str:
-    """train.mixed_precision as Accelerate takes it; auto: bf16 on a GPU that has it, else fp16 on a
-    GPU, else no (the CPU)."""
-    if choice != "auto":
-        return choice
-    if cpu or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def make_accelerator(params: Params, cpu: bool = False) -> Accelerator:
-    cpu = cpu or not torch.cuda.is_available()
-    return accelerator_for(cpu, resolve_mixed_precision(params.train.mixed_precision, cpu))
+    cpu = cpu or not has_gpu()
+    return accelerator_for(cpu, training_precision(params.train.mixed_precision, cpu))

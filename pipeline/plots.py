@@ -16,18 +16,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.core.io import temp_path_for, commit_temp  # noqa: E402
+from pipeline.core.io import writing_file  # noqa: E402
 
 _PNG_METADATA = {"Software": None}
 
 
 def save_figure(figure, path: str | Path, dpi: int = 100) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    figure.savefig(tmp, format="png", dpi=dpi, metadata=_PNG_METADATA)
-    plt.close(figure)
-    commit_temp(tmp, path)
+    try:
+        with writing_file(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=dpi, metadata=_PNG_METADATA)
+    finally:
+        plt.close(figure)
 
 
 def plot_training_curves(losses: list, epochs: list, path: str | Path, title: str) -> None:

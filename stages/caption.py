@@ -15,13 +15,14 @@ from pipeline.data.canonical import list_shards, manifest_path, read_manifest
 from pipeline.core.io import write_json_atomic
 from pipeline.pdg.captioning import ImageCaptioner, proximity_rows, read_kept, write_training_set
 from pipeline.pdg.shards import pdg_shards
-from pipeline.core.runtime import inference_device, start_stage
+from pipeline.core.devices import inference_device
+from pipeline.core.runtime import start_stage
 
 log = logging.getLogger("stages.caption")
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, paths=("prepared", "filtered", "out", "metrics"))
+    args, params = start_stage("caption", __doc__, paths=("prepared", "filtered", "out", "metrics"))
     cfg = params.caption
     if not args.filtered.is_dir():
         log.error("no %s: run `dvc repro filter` first", args.filtered)

@@ -3,7 +3,6 @@ colour-edit sensitivity (does the true caption beat a colour-edited one for its 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,9 @@ from pipeline.core.io import write_json_atomic
 from pipeline.metrics import cmc_curve
 from pipeline.models import DualEncoder
 from pipeline.plots import plot_cmc, plot_retrievals
-from pipeline.core.runtime import machine, inference_device, start_stage
+from pipeline.run_folder import trained_model
+from pipeline.core.devices import inference_device
+from pipeline.core.runtime import machine, start_stage
 
 EXAMPLE_QUERIES = 6
 EXAMPLE_TOP_K = 10
@@ -36,14 +37,10 @@ def _retrieval_examples(data, similarity: torch.Tensor, path: Path, title: str) 
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, with_variant=True, paths=("model", "prepared", "metrics", "reports"))
-    checkpoint = args.model / "best"
-    if not (checkpoint / "training.json").is_file():
-        log.error("no trained model in %s: run `dvc repro train@%s` first", checkpoint, args.variant)
-        return 1
+    args, params = start_stage("evaluate", __doc__, with_variant=True, paths=("model", "prepared", "metrics", "reports"))
+    checkpoint, epoch = trained_model(args.model)  # none: one line naming the stage to run
     device = inference_device()
     model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)
-    epoch = json.loads((checkpoint / "training.json").read_text())["epoch"]
     data = load_retrieval_split(args.prepared, "test")
     log.info("evaluating %s (epoch %d): %d queries, %d gallery images", checkpoint, epoch, len(data.captions), len(data.image_keys))
     text_emb, image_emb = embed_retrieval_split(model, data, params.train.eval_batch_size, device)

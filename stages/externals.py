@@ -11,7 +11,7 @@ from pipeline.core.runtime import start_stage
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, paths=("out",))
+    args, params = start_stage("externals", __doc__, paths=("out",))
     write_stage_digests(params, args.out)
     return 0
 

@@ -24,14 +24,15 @@ from pipeline.pdg.filtering import filter_pairs, read_generated, referenced_sour
 from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
-from pipeline.core.runtime import inference_device, start_stage
+from pipeline.core.devices import inference_device
+from pipeline.core.runtime import start_stage
 
 
 log = logging.getLogger("stages.filter")
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, paths=("prepared", "raw", "out", "metrics", "sheet"))
+    args, params = start_stage("filter", __doc__, paths=("prepared", "raw", "out", "metrics", "sheet"))
     cfg = params.filter
     shards = pdg_shards(args.raw)
     if not shards:

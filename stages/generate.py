@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from pipeline.core.devices import has_gpu
 from pipeline.core.distributed import accelerator_for, check_shared_folder, on_main
 from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest
 from pipeline.core.io import write_json_atomic
@@ -66,9 +66,9 @@ def _estimate(planned: int, rows_per_s: float, processes: int) -> tuple[float | 
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, paths=("prepared", "generator", "out", "metrics", "sheet"), launcher=True)
+    args, params = start_stage("generate", __doc__, paths=("prepared", "generator", "out", "metrics", "sheet"), launcher=True)
     cfg = params.pdg
-    accelerator = accelerator_for(cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cpu=not has_gpu())
     check_shared_folder(accelerator, args.out.parent)
     generator = resolve_generator(args.generator)
     canvas = (cfg.canvas_width, cfg.canvas_height) if cfg.canvas_width else None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline.core.runtime import inference_device, start_stage
+from pipeline.core.devices import inference_device
+from pipeline.core.runtime import start_stage
 from pipeline.search.build import IndexPaths, build_index
 from pipeline.search.embed import SearchError
 from pipeline.search.gallery import GalleryError
@@ -14,7 +15,7 @@ log = logging.getLogger("stages.index")
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, with_variant=True, paths=("model", "prepared", "index", "metrics"))
+    args, params = start_stage("index", __doc__, with_variant=True, paths=("model", "prepared", "index", "metrics"))
     try:
         build_index(params, args.variant, inference_device(), IndexPaths(args.model, args.prepared, args.index, args.metrics))
     except (SearchError, GalleryError) as err:

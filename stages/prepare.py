@@ -19,7 +19,7 @@ log = logging.getLogger("stages.prepare")
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, paths=("out", "metrics", "contact_sheet"))
+    args, params = start_stage("prepare", __doc__, paths=("out", "metrics", "contact_sheet"))
     try:  # a whole new folder (no stale shards from an earlier shard size), swapped in when complete
         with writing_directory(args.out) as staging:
             result = prepare(params, staging)

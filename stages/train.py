@@ -47,7 +47,7 @@ def _write_reports(progress, timing: list[dict], metrics: Path, reports: Path, v
 
 
 def main() -> int:
-    args, params = start_stage(__doc__, with_variant=True, paths=("prepared", "model", "metrics", "reports"), launcher=True)
+    args, params = start_stage("train", __doc__, with_variant=True, paths=("prepared", "model", "metrics", "reports"), launcher=True)
     try:
         accelerator = make_accelerator(params)
         try:

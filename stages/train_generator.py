@@ -32,7 +32,8 @@ from pipeline.generator.data import labelled_images, LabelledImages, load_grid_i
 from pipeline.generator.samples import plot_loss_curves, plot_no_training, write_sample_grid
 from pipeline.generator.training import reconstruction_psnr, train_generator
 from pipeline.generator.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
-from pipeline.core.runtime import inference_device, start_stage
+from pipeline.core.devices import inference_device
+from pipeline.core.runtime import start_stage
 
 EVALUATION_PROMPTS = 200  # val captions naming a garment colour, for the prompted-colour accuracy
 # The sample grid of a pretrained checkpoint: few images, since a real Stable Diffusion on a CPU is slow.
@@ -43,7 +44,7 @@ log = logging.getLogger("stages.train_generator")
 
 
 def main() -> int:
-    paths, params = start_stage(__doc__, paths=("prepared", "generator", "probe", "metrics", "reports"))
+    paths, params = start_stage("train_generator", __doc__, paths=("prepared", "generator", "probe", "metrics", "reports"))
     cfg = params.generator
     started = time.perf_counter()
     shutil.rmtree(paths.reports, ignore_errors=True)

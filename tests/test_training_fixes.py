@@ -17,7 +17,8 @@ from pipeline.data.canonical import list_shards
 from pipeline.data.prepare import prepare
 from pipeline.evaluation import RetrievalSplit, embed_retrieval_split
 from pipeline.models import build_model
-from pipeline.optimization import build_optimizer, lr_lambda, make_accelerator, resolve_mixed_precision
+from pipeline.core.devices import training_precision as resolve_mixed_precision
+from pipeline.optimization import build_optimizer, lr_lambda, make_accelerator
 from pipeline.run_folder import RunFolder
 from pipeline.training import Trainer, training_fingerprint
 from test_models import CAPTIONS, TINY, save_tiny_clip

@@ -21,16 +21,25 @@ def temp_path_for(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def commit_temp(tmp: Path, path: str | Path) -> None:
+@contextmanager
+def writing_file(path: str | Path) -> Iterator[Path]:
+    """`with writing_file(out) as tmp: write tmp`: renamed onto `out` when the block ends without an
+    error, removed on an error, so `out` is always whole (the old file or the new one). Creates
+    `out`'s folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
 def write_bytes_atomic(path: str | Path, payload: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    tmp.write_bytes(payload)
-    commit_temp(tmp, path)
+    with writing_file(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def write_json_atomic(path: str | Path, payload) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.core import hub
 from pipeline.core.config import ConfigError, Params, params_from_dict
+from pipeline.core.io import write_bytes_atomic
 
 REAL_SOURCES = ("cuhk-pedes", "icfg-pedes", "rstpreid")
 PROFILES = (*REAL_SOURCES, "embedded")
@@ -115,9 +116,7 @@ def apply_profile(params_file: str | Path, updates: dict) -> Params:
     yaml, document, params = _profiled(path, updates)
     buffer = io.StringIO()
     yaml.dump(document, buffer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))
     return params
 
 

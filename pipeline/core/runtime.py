@@ -24,9 +24,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def start_stage(
-    description: str, with_variant: bool = False, paths: Sequence[str] = (), launcher: bool = False
+    stage: str, description: str, with_variant: bool = False, paths: Sequence[str] = (), launcher: bool = False
 ) -> tuple[argparse.Namespace, Params]:
-    """Parse the arguments, set up logging and load the params; a bad params file, or a variant
+    """Start stage `stage` (its name in dvc.yaml, whose external inputs pipeline/core/profile.py's
+    STAGE_INPUTS lists): parse the arguments, set up logging and load the params. A bad params file, or a variant
     that params.yaml does not define, exits with status 1. So does a stage that runs in one process
     (not `launcher`) when it was started under a launcher (pipeline/core/distributed.py).
 
@@ -36,7 +37,6 @@ def start_stage(
     args = _stage_arguments(description, with_variant, paths)
     setup_logging()
     sys.excepthook = _broken_artifact_hook
-    stage = _stage_name(sys._getframe(1).f_globals)
     refusal = None if launcher else refuse_launcher(stage)
     if refusal:
         if rank_from_env() == 0:
@@ -65,13 +65,6 @@ def _broken_artifact_hook(kind, error, trace) -> None:
         logging.getLogger("stages").error("%s", text)  # the interpreter then exits with status 1
         return
     sys.__excepthook__(kind, error, trace)
-
-
-def _stage_name(caller: dict) -> str:
-    """The stage calling `start_stage` (module `stages.<name>`, run with -m or imported), whose
-    external inputs (pipeline.core.profile.STAGE_INPUTS) are checked before any work."""
-    spec = caller.get("__spec__")
-    return (spec.name if spec is not None else caller.get("__name__", "")).rpartition(".")[2]
 
 
 def _stage_arguments(description: str, with_variant: bool, paths: Sequence[str]) -> argparse.Namespace:
@@ -103,15 +96,3 @@ def machine() -> dict:
     isa = torch.backends.cpu.get_cpu_capability().lower() + ("+amx" if "amx_tile" in flags else "")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return {"cpu": model or platform.processor() or "unknown", "isa": isa, "gpu": gpu, "torch": torch.__version__}
-
-
-def inference_dtype(device: str | torch.device) -> torch.dtype:
-    """The dtype pretrained models run inference in: float16 on a GPU, float32 on a CPU (where half
-    precision is slow or missing)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def inference_device() -> torch.device:
-    """Where the stages that only run models (evaluate, filter, caption) put them: the GPU when
-    there is one. Training and generation place themselves through Accelerate instead."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.core.io import BrokenArtifact, rerun_hint, commit_temp, temp_path_for
+from pipeline.core.io import BrokenArtifact, rerun_hint, writing_file
 
 SPLITS = ("train", "val", "test")
 
@@ -90,13 +90,10 @@ def assign_person_ids(raw: list[RawRecord], split: str) -> dict[int, int]:
 
 
 def write_manifest(records: list[ImageRecord], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = {name: [getattr(r, name) for r in records] for name in MANIFEST_SCHEMA.names}
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
-    tmp = temp_path_for(path)
-    pq.write_table(table, tmp, compression="zstd")
-    commit_temp(tmp, path)
+    with writing_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def read_manifest(path: str | Path) -> list[ImageRecord]:
@@ -135,21 +132,13 @@ def write_tar_atomic(path: str | Path, samples: Iterable[dict[str, bytes]]) -> i
     Written under a temporary name and renamed, so a killed writer never leaves a
     half shard under the final name. Returns the number of samples written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
     count = 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                key = sample["__key__"]
-                for ext in sorted(k for k in sample if k != "__key__"):
-                    _add_member(tar, f"{key}.{ext}", sample[ext])
-                count += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    commit_temp(tmp, path)
+    with writing_file(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext in sorted(k for k in sample if k != "__key__"):
+                _add_member(tar, f"{key}.{ext}", sample[ext])
+            count += 1
     return count
 
 

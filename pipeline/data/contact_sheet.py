@@ -9,7 +9,6 @@ software tag is written.
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
@@ -19,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from pipeline.core.io import writing_file  # noqa: E402
 
 _MAX_IMAGES_PER_ROW = 6
 _IMAGE_WIDTH_IN = 0.9
@@ -73,10 +74,9 @@ def write_contact_sheet(records: list[dict], image_root: Path, path: Path, num_i
         split, person_id = key
         row[0].set_title(f"{split} id {person_id}", fontsize=_FONT_SIZE + 1, loc="left")
         row[-1].text(0.0, 1.0, _caption_text(images), fontsize=_FONT_SIZE, va="top", ha="left", wrap=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        with writing_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1, metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return Path(path)

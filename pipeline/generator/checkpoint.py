@@ -38,7 +38,7 @@ def load_pretrained_pipeline(name: str, device: torch.device | str = "cpu") -> S
     """A pretrained Stable Diffusion folder or hub id (as `pipeline.core.hub` allows), without safety
     checker, with a DDIM scheduler as the embedded model samples with; float16 on a GPU."""
     from pipeline.core.hub import pretrained_kwargs
-    from pipeline.core.runtime import inference_dtype
+    from pipeline.core.devices import inference_dtype
 
     device = torch.device(device)
     pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,

@@ -29,7 +29,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline.core.hub import pretrained_kwargs
-from pipeline.core.runtime import inference_dtype
+from pipeline.core.devices import generator_dtype
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 
@@ -97,18 +97,6 @@ class DiffusionParts:
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(pixels, output_type="pil")
 
 
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_precision(precision: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """`pdg.precision` as a dtype: auto is float16 on CUDA, float32 elsewhere."""
-    if isinstance(precision, torch.dtype):
-        return precision
-    if precision == "auto":
-        return inference_dtype(device)
-    return PRECISIONS[precision]
-
-
 def load_generator(
     path_or_hub_id: str | Path,
     device: str | torch.device = "cpu",
@@ -123,7 +111,7 @@ def load_generator(
     checkpoint's VAE is not rounded through half on the way. `canvas` is the (width, height) pixel
     canvas to fit crops into (multiples of the VAE's scale factor); None = the UNet's sample size.
     """
-    dtype = resolve_precision(dtype, device)
+    dtype = generator_dtype(dtype, device)
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(path_or_hub_id), safety_checker=None, requires_safety_checker=False, dtype=torch.float32,
         **pretrained_kwargs(path_or_hub_id),

@@ -40,7 +40,7 @@ from pipeline.data.canonical import (
 from pipeline.core.hub import pretrained_kwargs
 from pipeline.core.io import writing_directory
 from pipeline.pdg.crops import padded, processor_fill
-from pipeline.core.runtime import inference_dtype
+from pipeline.core.devices import inference_dtype
 from pipeline.text import find_color_phrases
 from pipeline.text.approximate import ApproximateText, lexicon_neighbours
 from pipeline.text.lexicon import COLOR_FAMILY

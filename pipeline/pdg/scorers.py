@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.core.hub import access, looks_like_path, pretrained_kwargs
 from pipeline.pdg.crops import padded, processor_fill
-from pipeline.core.runtime import inference_dtype
+from pipeline.core.devices import inference_dtype
 
 
 class Scorer(Protocol):

@@ -48,7 +48,7 @@ def _fail(err: Exception) -> int:
 
 
 def open_searcher(args: argparse.Namespace):
-    from pipeline.core.runtime import inference_device
+    from pipeline.core.devices import inference_device
 
     from .query import Searcher
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.data.canonical import IMAGE_EXTENSIONS, list_shards
-from pipeline.core.io import commit_temp, temp_path_for
+from pipeline.core.io import writing_file
 
 PREPARED_SPLITS = ("test", "val")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -192,9 +192,8 @@ def write_table(gallery: Gallery, path: Path) -> None:
     table = pa.table({"key": gallery.keys, "file": gallery.files, "member": gallery.members,
                       "person_id": gallery.person_ids, "source": [gallery.source] * len(gallery)},
                      schema=GALLERY_SCHEMA)
-    tmp = temp_path_for(path)
-    pq.write_table(table, tmp, compression="zstd")
-    commit_temp(tmp, path)
+    with writing_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def read_table(path: Path) -> Gallery:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.config import SynthConfig
+from pipeline.core.io import write_bytes_atomic
 
 from .attributes import COLOR_NAMES, IDENTITY_KEYS, COLOR_RGB, sample_splits
 from .captions import VIEW_PHRASES, captions_for_image
@@ -51,12 +51,6 @@ def _views(seed: int, person_id: int, count: int) -> list[str]:
     return [VIEWS[(start + n) % len(VIEWS)] for n in range(count)]
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def _png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=6)
@@ -78,7 +72,7 @@ def _identity_records(cfg: SynthConfig, split: str, person_id: int, identity: di
     records = []
     for n, image, captions, attributes in _render_identity(cfg, person_id, identity):
         file_path = f"{split}/{person_id:05d}_{n:02d}.png"
-        _write_atomic(image_dir / file_path, _png_bytes(image))
+        write_bytes_atomic(image_dir / file_path, _png_bytes(image))
         records.append({"split": split, "captions": captions, "file_path": file_path, "id": person_id,
                         "attributes": attributes})
     return records
@@ -109,5 +103,5 @@ def render_synthpedes(cfg: SynthConfig, out_dir: str | Path) -> Path:
             records += _identity_records(cfg, split, person_id, identity, image_dir)
             person_id += 1
     payload = json.dumps(records, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
-    _write_atomic(out_dir / ANNOTATION_FILE, payload.encode("utf-8"))
+    write_bytes_atomic(out_dir / ANNOTATION_FILE, payload.encode("utf-8"))
     return out_dir
