@@ -77,13 +77,11 @@ def search_command(args: argparse.Namespace) -> int:
 
     _setup()
     try:
-        if args.k is not None and args.k < 1:
-            raise SearchError(f"k is {args.k}: it must be at least 1")
         queries = _read_queries(args)
-        if not args.queries and not queries[0].strip():
-            raise SearchError("the query is empty: give a description such as \"a woman in a red coat\"")
         params, searcher = open_searcher(args)
-        answers = searcher.search(queries, args.k or min(params.search.top_k, len(searcher.index)))
+        # Searcher.search checks k and refuses an empty query, one line each
+        k = args.k if args.k is not None else min(params.search.top_k, len(searcher.index))
+        answers = searcher.search(queries, k)
     except (SearchError, GalleryError, ConfigError) as err:
         return _fail(err)
     if args.queries:
