@@ -196,7 +196,7 @@ from pipeline.search.build import IndexPaths, build_index
 root = Path(sys.argv[1])
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 params = params_from_dict({"search": {"gallery": "test", "index": "exact"}, "train": {"eval_batch_size": 256}})
-metrics = build_index(params, "synthetic", torch.device("cpu"), IndexPaths(root / "models" / "synthetic", root / "data" / "prepared", root / "index" / "synthetic", root / "metrics.json"))
+metrics = build_index(params, "synthetic", torch.device("cpu"), IndexPaths(root / "models" / "synthetic", root / "data" / "prepared", root / "index" / "synthetic", root / "metrics.json", root / "timing.json"))
 print(json.dumps({"rss_after_imports_mib": round(start / 1024, 1),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "children_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
@@ -232,7 +232,7 @@ def synthetic_build_gallery(images: int) -> Path:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     config = ModelConfig(width=32, layers=1, heads=2, patch_size=8, vocab_size=200, embed_dim=32, max_text_length=32)
-    build_model(config, (64, 32), captions=["a man in a red coat", "a woman with a black bag"] * 50)[0] \
+    build_model(config, (64, 32), captions=["a man in a red coat", "a woman with a black bag"] * 50) \
         .save_pretrained(root / "models" / "synthetic" / "best")
     (root / "done").write_text("")
     return root

@@ -15,9 +15,9 @@ log = logging.getLogger("stages.index")
 
 
 def main() -> int:
-    args, params = start_stage("index", __doc__, with_variant=True, paths=("model", "prepared", "index", "metrics"))
+    args, params = start_stage("index", __doc__, with_variant=True, paths=("model", "prepared", "index", "metrics", "timing"))
     try:
-        build_index(params, args.variant, inference_device(), IndexPaths(args.model, args.prepared, args.index, args.metrics))
+        build_index(params, args.variant, inference_device(), IndexPaths(args.model, args.prepared, args.index, args.metrics, args.timing))
     except (SearchError, GalleryError) as err:
         log.error("%s", err)
         return 1

@@ -24,10 +24,10 @@ log = logging.getLogger("stages.train")
 
 
 def _write_reports(progress, timing: list[dict], metrics: Path, reports: Path, variant: str) -> None:
-    """The metrics file and the reports; the timings (from <reports>/timing.json,
-    never from models/, where a clock figure would change the output's hash) are the last epoch's."""
+    """The metrics file (what was learned) and the reports, among them the epochs' timings (written
+    to <reports>/timing.json as each epoch ends, never under models/, where a clock figure would
+    change the output's hash)."""
     best = next(e for e in progress.epochs if e["epoch"] == progress.best_epoch)
-    last_timing = timing[-1] if timing else {}
     summary = {
         "best_epoch": progress.best_epoch,
         "best_val_R1": best["val_R1"],
@@ -35,8 +35,6 @@ def _write_reports(progress, timing: list[dict], metrics: Path, reports: Path, v
         "final_train_loss": progress.epochs[-1]["train_loss"],
         "steps": progress.global_step,
         "skipped_batches": progress.skipped_batches,
-        "pairs_per_s": last_timing.get("pairs_per_s"),
-        "data_wait_share": last_timing.get("data_wait_share"),
     }
     write_json_atomic(metrics, summary)
     timing_of = {t["epoch"]: t for t in timing}

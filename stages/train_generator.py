@@ -33,7 +33,7 @@ from pipeline.generator.samples import plot_loss_curves, plot_no_training, write
 from pipeline.generator.training import reconstruction_psnr, train_generator
 from pipeline.generator.probe import AttributeProbe, colour_prompts, probe_accuracy, prompted_color_accuracy, train_probe
 from pipeline.core.devices import inference_device
-from pipeline.core.runtime import start_stage
+from pipeline.core.runtime import split_timing, start_stage
 
 EVALUATION_PROMPTS = 200  # val captions naming a garment colour, for the prompted-colour accuracy
 # The sample grid of a pretrained checkpoint: few images, since a real Stable Diffusion on a CPU is slow.
@@ -60,8 +60,10 @@ def main() -> int:
     for name in ("generator", "probe"):
         replace_directory(getattr(staged, name), getattr(paths, name))
     metrics["stage_seconds"] = time.perf_counter() - started
+    metrics, timing = split_timing(metrics)
     write_json_atomic(paths.metrics, metrics)
-    log.info("metrics: %s", metrics)
+    write_json_atomic(paths.reports / "timing.json", timing)
+    log.info("metrics: %s; timing: %s", metrics, timing)
     return 0
 
 

@@ -96,3 +96,25 @@ def machine() -> dict:
     isa = torch.backends.cpu.get_cpu_capability().lower() + ("+amx" if "amx_tile" in flags else "")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return {"cpu": model or platform.processor() or "unknown", "isa": isa, "gpu": gpu, "torch": torch.__version__}
+
+
+TIMING_KEYS = ("seconds", "_seconds", "_per_s", "_per_second", "hours_at_measured_rate")
+
+
+def split_timing(results: dict) -> tuple[dict, dict]:
+    """(metrics, timing): a stage's results without, and with only, its durations and rates (keys
+    named `seconds` or ending in one of TIMING_KEYS, at any depth). Timings differ between machines
+    and runs of the same code, so they go to a timing file beside the metrics, where `dvc metrics
+    diff` shows only what changed in quality."""
+    metrics, timing = {}, {}
+    for key, value in results.items():
+        if key.endswith(TIMING_KEYS):
+            timing[key] = value
+        elif isinstance(value, dict):
+            inner, inner_timing = split_timing(value)
+            metrics[key] = inner
+            if inner_timing:
+                timing[key] = inner_timing
+        else:
+            metrics[key] = value
+    return metrics, timing

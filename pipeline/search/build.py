@@ -38,18 +38,19 @@ class IndexPaths:
     prepared: Path  # data/prepared: the test or val split as a gallery
     index: Path  # index/<variant>
     metrics: Path  # metrics/index_<variant>.json
+    timing: Path  # reports/index/<variant>/timing.json: how long it took, beside the metrics (not in them)
 
     @classmethod
     def under(cls, root: Path, variant: str) -> "IndexPaths":
         """The project's layout below `root` (what dvc.yaml gives the stage, and the search CLI reads)."""
         return cls(root / "models" / variant, root / "data" / "prepared", index_folder(variant, root / "index"),
-                   root / "metrics" / f"index_{variant}.json")
+                   root / "metrics" / f"index_{variant}.json", root / "reports" / "index" / variant / "timing.json")
 
 
 def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict:
     """Embed `search.gallery` with the variant's best checkpoint, write the index folder and return
-    the metrics (also written to `paths.metrics`). Raises SearchError / GalleryError on bad input
-    before anything is written."""
+    the metrics with the timing (written to `paths.metrics` and `paths.timing`). Raises SearchError /
+    GalleryError on bad input before anything is written."""
     prepared, spec = paths.prepared, params.search.gallery
     folder = paths.model / "best"
     model = load_model(folder, variant, device)
@@ -87,14 +88,14 @@ def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict
         "skipped": gallery.skipped[:50],  # named (the first 50)
         "index_kind": kind,
         "dim": meta["dim"],
-        "build_seconds": round(seconds, 2),
-        "embed_images_per_second": round(len(gallery) / embed_seconds, 1),
         "recall_at_10": None if recall is None else round(recall[0], 4),
         "recall_queries": None if recall is None else recall[1],
     }
+    timing = {"build_seconds": round(seconds, 2), "embed_images_per_second": round(len(gallery) / embed_seconds, 1)}
     write_json_atomic(paths.metrics, metrics)
-    log.info("index@%s: %s", variant, metrics)
-    return metrics
+    write_json_atomic(paths.timing, timing)  # beside the metrics, not in them (core/runtime.py split_timing)
+    log.info("index@%s: %s, %s", variant, metrics, timing)
+    return {**metrics, **timing}
 
 
 def _recall(model, hnsw, embeddings: np.ndarray, prepared: Path, spec: str, device) -> tuple[float, int]:
