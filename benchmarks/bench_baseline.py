@@ -67,7 +67,7 @@ def random_init_metrics() -> dict:
     prepared = REPO / "data" / "prepared"
     captions = (c for row in read_manifest(manifest_path(prepared, "train")) for c in row.captions)
     torch.manual_seed(0)
-    model, _ = build_model(params.model, (params.data.image_height, params.data.image_width), captions=captions)
+    model = build_model(params.model, (params.data.image_height, params.data.image_width), captions=captions)
     metrics, _ = evaluate_retrieval(model, load_retrieval_split(prepared, "test"), 256, torch.device("cpu"))
     return metrics
 

@@ -58,6 +58,7 @@ from pipeline.data.canonical import manifest_path, read_manifest
 from pipeline.data.synthpedes import COLOR_RGB
 from pipeline.core.io import write_json_atomic
 from pipeline.editing.edit import EditRequest, edit_p2p_batch
+from pipeline.editing.settings import EditSettings
 from pipeline.pdg.generate import GenerationJob, alignable_with, make_editor, plan_generation
 from pipeline.pdg.shards import load_source_images
 from pipeline.generator.checkpoint import resolve_generator
@@ -221,18 +222,17 @@ def p2p_without_attention_control(parts: DiffusionParts, cfg: PdgConfig):
     """Prompt-to-Prompt as `make_editor` binds it, with attention injection and reweighting off
     (no steps of cross- or self-attention replaced, reweight 1): joint denoising and blending stay."""
 
+    settings = dataclasses.replace(
+        EditSettings.from_config(cfg), cross_replace_fraction=0.0, self_replace_fraction=0.0, reweight=1.0
+    )
+
     def edit(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
         requests = [
             EditRequest(image, job.edit.source, job.edit.edited,
                         [(change.source_span, change.edited_span) for change in job.edit.changes])
             for job, image in zip(jobs, sources)
         ]
-        return edit_p2p_batch(
-            parts, requests, num_steps=cfg.num_steps, guidance=cfg.guidance,
-            cross_replace_fraction=0.0, self_replace_fraction=0.0, reweight=1.0,
-            blend_threshold=cfg.blend_threshold or None, blend_start_fraction=cfg.blend_start_fraction,
-            null_text_steps=cfg.null_text_steps, inversion=cfg.inversion,
-        )
+        return edit_p2p_batch(parts, requests, settings)
 
     return edit
 

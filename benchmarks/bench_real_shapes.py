@@ -35,6 +35,7 @@ from pipeline.models import build_model  # noqa: E402
 from pipeline.models.tokenization import tokenize  # noqa: E402
 from pipeline.pdg.cost import count_unet  # noqa: E402
 from pipeline.editing.edit import EditRequest, edit_p2p_batch  # noqa: E402
+from pipeline.editing.settings import EditSettings  # noqa: E402
 from pipeline.generator.model import load_generator  # noqa: E402
 
 CAPTION = "a woman in a red coat and black trousers with a black backpack, walking on the street"
@@ -57,14 +58,14 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def train_throughput(clip: Path, device: torch.device, batch: int, steps: int) -> dict:
-    model, tokenizer = build_model(ModelConfig(preset="clip-vit-b16", embed_dim=512, max_text_length=77,
-                                               vision_path=str(clip), text_path=str(clip)), (384, 128))
+    model = build_model(ModelConfig(preset="clip-vit-b16", embed_dim=512, max_text_length=77,
+                                    vision_path=str(clip), text_path=str(clip)), (384, 128))
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     criterion = HardnessAwareContrastiveLoss()
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     pixels = torch.randn(batch, 3, 384, 128, device=device)
-    tokens = {k: v.to(device) for k, v in tokenize(tokenizer, [CAPTION] * batch, 77).items()}
+    tokens = {k: v.to(device) for k, v in tokenize(model.tokenizer, [CAPTION] * batch, 77).items()}
     person_ids = torch.arange(batch, device=device)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == torch.float16)
     _reset_peak(device)
@@ -118,7 +119,10 @@ def edit_throughput(parts, device: torch.device, sources: int, steps: int) -> di
     with count_unet(parts) as count:
         _sync(device)
         started = time.perf_counter()
-        edit_p2p_batch(parts, requests, num_steps=steps, guidance=7.5, inversion="negative-prompt")
+        edit_p2p_batch(parts, requests, EditSettings(
+            num_steps=steps, guidance=7.5, inversion="negative-prompt", null_text_steps=0, cross_replace_fraction=0.8,
+            self_replace_fraction=0.4, blend_threshold=0.3, blend_start_fraction=0.2, reweight=2.0, strength=0.6,
+        ))
         _sync(device)
     seconds = time.perf_counter() - started
     return {"sources": sources, "edits": len(requests), "steps": steps, "seconds": round(seconds, 2),

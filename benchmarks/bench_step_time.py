@@ -28,11 +28,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = build_model(ModelConfig(text_encoder=args.text_encoder), tuple(args.size), captions=[CAPTION] * 50)
+    model = build_model(ModelConfig(text_encoder=args.text_encoder), tuple(args.size), captions=[CAPTION] * 50)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = HardnessAwareContrastiveLoss()
     pixels = torch.randn(args.batch, 3, *args.size)
-    tokens = tokenize(tokenizer, [CAPTION] * args.batch, 40)
+    tokens = tokenize(model.tokenizer, [CAPTION] * args.batch, 40)
     person_ids = torch.arange(args.batch)
     times = []
     for _ in range(6):

@@ -13,14 +13,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from PIL import Image
 
 from pipeline.data.canonical import image_member, iter_shard_samples, list_shards
 from pipeline.metrics import retrieval_metrics
-from pipeline.models.tokenization import tokenize
 from pipeline.text.caption_edit import edit_captions
 from pipeline.text.lexicon import LOWER_GARMENTS, UPPER_GARMENTS
 
@@ -54,18 +53,16 @@ def load_retrieval_split(prepared_dir: str | Path, split: str) -> RetrievalSplit
     )
 
 
-def _sharded_embed(
-    count: int, embed_batch: Callable[[range], torch.Tensor], batch_size: int, accelerator=None
-) -> torch.Tensor:
+def _sharded_embed(count: int, embed: Callable[[list[int]], torch.Tensor], accelerator=None) -> torch.Tensor:
     """Embed items 0..count-1; with N processes rank r takes items r, r+N, ... and all are gathered.
 
-    The shares stay on the device until they are gathered (NCCL gathers device tensors only);
-    the result is on the CPU."""
+    `embed` maps a rank's item numbers to their embeddings on the device. The shares stay there
+    until they are gathered (NCCL gathers device tensors only). The result is on the CPU.
+    """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     per_rank = -(-count // world)
     mine = [min(rank + world * i, count - 1) for i in range(per_rank)]  # padded with the last item
-    chunks = [embed_batch(mine[i : i + batch_size]) for i in range(0, per_rank, batch_size)]
-    local = torch.cat(chunks)
+    local = embed(mine)
     if world == 1:
         return local.cpu()
     gathered = accelerator.gather(local.contiguous())  # [world * per_rank, D], rank-major
@@ -73,30 +70,23 @@ def _sharded_embed(
     return gathered.cpu()[order][:count]
 
 
-@torch.no_grad()
 def embed_retrieval_split(
     model, data: RetrievalSplit, batch_size: int, device: torch.device, accelerator=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(caption embeddings [Q, D], image embeddings [G, D]) in float32 on the CPU."""
-    was_training = model.training
-    model.eval()
+    """(caption embeddings [Q, D], image embeddings [G, D]) in float32 on the CPU.
 
-    def images(indices: Sequence[int]) -> torch.Tensor:
-        pixels = torch.stack([model.image_preprocessor(Image.open(io.BytesIO(data.image_bytes[i]))) for i in indices])
-        return model.encode_image(pixels.to(device)).float()
+    The model embeds on its own device, which is `device`.
+    """
 
-    def texts(indices: Sequence[int]) -> torch.Tensor:
-        return _encode_captions(model, [data.captions[i] for i in indices], device)
+    def images(indices: list[int]) -> torch.Tensor:
+        return model.embed_images((Image.open(io.BytesIO(data.image_bytes[i])) for i in indices), batch_size)
 
-    text_emb = _sharded_embed(len(data.captions), texts, batch_size, accelerator)
-    image_emb = _sharded_embed(len(data.image_keys), images, batch_size, accelerator)
-    model.train(was_training)
+    def texts(indices: list[int]) -> torch.Tensor:
+        return model.embed_texts([data.captions[i] for i in indices], batch_size)
+
+    text_emb = _sharded_embed(len(data.captions), texts, accelerator)
+    image_emb = _sharded_embed(len(data.image_keys), images, accelerator)
     return text_emb, image_emb
-
-
-def _encode_captions(model, captions: Sequence[str], device: torch.device) -> torch.Tensor:
-    tokens = tokenize(model.tokenizer, list(captions), model.config.max_text_length)
-    return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
 
 
 def garment_kind(phrase: str) -> str:
@@ -123,11 +113,7 @@ def colour_sensitivity(
     result = {"editable_captions": len(editable), "captions": len(data.captions)}
     if not editable:
         return result
-    was_training = model.training
-    model.eval()
-    edited = torch.cat([_encode_captions(model, [edits[i][0].edited for i in editable[s : s + batch_size]], device).cpu()
-                        for s in range(0, len(editable), batch_size)])
-    model.train(was_training)
+    edited = model.embed_texts([edits[i][0].edited for i in editable], batch_size).cpu()
     own_images = image_emb[torch.tensor([data.caption_image_index[i] for i in editable])]
     margin = (text_emb[editable] * own_images).sum(1) - (edited * own_images).sum(1)
     kinds = [garment_kind(edits[i][0].changes[0].phrase_before) for i in editable]

@@ -151,7 +151,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(self.index.num_pairs, self.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
         set_seed(self.cfg.seed)
-        model, _ = build_model(
+        model = build_model(
             params.model, (params.data.image_height, params.data.image_width),
             captions=(c for row in train_rows for c in row.captions),
         )

@@ -23,7 +23,7 @@ from transformers import (
     ViTModel,
 )
 
-from pipeline.core.config import ConfigError, ModelConfig
+from pipeline.core.config import MODEL_PRESETS, ConfigError, ModelConfig
 from pipeline.models import (
     CLIP_MEAN,
     CLIP_STD,
@@ -36,6 +36,7 @@ from pipeline.models import (
     tokenize,
     train_caption_tokenizer,
 )
+from pipeline.models.dual_encoder import PRESETS
 
 CAPTIONS = [
     "A woman in a red coat with a black backpack and white shoes.",
@@ -123,7 +124,7 @@ def build(setting: str, checkpoints, **overrides) -> DualEncoder:
     vision_path, text_path = checkpoints.get(fields["preset"], ("", ""))
     config = ModelConfig(vision_path=str(vision_path), text_path=str(text_path), **{**TINY, **fields, **overrides})
     torch.manual_seed(0)
-    model, _ = build_model(config, image_size, captions=CAPTIONS)
+    model = build_model(config, image_size, captions=CAPTIONS)
     return model.eval()
 
 
@@ -143,6 +144,54 @@ def test_embeddings_are_unit_vectors_of_embed_dim(setting, checkpoints):
     assert image_emb.shape == text_emb.shape == (4, model.config.embed_dim)
     torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(4))
+
+
+def images(count: int) -> list[Image.Image]:
+    """Differently sized random RGB images (the preprocessor resizes them)."""
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(40 + i, 20 + 2 * i, 3) for i in range(count)]
+    return [Image.fromarray(torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).numpy()) for shape in shapes]
+
+
+@pytest.mark.parametrize("setting", ["tiny-bert", "clip-vit-b16"])
+def test_embed_texts_and_images_equal_the_manual_batches(setting, checkpoints):
+    model = build(setting, checkpoints)
+    texts, pictures = CAPTIONS[:5], images(5)
+    with torch.no_grad():  # what the callers wrote by hand before: tokenise or preprocess, encode, cast
+        tokens = [tokenize(model.tokenizer, texts[s : s + 2], model.config.max_text_length) for s in range(0, 5, 2)]
+        expected_texts = torch.cat([model.encode_text(**batch).float() for batch in tokens])
+        pixels = torch.stack([model.image_preprocessor(image) for image in pictures])
+        expected_images = torch.cat([model.encode_image(pixels[s : s + 2]).float() for s in range(0, 5, 2)])
+    text_emb, image_emb = model.embed_texts(texts, batch_size=2), model.embed_images(pictures, batch_size=2)
+    assert torch.equal(text_emb, expected_texts) and torch.equal(image_emb, expected_images)
+    assert torch.equal(model.embed_images(pixels, batch_size=2), expected_images)  # preprocessed pixels
+    assert torch.equal(model.embed_images(iter(pictures), batch_size=2), expected_images)  # read lazily
+    for emb in (text_emb, image_emb):
+        assert emb.dtype == torch.float32 and emb.shape == (5, model.config.embed_dim) and not emb.requires_grad
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
+    # the batch size changes how the work is split, not the answer
+    for batch_size in (1, 3, 64):
+        torch.testing.assert_close(model.embed_texts(texts, batch_size=batch_size), text_emb, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.embed_images(pictures, batch_size=batch_size), image_emb, rtol=0, atol=1e-6)
+
+
+def test_embedding_runs_in_eval_mode_and_restores_the_mode(checkpoints):
+    model = build("tiny-bert", checkpoints, dropout=0.5)
+    expected = model.embed_texts(CAPTIONS, batch_size=4)
+    model.train()
+    assert torch.equal(model.embed_texts(CAPTIONS, batch_size=4), expected)  # no dropout
+    assert model.training and all(module.training for module in model.modules())
+    empty = model.embed_images([], batch_size=4)
+    assert empty.shape == (0, model.config.embed_dim) and empty.dtype == torch.float32
+    with pytest.raises(ValueError, match="batch_size"):
+        model.embed_texts(CAPTIONS, batch_size=0)
+
+
+def test_build_and_reload_read_one_preset_table():
+    assert set(PRESETS) == set(MODEL_PRESETS)
+    model = build_model(ModelConfig(**TINY), (32, 16), captions=CAPTIONS)
+    assert isinstance(model, DualEncoder) and model.tokenizer is not None
+    assert model.text_tower.pooling == PRESETS["tiny"].text_pooling
 
 
 def test_temperature_is_positive_and_learnable(checkpoints):

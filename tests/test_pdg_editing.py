@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError, replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,13 +15,20 @@ from pipeline.editing.edit import EditRequest, edit_img2img, edit_p2p, edit_p2p_
 from pipeline.editing.inversion import invert
 from pipeline.generator.model import back_to_crop, fit_to_model, load_generator
 from tiny_generator import TINY_WORDS, build_tiny_generator
-from pipeline.editing.p2p import ControlSettings, PromptToPromptController
+from pipeline.editing.p2p import PromptToPromptController
 from pipeline.editing.sampling import denoise
+from pipeline.editing.settings import EditSettings
 
 SOURCE = "a man in a red jacket and blue jeans"
 EDITED = "a man in a turquoise jacket and blue jeans"
 SPANS = [((11, 14), (11, 20))]  # "red" -> "turquoise"
-FAST = dict(num_steps=6, guidance=4.0)
+FAST = EditSettings(
+    num_steps=6, guidance=4.0, inversion="ddim", null_text_steps=0, cross_replace_fraction=0.8,
+    self_replace_fraction=0.4, blend_threshold=0.3, blend_start_fraction=0.2, reweight=2.0, strength=0.6,
+)
+# no attention replaced for any step, no reweighting, blending (if any) from the first step
+NO_CONTROL = replace(FAST, cross_replace_fraction=0.0, self_replace_fraction=0.0, reweight=1.0,
+                     blend_start_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -105,28 +115,28 @@ def test_fit_to_model_round_trip(person):
 
 
 def test_p2p_output_size_and_determinism(parts, person):
-    first = edit_p2p(parts, person, SOURCE, EDITED, SPANS, decode_reconstruction=True, **FAST)
-    second = edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    first = edit_p2p(parts, person, SOURCE, EDITED, SPANS, FAST, decode_reconstruction=True)
+    second = edit_p2p(parts, person, SOURCE, EDITED, SPANS, FAST)
     assert second.reconstruction is None  # not decoded unless asked for
     assert first.image.size == first.reconstruction.size == first.mask.size == person.size
     assert np.array_equal(pixels(first.image), pixels(second.image))
 
 
 def test_img2img_output_size_and_seed(parts, person):
-    first = edit_img2img(parts, person, EDITED, strength=0.6, seed=1, **FAST)
-    again = edit_img2img(parts, person, EDITED, strength=0.6, seed=1, **FAST)
-    other = edit_img2img(parts, person, EDITED, strength=0.6, seed=2, **FAST)
+    first = edit_img2img(parts, person, EDITED, FAST, seed=1)
+    again = edit_img2img(parts, person, EDITED, FAST, seed=1)
+    other = edit_img2img(parts, person, EDITED, FAST, seed=2)
     assert first.image.size == person.size
     assert np.array_equal(pixels(first.image), pixels(again.image))
     assert not np.array_equal(pixels(first.image), pixels(other.image))
 
 
 def test_attention_control_changes_the_edit(parts, person):
-    controlled = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, decode_reconstruction=True,
-                          **FAST)
-    # no attention replaced for any step, no reweighting: the joint denoising alone
-    plain = edit_p2p(parts, person, SOURCE, EDITED, SPANS, blend_threshold=None, cross_replace_fraction=0.0,
-                     self_replace_fraction=0.0, reweight=1.0, decode_reconstruction=True, **FAST)
+    unblended = replace(FAST, blend_threshold=None)
+    controlled = edit_p2p(parts, person, SOURCE, EDITED, SPANS, unblended, decode_reconstruction=True)
+    # the joint denoising alone
+    plain = edit_p2p(parts, person, SOURCE, EDITED, SPANS, replace(NO_CONTROL, blend_threshold=None),
+                     decode_reconstruction=True)
     assert np.abs(pixels(controlled.image) - pixels(plain.image)).mean() > 0.5
     # the source branch is never controlled (explicit and fused attention kernels round differently)
     assert np.abs(pixels(controlled.reconstruction) - pixels(plain.reconstruction)).max() <= 1
@@ -134,7 +144,7 @@ def test_attention_control_changes_the_edit(parts, person):
 
 def test_edit_restores_the_attention_processors(parts, person):
     before = {name: type(p) for name, p in parts.unet.attn_processors.items()}
-    edit_p2p(parts, person, SOURCE, EDITED, SPANS, **FAST)
+    edit_p2p(parts, person, SOURCE, EDITED, SPANS, FAST)
     assert {name: type(p) for name, p in parts.unet.attn_processors.items()} == before
 
 
@@ -144,16 +154,15 @@ def test_batched_edits_match_single_edits(parts, person):
         EditRequest(person, SOURCE, EDITED, SPANS),
         EditRequest(other, "a woman in a green shirt", "a woman in a magenta shirt", [((13, 18), (13, 20))]),
     ]
-    batched = edit_p2p_batch(parts, edits, **FAST)
+    batched = edit_p2p_batch(parts, edits, FAST)
     for edit, result in zip(edits, batched):
-        single = edit_p2p(parts, edit.image, edit.source_caption, edit.edited_caption, edit.edit_spans, **FAST)
+        single = edit_p2p(parts, edit.image, edit.source_caption, edit.edited_caption, edit.edit_spans, FAST)
         assert np.abs(pixels(single.image) - pixels(result.image)).max() <= 2
 
 
 def test_local_blend_mask_follows_the_changed_words_attention(parts):
     alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
-    settings = ControlSettings(cross_replace_steps=0, self_replace_steps=0, blend_threshold=0.3)
-    controller = PromptToPromptController([alignment], settings, latent_size=(16, 8))
+    controller = PromptToPromptController([alignment], NO_CONTROL, latent_size=(16, 8))
     tokens = parts.tokenizer.model_max_length
     for height, width in [(16, 8), (8, 4)]:  # two UNet levels
         probabilities = torch.full((2, 2, height * width, tokens), 1 / tokens)
@@ -169,7 +178,8 @@ def test_local_blend_mask_follows_the_changed_words_attention(parts):
 
 def test_local_blend_keeps_the_source_latents_outside_the_mask(parts):
     alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
-    settings = ControlSettings(cross_replace_steps=0, self_replace_steps=0, blend_start_step=2)
+    settings = replace(NO_CONTROL, blend_start_fraction=2 / 6)  # from step 2 of 6
+    assert settings.blend_start_step == 2
     mask = torch.zeros(1, 1, 16, 8)
     mask[..., 3:9, 2:6] = 1
     controller = PromptToPromptController([alignment, alignment], settings, (16, 8), mask_override=mask)
@@ -189,9 +199,9 @@ def test_local_blend_keeps_pixels_outside_the_mask(parts):
     source = Image.fromarray(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))  # at model size: no padding
     mask = torch.zeros(1, 1, 16, 8)
     mask[..., :8, :] = 1  # the upper half may change
-    blended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, mask_override=mask, decode_reconstruction=True, **FAST)
-    unblended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, blend_threshold=None, decode_reconstruction=True,
-                         **FAST)
+    blended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, FAST, mask_override=mask, decode_reconstruction=True)
+    unblended = edit_p2p(parts, source, SOURCE, EDITED, SPANS, replace(FAST, blend_threshold=None),
+                         decode_reconstruction=True)
     change = np.abs(pixels(blended.image) - pixels(blended.reconstruction)).mean(axis=(1, 2))
     unblended_change = np.abs(pixels(unblended.image) - pixels(unblended.reconstruction)).mean(axis=(1, 2))
     inside, outside = change[:12].mean(), change[20:].mean()  # rows away from the mask's edge
@@ -208,7 +218,7 @@ def test_ddim_inversion_is_exact_when_the_noise_ignores_the_latent(model_dir):
     parts.unet.conv_out.weight.data.zero_()  # noise = the output bias, whatever the latent
     latents = torch.randn(1, 4, 16, 8, generator=torch.Generator().manual_seed(0))
     text = parts.encode_prompts([SOURCE])
-    inversion = invert(parts, latents, text, num_steps=10, guidance=1)
+    inversion = invert(parts, latents, text, replace(FAST, num_steps=10, guidance=1))
     assert len(inversion.trajectory) == 11
     reconstruction = denoise(parts, inversion.start_latents, text, text, num_steps=10, guidance=1)
     assert torch.allclose(reconstruction, latents, atol=1e-4)
@@ -219,7 +229,9 @@ def test_null_text_optimisation_reduces_the_reconstruction_error(parts):
     text = parts.encode_prompts([SOURCE])
 
     def reconstruction_error(null_text_steps: int) -> float:
-        inversion = invert(parts, latents, text, num_steps=5, guidance=4.0, null_text_steps=null_text_steps)
+        method = "null-text" if null_text_steps else "ddim"
+        settings = replace(FAST, num_steps=5, guidance=4.0, inversion=method, null_text_steps=null_text_steps)
+        inversion = invert(parts, latents, text, settings)
         nulls = inversion.null_embeddings or parts.encode_prompts([""])
         reconstruction = denoise(parts, inversion.start_latents, text, nulls, num_steps=5, guidance=4.0)
         return (reconstruction - latents).pow(2).mean().item()
@@ -233,7 +245,7 @@ def test_a_canvas_sets_the_latent_size_the_unet_sees(model_dir, person):
     wide = load_generator(model_dir, canvas=(24, 40))
     assert wide.image_size == (24, 40)
     with count_unet(wide) as count:
-        result = edit_p2p(wide, person, SOURCE, EDITED, SPANS, **FAST)
+        result = edit_p2p(wide, person, SOURCE, EDITED, SPANS, FAST)
     assert count.latent_sizes == {(20, 12)}  # the canvas over the VAE's factor 2, not the sample size (16, 8)
     assert result.image.size == result.mask.size == person.size
     with pytest.raises(ValueError, match="multiple"):
@@ -246,8 +258,9 @@ def test_half_precision_loads_and_edits_on_the_cpu(model_dir, person, precision)
     assert half.unet.dtype == half.text_encoder.dtype == getattr(torch, precision)
     assert half.vae.dtype == torch.float32  # SD's VAE overflows in float16: it stays float32
     assert half.encode_prompts([SOURCE]).dtype == torch.float32
-    result = edit_p2p(half, person, SOURCE, EDITED, SPANS, null_text_steps=2, **FAST)
-    full = edit_p2p(load_generator(model_dir), person, SOURCE, EDITED, SPANS, null_text_steps=2, **FAST)
+    null_text = replace(FAST, inversion="null-text", null_text_steps=2)
+    result = edit_p2p(half, person, SOURCE, EDITED, SPANS, null_text)
+    full = edit_p2p(load_generator(model_dir), person, SOURCE, EDITED, SPANS, null_text)
     assert result.image.size == person.size
     assert np.abs(pixels(result.image) - pixels(full.image)).mean() < 10  # rounding, not a different image
 
@@ -257,7 +270,7 @@ def test_negative_prompt_inversion_reconstructs_better_than_plain_ddim(parts):
     text = parts.encode_prompts([SOURCE])
 
     def reconstruction_error(method: str) -> float:
-        inversion = invert(parts, latents, text, num_steps=5, guidance=7.5, method=method)
+        inversion = invert(parts, latents, text, replace(FAST, num_steps=5, guidance=7.5, inversion=method))
         nulls = parts.encode_prompts([""]) if inversion.null_embeddings is None else inversion.null_embeddings
         reconstruction = denoise(parts, inversion.start_latents, text, nulls, num_steps=5, guidance=7.5)
         return (reconstruction - latents).pow(2).mean().item()
@@ -276,12 +289,12 @@ def test_edits_of_one_source_share_its_inversion_and_source_branch(parts, person
     ]
     for inversion in ("ddim", "negative-prompt"):
         with count_unet(parts) as count:
-            shared = edit_p2p_batch(parts, edits, inversion=inversion, decode_reconstruction=True, **FAST)
-        steps = FAST["num_steps"]
+            shared = edit_p2p_batch(parts, edits, replace(FAST, inversion=inversion), decode_reconstruction=True)
+        steps = FAST.num_steps
         assert count.rows == steps * 2 + steps * (2 + 3) * 2  # two groups: 2 inversions, 5 rows of denoising
         for edit, result in zip(edits, shared):
             alone = edit_p2p(parts, edit.image, edit.source_caption, edit.edited_caption, edit.edit_spans,
-                             inversion=inversion, decode_reconstruction=True, **FAST)
+                             replace(FAST, inversion=inversion), decode_reconstruction=True)
             assert np.abs(pixels(alone.image) - pixels(result.image)).max() <= 2
             assert np.abs(pixels(alone.mask) - pixels(result.mask)).max() == 0
             assert np.abs(pixels(alone.reconstruction) - pixels(result.reconstruction)).max() <= 2
@@ -290,10 +303,9 @@ def test_edits_of_one_source_share_its_inversion_and_source_branch(parts, person
 
 def test_local_blend_of_a_group_blends_every_edit_with_its_one_source(parts):
     alignment = align_word_swap(parts.tokenizer, SOURCE, EDITED, SPANS)
-    settings = ControlSettings(cross_replace_steps=0, self_replace_steps=0)
     mask = torch.zeros(1, 1, 16, 8)
     mask[..., 3:9, 2:6] = 1
-    controller = PromptToPromptController([alignment] * 3, settings, (16, 8), mask_override=mask, groups=[0, 0, 1])
+    controller = PromptToPromptController([alignment] * 3, NO_CONTROL, (16, 8), mask_override=mask, groups=[0, 0, 1])
     latents = torch.randn(5, 4, 16, 8)  # [source 1, edit 1a, edit 1b, source 2, edit 2]
     blended = controller.blend(latents)
     outside = ~mask[0].bool().expand(4, 16, 8)
@@ -302,4 +314,28 @@ def test_local_blend_of_a_group_blends_every_edit_with_its_one_source(parts):
         assert torch.equal(blended[edit_row][~outside], latents[edit_row][~outside])
     assert torch.equal(blended[[0, 3]], latents[[0, 3]])
     with pytest.raises(ValueError, match="consecutive"):
-        PromptToPromptController([alignment] * 3, settings, (16, 8), groups=[0, 1, 0])
+        PromptToPromptController([alignment] * 3, NO_CONTROL, (16, 8), groups=[0, 1, 0])
+
+
+def test_settings_from_the_default_params_carry_params_yaml_values():
+    import yaml
+
+    from pipeline.core.config import load_params
+
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    pdg = yaml.safe_load(path.read_text())["pdg"]
+    settings = EditSettings.from_config(load_params(path).pdg)
+    for name in ("num_steps", "guidance", "inversion", "null_text_steps", "cross_replace_fraction",
+                 "self_replace_fraction", "blend_start_fraction", "reweight", "strength"):
+        assert getattr(settings, name) == pdg[name], name
+    assert settings.blend_threshold == (pdg["blend_threshold"] or None)
+    assert settings.cross_replace_steps == round(pdg["cross_replace_fraction"] * pdg["num_steps"])
+    with pytest.raises(FrozenInstanceError):
+        settings.num_steps = 50
+
+
+def test_settings_reject_an_unknown_or_incomplete_inversion():
+    with pytest.raises(ValueError, match="unknown inversion"):
+        replace(FAST, inversion="plain")
+    with pytest.raises(ValueError, match="null_text_steps"):
+        replace(FAST, inversion="null-text", null_text_steps=0)

@@ -376,7 +376,7 @@ def test_a_clip_backed_dual_encoder_indexes_and_searches(prepared, tmp_path, cuh
     root = tmp_path / "clip-project"
     (root / "data").mkdir(parents=True)
     (root / "data" / "prepared").symlink_to(prepared)
-    build_model(config, (64, 32))[0].save_pretrained(root / "models" / "clip" / "best")
+    build_model(config, (64, 32)).save_pretrained(root / "models" / "clip" / "best")
     raw = project_params({"variants": {"clip": {"data": "data/prepared"}}})
     params = params_from_dict(raw)
     assert build_index(params, "clip", CPU, IndexPaths.under(root, "clip"))["dim"] == 24

@@ -1,11 +1,16 @@
-"""A throw-away copy of the project with the tiny test profile, for running real `dvc repro`."""
+"""Helpers the test modules share: a throw-away copy of the project with the tiny test profile (for
+running real `dvc repro`), the tiny training and generator settings, the tiny configuration trained
+as a stage or in a subprocess, and broken copies of the CUHK-PEDES excerpt."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,22 @@ TINY_MODEL = {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size
 TINY_PROFILE = {
     "data": {"shard_size": 16},
     "synth": {"num_train_ids": 16, "num_val_ids": 4, "num_test_ids": 6, "images_per_id": 2, "contact_sheet_ids": 3},
+}
+
+# A model and schedule small enough for a few seconds of CPU training (over TINY_PROFILE).
+TINY_TRAINING = {
+    "data": {"image_height": 32, "image_width": 16, "shard_size": 8},
+    "model": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
+              "max_text_length": 32},
+    "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "num_workers": 0,
+              "eval_batch_size": 16},
+}
+
+# params.yaml's generator section at toy size: 32x16 images, a few steps of each part.
+TINY_GENERATOR_PARAMS = {
+    "height": 32, "width": 16, "vae_channels": [8, 16], "vae_steps": 100, "vae_batch_size": 8,
+    "vae_lr": 3e-3, "unet_channels": [16, 32], "unet_steps": 60, "unet_batch_size": 16, "unet_lr": 2e-3,
+    "text_encoder": "clip", "text_width": 16, "text_layers": 1, "sample_steps": 3, "latent_channels": 4,
 }
 
 
@@ -88,7 +109,7 @@ def save_tiny_model(folder: Path, prepared: Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     captions = load_retrieval_split(prepared, "train").captions
-    model, _ = build_model(ModelConfig(**TINY_MODEL), (64, 32), captions=captions)
+    model = build_model(ModelConfig(**TINY_MODEL), (64, 32), captions=captions)
     model.save_pretrained(folder)
 
 

@@ -1,12 +1,11 @@
 """Image editing for proximity data generation: make the source image match the edited caption.
 
-`edit_p2p` inverts the source (DDIM; negative-prompt or null-text inversion optionally) and
-regenerates it jointly with the edited caption under Prompt-to-Prompt attention control and local
-blending; it involves no randomness. A batch inverts each distinct (image, source caption) once and
-runs one source branch for all its edits. `edit_img2img` is the SDEdit baseline: noise the source to `strength` (the share of
-the DDIM steps left to run) and denoise it under the edited caption. Both work at the model's
-resolution and hand back images at the source crop's size. The batch variants run several edits
-through the UNet at once.
+`edit_p2p_batch` inverts each distinct (image, source caption) once (DDIM, negative-prompt or
+null-text) and regenerates it jointly with all its edited captions under Prompt-to-Prompt attention
+control and local blending, in three steps: `_invert`, `_control`, `_decode`; it involves no
+randomness. `edit_img2img_batch` is the SDEdit baseline: noise the source to `strength` and denoise
+it under the edited caption. Both take one `EditSettings` (pipeline/editing/settings.py), work at
+the model's resolution and hand back images at the source crop's size.
 """
 
 from __future__ import annotations
@@ -20,10 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.editing.alignment import Span, align_word_swap
-from pipeline.editing.inversion import invert
-from pipeline.generator.model import DiffusionParts, back_to_crop, fit_to_model
-from pipeline.editing.p2p import ControlSettings, PromptToPromptController
+from pipeline.editing.inversion import Inversion, invert
+from pipeline.editing.p2p import PromptToPromptController
 from pipeline.editing.sampling import denoise
+from pipeline.editing.settings import EditSettings
+from pipeline.generator.model import DiffusionParts, back_to_crop, fit_to_model
 
 
 @dataclass(frozen=True)
@@ -49,25 +49,19 @@ def edit_p2p(
     source_caption: str,
     edited_caption: str,
     edit_spans: Sequence[tuple[Span, Span]],
+    settings: EditSettings,
     **options,
 ) -> EditResult:
     """Prompt-to-Prompt edit of one image; `options` are those of `edit_p2p_batch`."""
-    return edit_p2p_batch(parts, [EditRequest(image, source_caption, edited_caption, edit_spans)], **options)[0]
+    request = EditRequest(image, source_caption, edited_caption, edit_spans)
+    return edit_p2p_batch(parts, [request], settings, **options)[0]
 
 
 def edit_p2p_batch(
     parts: DiffusionParts,
     edits: Sequence[EditRequest],
+    settings: EditSettings,
     *,
-    num_steps: int = 50,
-    guidance: float = 7.5,
-    cross_replace_fraction: float = 0.8,
-    self_replace_fraction: float = 0.4,
-    blend_threshold: float | None = 0.3,
-    blend_start_fraction: float = 0.2,
-    reweight: float = 2.0,
-    null_text_steps: int = 0,
-    inversion: str | None = None,
     mask_override: torch.Tensor | None = None,
     decode_reconstruction: bool = False,
 ) -> list[EditResult]:
@@ -75,58 +69,107 @@ def edit_p2p_batch(
 
     Requests with the same image (by content) and source caption form a group: one inversion and
     one source branch serve all its edits, laid out [source_1, edit_1a, edit_1b, ..., source_2, ...].
-    `inversion` is ddim, negative-prompt or null-text (None: null-text if `null_text_steps`, else
-    ddim). `blend_threshold=None` turns local blending off.
     `mask_override` (broadcastable to (edits, 1, latent height, latent width)) replaces the
     attention-derived blend mask. `decode_reconstruction` also decodes the source branch into
-    `EditResult.reconstruction` (one more VAE decode per group; off by default, nothing downstream reads it).
+    `EditResult.reconstruction` (one more VAE decode per group; nothing downstream reads it).
     """
-    group_of, members = _groups(edits)
-    leaders = [edits[group[0]] for group in members]  # one request per group, in group order
-    order = [i for group in members for i in group]  # requests in row order
-    fitted = [fit_to_model(edit.image, parts.image_size) for edit in leaders]
-    source_latents = parts.images_to_latents([image for image, _ in fitted])
-    source_embeddings = parts.encode_prompts([edit.source_caption for edit in leaders])
-    edited_embeddings = parts.encode_prompts([edits[i].edited_caption for i in order])
-    inverted = invert(
-        parts, source_latents, source_embeddings, num_steps=num_steps, guidance=guidance,
-        null_text_steps=null_text_steps, method=inversion,
-    )
-    settings = ControlSettings(
-        cross_replace_steps=round(cross_replace_fraction * num_steps),
-        self_replace_steps=round(self_replace_fraction * num_steps),
-        reweight=reweight,
-        blend_threshold=blend_threshold,
-        blend_start_step=round(blend_start_fraction * num_steps),
-    )
-    alignments = [
-        align_word_swap(parts.tokenizer, edits[i].source_caption, edits[i].edited_caption, edits[i].edit_spans)
-        for i in order
-    ]
-    row_groups = [group_of[i] for i in order]
-    controller = PromptToPromptController(
-        alignments, settings, tuple(source_latents.shape[2:]), mask_override, groups=row_groups
-    )
-    null = inverted.null_embeddings
+    batch = _Batch.of(edits)
+    inverted = _invert(parts, batch, settings)
+    controller = _control(parts, batch, settings, inverted.latent_size, mask_override)
+    rows = batch.row_groups
+    null = inverted.inversion.null_embeddings
     if null is None:
-        null = parts.encode_prompts([""] * len(members))
+        null = parts.encode_prompts([""] * len(batch.members))
     latents = denoise(
         parts,
-        _rows(inverted.start_latents, None, row_groups),
-        _rows(source_embeddings, edited_embeddings, row_groups),
-        [_rows(n, None, row_groups) for n in null] if isinstance(null, list) else _rows(null, None, row_groups),
-        num_steps=num_steps,
-        guidance=guidance,
+        _rows(inverted.inversion.start_latents, None, rows),
+        _rows(inverted.source_embeddings, inverted.edited_embeddings, rows),
+        [_rows(n, None, rows) for n in null] if isinstance(null, list) else _rows(null, None, rows),
+        num_steps=settings.num_steps,
+        guidance=settings.guidance,
         controller=controller,
     )
+    return _decode(parts, batch, inverted.fitted, latents, controller, decode_reconstruction)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The requests, grouped by source (same image content and source caption), in row order."""
+
+    edits: Sequence[EditRequest]
+    group_of: list[int]  # each request's group
+    members: list[list[int]]  # each group's requests; groups in order of first appearance
+    order: list[int]  # the requests in row order
+    row_groups: list[int]  # the group of each request in row order
+
+    @classmethod
+    def of(cls, edits: Sequence[EditRequest]) -> _Batch:
+        group_of, members = _groups(edits)
+        order = [i for group in members for i in group]
+        return cls(edits, group_of, members, order, [group_of[i] for i in order])
+
+    @property
+    def leaders(self) -> list[EditRequest]:
+        """One request per group, in group order."""
+        return [self.edits[group[0]] for group in self.members]
+
+    @property
+    def in_row_order(self) -> list[EditRequest]:
+        return [self.edits[i] for i in self.order]
+
+
+@dataclass(frozen=True)
+class _Inverted:
+    fitted: list[tuple[Image.Image, tuple[int, int, int, int]]]  # each group's source on the canvas, its box
+    source_embeddings: torch.Tensor  # one per group
+    edited_embeddings: torch.Tensor  # one per request, in row order
+    inversion: Inversion  # of the groups' sources
+    latent_size: tuple[int, int]
+
+
+def _invert(parts: DiffusionParts, batch: _Batch, settings: EditSettings) -> _Inverted:
+    """Step 1: fits each group's source to the model, encodes it and the captions, and inverts it."""
+    fitted = [fit_to_model(edit.image, parts.image_size) for edit in batch.leaders]
+    source_latents = parts.images_to_latents([image for image, _ in fitted])
+    source_embeddings = parts.encode_prompts([edit.source_caption for edit in batch.leaders])
+    edited_embeddings = parts.encode_prompts([edit.edited_caption for edit in batch.in_row_order])
+    inversion = invert(parts, source_latents, source_embeddings, settings)
+    return _Inverted(fitted, source_embeddings, edited_embeddings, inversion, tuple(source_latents.shape[2:]))
+
+
+def _control(
+    parts: DiffusionParts,
+    batch: _Batch,
+    settings: EditSettings,
+    latent_size: tuple[int, int],
+    mask_override: torch.Tensor | None,
+) -> PromptToPromptController:
+    """Step 2: the attention controller of the joint denoising, from each edit's word-swap alignment."""
+    alignments = [
+        align_word_swap(parts.tokenizer, edit.source_caption, edit.edited_caption, edit.edit_spans)
+        for edit in batch.in_row_order
+    ]
+    return PromptToPromptController(alignments, settings, latent_size, mask_override, groups=batch.row_groups)
+
+
+def _decode(
+    parts: DiffusionParts,
+    batch: _Batch,
+    fitted: list[tuple[Image.Image, tuple[int, int, int, int]]],
+    latents: torch.Tensor,
+    controller: PromptToPromptController,
+    decode_reconstruction: bool,
+) -> list[EditResult]:
+    """Step 3: the edit rows (and, if asked, the source rows) decoded, with the blend masks, each back
+    at its source crop's size; results in request order."""
     edit_rows, source_rows = controller.edit_rows.tolist(), sorted(set(controller.source_rows.tolist()))
     images = parts.latents_to_images(latents if decode_reconstruction else latents[edit_rows])
     edited_images = [images[row] for row in edit_rows] if decode_reconstruction else images
     reconstructions = {row: images[row] for row in source_rows} if decode_reconstruction else {}
     masks = _mask_images(controller.last_mask, parts.image_size)
-    results: list[EditResult | None] = [None] * len(edits)
-    for position, i in enumerate(order):
-        box, size = fitted[group_of[i]][1], edits[i].image.size
+    results: list[EditResult | None] = [None] * len(batch.edits)
+    for position, i in enumerate(batch.order):
+        box, size = fitted[batch.group_of[i]][1], batch.edits[i].image.size
         source_row = int(controller.source_rows[position])
         results[i] = EditResult(
             image=back_to_crop(edited_images[position], box, size),
@@ -137,37 +180,28 @@ def edit_p2p_batch(
 
 
 def edit_img2img(
-    parts: DiffusionParts,
-    image: Image.Image,
-    edited_caption: str,
-    *,
-    strength: float = 0.6,
-    num_steps: int = 50,
-    guidance: float = 7.5,
-    seed: int = 0,
+    parts: DiffusionParts, image: Image.Image, edited_caption: str, settings: EditSettings, *, seed: int
 ) -> EditResult:
     """SDEdit of one image."""
-    return edit_img2img_batch(
-        parts, [image], [edited_caption], strength=strength, num_steps=num_steps, guidance=guidance, seed=seed
-    )[0]
+    return edit_img2img_batch(parts, [image], [edited_caption], settings, seed=seed)[0]
 
 
 def edit_img2img_batch(
     parts: DiffusionParts,
     images: Sequence[Image.Image],
     edited_captions: Sequence[str],
+    settings: EditSettings,
     *,
-    strength: float = 0.6,
-    num_steps: int = 50,
-    guidance: float = 7.5,
-    seed: int | Sequence[int] = 0,
+    seed: int | Sequence[int],
 ) -> list[EditResult]:
-    """SDEdit of several images in one batch; each image's noise comes from a CPU generator seeded
-    with its own entry of `seed` (or with `seed` itself for the first, `seed + i` for the others).
+    """SDEdit of several images in one batch, `settings.strength` of `settings.num_steps` steps; each
+    image's noise comes from a CPU generator seeded with its own entry of `seed` (or with `seed`
+    itself for the first, `seed + i` for the others).
 
     Written with the scheduler rather than diffusers' img2img pipeline, which rejects the
     (height, width) `sample_size` of non-square person models.
     """
+    strength, num_steps = settings.strength, settings.num_steps
     fitted = [fit_to_model(image, parts.image_size) for image in images]
     source_latents = parts.images_to_latents([image for image, _ in fitted])
     noised_steps = min(round(strength * num_steps), num_steps)
@@ -188,7 +222,7 @@ def edit_img2img_batch(
         parts.encode_prompts(list(edited_captions)),
         parts.encode_prompts([""] * len(images)),
         num_steps=num_steps,
-        guidance=guidance,
+        guidance=settings.guidance,
         first_step=skipped_steps,
     )
     outputs = parts.latents_to_images(latents)

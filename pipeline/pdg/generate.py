@@ -322,25 +322,21 @@ def _counted(samples: Iterator[dict], progress: Callable[[int], None]) -> Iterat
 
 
 def make_editor(parts, cfg: PdgConfig) -> EditFunction:
-    """Bind the configured method and its params to a loaded generator."""
+    """Bind the configured method and its settings (`EditSettings.from_config`) to a loaded generator."""
     from pipeline.editing.edit import EditRequest, edit_img2img_batch, edit_p2p_batch
+    from pipeline.editing.settings import EditSettings
+
+    settings = EditSettings.from_config(cfg)
 
     def prompt_to_prompt(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
         requests = [
             EditRequest(image, job.edit.source, job.edit.edited, [(c.source_span, c.edited_span) for c in job.edit.changes])
             for job, image in zip(jobs, sources)
         ]
-        return edit_p2p_batch(
-            parts, requests, num_steps=cfg.num_steps, guidance=cfg.guidance,
-            cross_replace_fraction=cfg.cross_replace_fraction, self_replace_fraction=cfg.self_replace_fraction,
-            blend_threshold=cfg.blend_threshold or None, blend_start_fraction=cfg.blend_start_fraction,
-            reweight=cfg.reweight, null_text_steps=cfg.null_text_steps, inversion=cfg.inversion,
-        )
+        return edit_p2p_batch(parts, requests, settings)
 
     def sdedit(jobs: list[GenerationJob], sources: list[Image.Image]) -> list:
-        return edit_img2img_batch(
-            parts, sources, [job.edit.edited for job in jobs], strength=cfg.strength, num_steps=cfg.num_steps,
-            guidance=cfg.guidance, seed=[job.seed for job in jobs],
-        )
+        return edit_img2img_batch(parts, sources, [job.edit.edited for job in jobs], settings,
+                                  seed=[job.seed for job in jobs])
 
     return {"p2p": prompt_to_prompt, "img2img": sdedit}[cfg.method]

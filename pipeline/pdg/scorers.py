@@ -27,22 +27,16 @@ class Scorer(Protocol):
 
 
 class DualEncoderScorer:
-    """The project's own dual encoder (L2-normalised embeddings)."""
+    """The project's own dual encoder (L2-normalised embeddings), each call one batch."""
 
     def __init__(self, model, device: torch.device | str = "cpu"):
-        from pipeline.models.tokenization import tokenize
+        self.model, self.device = model.eval().to(device), torch.device(device)
 
-        self.model, self.device, self._tokenize = model.eval().to(device), torch.device(device), tokenize
-
-    @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([self.model.image_preprocessor(image) for image in images]).to(self.device)
-        return self.model.encode_image(pixels).float().cpu()
+        return self.model.embed_images(images, batch_size=max(1, len(images))).cpu()
 
-    @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self._tokenize(self.model.tokenizer, list(texts), self.model.config.max_text_length)
-        return self.model.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float().cpu()
+        return self.model.embed_texts(texts, batch_size=max(1, len(texts))).cpu()
 
 
 class ClipScorer:

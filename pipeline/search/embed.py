@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.core.io import file_digest
-from pipeline.models import DualEncoder, tokenize
+from pipeline.models import DualEncoder
 from pipeline.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME
 
 from .gallery import Gallery, GalleryError, decode, file_stat, read_span, subset
@@ -126,7 +126,7 @@ def embed_gallery(model: DualEncoder, gallery: Gallery, batch_size: int, device:
 
     def encode(pixels: torch.Tensor, rows: list[int]) -> None:
         nonlocal out
-        vectors = model.encode_image(pixels.to(device)).float().cpu().numpy()
+        vectors = model.embed_images(pixels, batch_size).cpu().numpy()
         if out is None:
             out = np.empty((len(gallery), vectors.shape[1]), dtype=np.float32)
         out[len(kept) : len(kept) + len(rows)] = vectors
@@ -166,7 +166,6 @@ class EncodedQueries:
     truncated: list[int]  # token count of each query longer than the model reads (0 = not truncated)
 
 
-@torch.no_grad()
 def encode_queries(model: DualEncoder, queries: list[str], device: torch.device, batch_size: int = 64) -> EncodedQueries:
     """Text embeddings of `queries`; an empty or blank query is a SearchError."""
     for number, query in enumerate(queries, 1):
@@ -175,8 +174,5 @@ def encode_queries(model: DualEncoder, queries: list[str], device: torch.device,
             raise SearchError(f"{where} is empty: give a description such as \"a woman in a red coat\"")
     limit = text_length_limit(model)
     lengths = [len(ids) for ids in model.tokenizer(list(queries), truncation=False)["input_ids"]]
-    chunks = []
-    for start in range(0, len(queries), batch_size):
-        tokens = tokenize(model.tokenizer, queries[start : start + batch_size], limit)
-        chunks.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu())
-    return EncodedQueries(torch.cat(chunks).numpy(), [n if n > limit else 0 for n in lengths])
+    embeddings = model.embed_texts(queries, batch_size).cpu().numpy()
+    return EncodedQueries(embeddings, [n if n > limit else 0 for n in lengths])
