@@ -157,6 +157,7 @@ def end_to_end(variant: str = "pdg") -> dict | None:
 
     from pipeline.core.config import load_params
     from pipeline.search.build import IndexPaths, build_index
+    from pipeline.models import NoTrainedModel, trained_model
     from pipeline.search.query import Searcher, format_table
 
     os.chdir(REPO)
@@ -168,9 +169,13 @@ def end_to_end(variant: str = "pdg") -> dict | None:
     for name in ("models", "data"):
         if not (scratch / name).exists():
             (scratch / name).symlink_to(REPO / name)
-    if not (scratch / "models" / variant / "best" / "model.safetensors").is_file() or \
-            not list((scratch / "data" / "prepared" / "shards").glob("test-*.tar")):
-        print(f"end to end: no models/{variant}/best or data/prepared test shards, skipped", flush=True)
+    try:
+        trained_model(scratch / "models" / variant)
+    except NoTrainedModel as missing:
+        print(f"end to end: {missing}; skipped", flush=True)
+        return None
+    if not list((scratch / "data" / "prepared" / "shards").glob("test-*.tar")):
+        print("end to end: no data/prepared test shards (run `dvc repro prepare`); skipped", flush=True)
         return None
     built = build_index(params, variant, torch.device("cpu"), IndexPaths.under(scratch, variant))
     searcher = Searcher.for_variant(params, variant, scratch)

@@ -24,8 +24,8 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from pipeline.core.io import (BrokenArtifact, recover_directory, remove_directory, replace_directory, staging_path,
-                              start_directory, write_json_atomic)
+from pipeline.core.io import (recover_directory, remove_directory, replace_directory, staging_path, start_directory,
+                              write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,12 @@ MODEL_MARKER = "training.json"  # in best/ and last/: {"epoch", "fingerprint"}
 FOLDER_MARKER = "run.json"  # in a folder whose files are the progress: {"fingerprint", "definition"}
 
 
-class NoTrainedModel(BrokenArtifact):
-    """A variant's model folder holds no trained model yet: the message names the stage to run."""
-
-
-def trained_model(model_dir: str | Path) -> tuple[Path, int]:
-    """The trained model of a variant, `models/<variant>/best` (the best epoch on val), and that epoch.
-
-    Training writes best/ whole with its marker last, so a marker means a complete model. Without
-    one, NoTrainedModel says which stage to run (the variant is the folder's name)."""
-    best = RunFolder(model_dir).best
+def model_epoch(folder: str | Path) -> int | None:
+    """The epoch a model folder that training wrote (best/ or last/) holds; None for another folder."""
     try:
-        epoch = json.loads((best / MODEL_MARKER).read_text())["epoch"]
+        return json.loads((Path(folder) / MODEL_MARKER).read_text())["epoch"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise NoTrainedModel(f"no trained model in {best}: run `dvc repro train@{Path(model_dir).name}` first") from None
-    return best, epoch
+        return None
 
 
 def fingerprint(definition: dict) -> str:

@@ -12,9 +12,9 @@ import torch
 from pipeline.evaluation import colour_sensitivity, embed_retrieval_split, load_retrieval_split, retrieval_scores
 from pipeline.core.io import write_json_atomic
 from pipeline.metrics import cmc_curve
-from pipeline.models import DualEncoder
+from pipeline.models import DualEncoder, trained_model
 from pipeline.plots import plot_cmc, plot_retrievals
-from pipeline.run_folder import trained_model
+from pipeline.run_folder import model_epoch
 from pipeline.core.devices import inference_device
 from pipeline.core.runtime import machine, start_stage
 
@@ -38,11 +38,12 @@ def _retrieval_examples(data, similarity: torch.Tensor, path: Path, title: str) 
 
 def main() -> int:
     args, params = start_stage("evaluate", __doc__, with_variant=True, paths=("model", "prepared", "metrics", "reports"))
-    checkpoint, epoch = trained_model(args.model)  # none: one line naming the stage to run
+    checkpoint = trained_model(args.model)  # none: one line naming the stage to run
+    epoch = model_epoch(checkpoint)
     device = inference_device()
     model = DualEncoder.from_pretrained(checkpoint, device=device).to(device)
     data = load_retrieval_split(args.prepared, "test")
-    log.info("evaluating %s (epoch %d): %d queries, %d gallery images", checkpoint, epoch, len(data.captions), len(data.image_keys))
+    log.info("evaluating %s (epoch %s): %d queries, %d gallery images", checkpoint, epoch, len(data.captions), len(data.image_keys))
     text_emb, image_emb = embed_retrieval_split(model, data, params.train.eval_batch_size, device)
     metrics, similarity = retrieval_scores(data, text_emb, image_emb)
     sensitivity = colour_sensitivity(model, data, text_emb, image_emb, params.train.eval_batch_size, device)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from pipeline.core.io import write_json_atomic, writing_directory
 from pipeline.pdg.calibration import calibrate_on_prepared
 from pipeline.pdg.filtering import filter_pairs, read_generated, referenced_sources, summarise, write_kept
-from pipeline.pdg.scorers import NoSuchCheckpoint, dual_encoder_folder, load_scorer
+from pipeline.pdg.scorers import NoSuchCheckpoint, load_scorer
 from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.plots import plot_filter_examples
 from pipeline.core.devices import inference_device
@@ -37,10 +36,6 @@ def main() -> int:
     shards = pdg_shards(args.raw)
     if not shards:
         log.error("no generated shards in %s: run `dvc repro generate` first", args.raw)
-        return 1
-    if cfg.scorer.startswith("models/") and dual_encoder_folder(cfg.scorer) is None:
-        log.error("params: 'filter.scorer' %s holds no trained dual encoder: run `dvc repro train@%s`", cfg.scorer,
-                  Path(cfg.scorer).name)
         return 1
     device = inference_device()
     try:

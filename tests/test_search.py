@@ -250,7 +250,7 @@ def test_opening_shards_reads_no_image_and_workers_embed_what_one_process_does(p
     monkeypatch.undo()
     with tarfile.open(gallery.files[4]) as tar:
         assert gallery.image_bytes(4) == tar.extractfile(gallery.members[4]).read()
-    model = load_model(project / "models" / "baseline" / "best", "baseline", CPU)
+    model = load_model(project / "models" / "baseline" / "best", CPU)
     alone, _ = embed_gallery(model, gallery, 5, CPU, workers=0)
     np.testing.assert_array_equal(embed_gallery(model, gallery, 5, CPU, workers=2)[0], alone)
     np.testing.assert_array_equal(alone, load_index(project / "index" / "baseline", "baseline").embeddings)

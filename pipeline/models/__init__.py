@@ -1,6 +1,6 @@
 """The dual Transformer for text-based person search: towers, tokenizers, preprocessing, mixup."""
 
-from .dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder, build_model, minilm_path
+from .dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder, NoTrainedModel, build_model, minilm_path, trained_model
 from .mixup import FeatureMix, feature_mixing
 from .preprocessing import CLIP_MEAN, CLIP_STD, VIT_MEAN, VIT_STD, ImagePreprocessor
 from .tokenization import tokenize, train_caption_tokenizer
@@ -17,6 +17,7 @@ __all__ = [
     "CLIPTextTower",
     "CLIPVisionTower",
     "DualEncoder",
+    "NoTrainedModel",
     "FeatureMix",
     "ImagePreprocessor",
     "Tower",
@@ -25,5 +26,6 @@ __all__ = [
     "feature_mixing",
     "minilm_path",
     "tokenize",
+    "trained_model",
     "train_caption_tokenizer",
 ]

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokeniz
 from ..core.config import ConfigError, ModelConfig
 from ..core.hub import pretrained_kwargs
 from ..core.io import BrokenArtifact, rerun_hint, write_json_atomic
+from ..run_folder import RunFolder
 from .mixup import FeatureMix
 from .preprocessing import CLIP_MEAN, CLIP_STD, VIT_MEAN, VIT_STD, ImagePreprocessor, pretrained_image_stats
 from .tokenization import tokenize, train_caption_tokenizer
@@ -197,6 +198,20 @@ class DualEncoder(nn.Module):
             "vision_config": self.image_tower.config_dict(),
             "text_config": self.text_tower.config_dict(),
         }
+
+
+class NoTrainedModel(BrokenArtifact):
+    """A variant's model folder holds no trained model: the message names the stage to run."""
+
+
+def trained_model(model_dir: str | Path) -> Path:
+    """The trained model of a variant: `models/<variant>/best`, its epoch best on val (training swaps
+    it in whole, pipeline/run_folder.py). Without its config and weights, NoTrainedModel names the
+    stage that makes it; the variant is the folder's name."""
+    best = RunFolder(model_dir).best
+    if not (best / CONFIG_NAME).is_file() or not (best / WEIGHTS_NAME).is_file():
+        raise NoTrainedModel(f"no trained model in {best}: run `dvc repro train@{Path(model_dir).name}` first")
+    return best
 
 
 def build_model(

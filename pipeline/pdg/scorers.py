@@ -105,13 +105,16 @@ def _features(output) -> torch.Tensor:
 
 
 def dual_encoder_folder(path: str | Path) -> Path | None:
-    """The saved dual encoder a `filter.scorer` folder holds: a train stage's output (its best/) or a
-    saved model itself; None for anything else (a CLIP)."""
-    from pipeline.models.dual_encoder import CONFIG_NAME
+    """The saved dual encoder `filter.scorer` names: a saved model itself, or a variant's model folder
+    (models/<variant>), whose trained model it is (none yet: NoTrainedModel, one line naming the stage
+    to run). None for anything else (a CLIP)."""
+    from pipeline.models.dual_encoder import CONFIG_NAME, trained_model
 
-    for candidate in (Path(path) / "best", Path(path)):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if path.parent.name == "models" or (path / "best").is_dir():
+        return trained_model(path)
     return None
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.config import Params
+from pipeline.models import trained_model
 from pipeline.core.io import write_json_atomic
 
 from .embed import embed_gallery, encode_queries, load_model, loader_workers, model_fingerprint, model_stat
@@ -50,10 +51,10 @@ class IndexPaths:
 def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict:
     """Embed `search.gallery` with the variant's best checkpoint, write the index folder and return
     the metrics with the timing (written to `paths.metrics` and `paths.timing`). Raises SearchError /
-    GalleryError on bad input before anything is written."""
+    GalleryError on bad input, NoTrainedModel without a trained model, before anything is written."""
     prepared, spec = paths.prepared, params.search.gallery
-    folder = paths.model / "best"
-    model = load_model(folder, variant, device)
+    folder = trained_model(paths.model)
+    model = load_model(folder, device)
     gallery = open_gallery(spec, prepared)
     # the files' stats before their contents are read: a file that changes from here on is refused
     stats = {"model": model_stat(folder), "gallery": gallery_stat(spec, prepared)}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.config import ConfigError, load_params
+from pipeline.core.io import BrokenArtifact
 
 from .embed import SearchError
 from .gallery import GalleryError
@@ -82,7 +83,7 @@ def search_command(args: argparse.Namespace) -> int:
         # Searcher.search checks k and refuses an empty query, one line each
         k = args.k if args.k is not None else min(params.search.top_k, len(searcher.index))
         answers = searcher.search(queries, k)
-    except (SearchError, GalleryError, ConfigError) as err:
+    except (SearchError, GalleryError, ConfigError, BrokenArtifact) as err:
         return _fail(err)
     if args.queries:
         for answer in answers:
@@ -104,7 +105,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         params, searcher = open_searcher(args)
         server = make_server(searcher, params.search.top_k, args.host, args.port)
-    except (SearchError, GalleryError, ConfigError, PortInUse) as err:
+    except (SearchError, GalleryError, ConfigError, BrokenArtifact, PortInUse) as err:
         return _fail(err)
     host, port = server.server_address[:2]
     log.info("serving %s (%s, %d images) at http://%s:%d/ (Ctrl-C stops)", searcher.index.folder,

@@ -32,10 +32,6 @@ class SearchError(ValueError):
     """Bad input to a search: the message is the one line the user sees."""
 
 
-def model_folder(variant: str, models: str | Path = "models") -> Path:
-    return Path(models) / variant / "best"
-
-
 def model_fingerprint(folder: Path) -> str:
     """A digest of the saved model's files (their contents: a retrained model is another model), taken
     when the index is built."""
@@ -49,9 +45,8 @@ def model_stat(folder: Path) -> list[list]:
     return [file_stat(folder / name) for name in _MODEL_FILES if (folder / name).is_file()]
 
 
-def load_model(folder: Path, variant: str, device: torch.device) -> DualEncoder:
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise SearchError(f"no trained model in {folder}: run `dvc repro train@{variant}` first")
+def load_model(folder: Path, device: torch.device) -> DualEncoder:
+    """The model of `folder` (a variant's: `pipeline.models.trained_model`) in eval mode on `device`."""
     return DualEncoder.from_pretrained(folder, device=device).to(device).eval()
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from pipeline.core.config import Params
+from pipeline.models import trained_model
 
-from .embed import SearchError, embed_gallery, encode_queries, load_model, model_fingerprint, model_folder, model_stat
+from .embed import embed_gallery, encode_queries, load_model, model_fingerprint, model_stat
 from .gallery import describe, folder_gallery, gallery_fingerprint, gallery_stat
 from .index import Index, check_fingerprint, check_k, in_memory_index, index_folder, load_index
 
@@ -53,9 +54,7 @@ class Searcher:
         content only where a stat differs."""
         device = device or torch.device("cpu")
         params.variant(variant)
-        folder = model_folder(variant, root / "models")
-        if not (folder / "dual_encoder.json").is_file():
-            raise SearchError(f"no trained model in {folder}: run `dvc repro train@{variant}` first")
+        folder = trained_model(root / "models" / variant)
         index = load_index(index_folder(variant, root / "index"), variant)
         spec = params.search.gallery
         prepared = root / "data" / "prepared"
@@ -63,7 +62,7 @@ class Searcher:
                           lambda: model_fingerprint(folder), lambda: gallery_fingerprint(spec, prepared))
         if index.gallery.files and not Path(index.gallery.files[0]).is_absolute() and root != Path("."):
             index.gallery.files = [str(root / f) for f in index.gallery.files]
-        return cls(load_model(folder, variant, device), index, variant, device)
+        return cls(load_model(folder, device), index, variant, device)
 
     @classmethod
     def for_folder(cls, params: Params, variant: str, gallery_dir: str, root: Path = Path("."),
@@ -71,8 +70,7 @@ class Searcher:
         """Exact search over a folder embedded now (no index written, nothing to check)."""
         device = device or torch.device("cpu")
         params.variant(variant)
-        folder = model_folder(variant, root / "models")
-        model = load_model(folder, variant, device)
+        model = load_model(folder := trained_model(root / "models" / variant), device)
         gallery = folder_gallery(gallery_dir)
         embeddings, gallery = embed_gallery(model, gallery, params.train.eval_batch_size, device)
         if gallery.skipped:
