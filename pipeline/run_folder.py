@@ -109,18 +109,18 @@ class RunFolder:
         accelerator.wait_for_everyone()
 
 
-def keep_or_start(folder: str | Path, definition: dict) -> bool:
-    """A folder whose files are the progress (generation's shards): kept when its marker names this
+def reuse_or_start(folder: str | Path, definition: dict) -> bool:
+    """A folder whose files are the progress (generation's shards): reused when its marker names this
     definition (leftover temporary files of a killed writer removed), else an empty folder with the new
-    marker swapped in. True when kept. For the main process alone."""
+    marker swapped in. True when reused. For the main process alone."""
     folder = Path(folder)
     marker = {"fingerprint": fingerprint(definition), "definition": definition}
     recover_directory(folder)
     try:
-        kept = json.loads((folder / FOLDER_MARKER).read_text()) == marker
+        reused = json.loads((folder / FOLDER_MARKER).read_text()) == marker
     except (OSError, ValueError):
-        kept = False
-    if kept:
+        reused = False
+    if reused:
         for leftover in folder.glob(".*.tmp-*"):
             leftover.unlink()
         return True

@@ -18,15 +18,15 @@ from tqdm import tqdm
 
 from pipeline.core.devices import has_gpu
 from pipeline.core.distributed import accelerator_for, check_shared_folder, on_main
-from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest
 from pipeline.core.io import write_json_atomic
+from pipeline.core.runtime import start_stage
+from pipeline.data.canonical import iter_shard_samples, list_shards, manifest_path, read_manifest
 from pipeline.pdg.cost import MeteredEditor, count_unet, plan_unet_evaluations
 from pipeline.pdg.generate import (
     alignable_with,
     generation_fingerprint,
     make_editor,
     plan_generation,
-    prepare_output,
     run_generation,
     shard_names,
     wait_for_shards,
@@ -36,7 +36,7 @@ from pipeline.pdg.shards import load_source_images, pdg_shards
 from pipeline.generator.checkpoint import resolve_generator
 from pipeline.generator.model import load_generator
 from pipeline.plots import plot_generated_pairs
-from pipeline.core.runtime import start_stage
+from pipeline.run_folder import reuse_or_start
 
 log = logging.getLogger("stages.generate")
 
@@ -66,13 +66,13 @@ def _estimate(planned: int, rows_per_s: float, processes: int) -> tuple[float | 
 
 
 def main() -> int:
-    args, params = start_stage("generate", __doc__, paths=("prepared", "generator", "out", "metrics", "sheet"), launcher=True)
+    args, params = start_stage("generate", __doc__, paths=("prepared", "generator", "out", "metrics", "timing", "sheet"), launcher=True)
     cfg = params.pdg
     accelerator = accelerator_for(cpu=not has_gpu())
     check_shared_folder(accelerator, args.out.parent)
-    generator = resolve_generator(args.generator)
+    generator_dir = resolve_generator(args.generator)
     canvas = (cfg.canvas_width, cfg.canvas_height) if cfg.canvas_width else None
-    parts = load_generator(generator, accelerator.device, cfg.precision, canvas=canvas)
+    parts = load_generator(generator_dir, accelerator.device, cfg.precision, canvas=canvas)
     # the oracle plans the diffusion generator's jobs (the same alignable edits), less those it cannot render
     plan = plan_generation(read_manifest(manifest_path(args.prepared, "train")), cfg, alignable_with(parts.tokenizer))
     if cfg.method == "oracle":
@@ -86,12 +86,13 @@ def main() -> int:
              plan.sources_without_edit, plan.edits_not_alignable, plan.edits_not_renderable, *parts.image_size,
              parts.dtype)
     sources = [manifest_path(args.prepared, "train"), *list_shards(args.prepared, "train")]
-    on_main(accelerator, lambda: prepare_output(args.out, generation_fingerprint(cfg, generator, sources)))
+    # the finished shards of the same fingerprint are reused, anything else is started afresh
+    on_main(accelerator, lambda: reuse_or_start(args.out, generation_fingerprint(cfg, generator_dir, sources)))
     rank, world = accelerator.process_index, accelerator.num_processes
     shards, names = plan.shards(cfg.shard_size), shard_names(plan, cfg)
     remaining = [i for i, name in enumerate(names) if not (args.out / name).is_file()]
     planned = plan_unet_evaluations(plan, cfg, remaining)
-    summary = {
+    metrics = {  # what the plan makes; how this run executed it (processes, rates, reuse) goes to --timing
         "method": cfg.method,
         "sources": plan.sources,
         "sources_without_edit": plan.sources_without_edit,
@@ -99,15 +100,16 @@ def main() -> int:
         "edits_not_renderable": plan.edits_not_renderable,
         "samples": len(plan.jobs),
         "shards": len(shards),
-        "processes": world,
-        "unet_evaluations_planned": planned,  # the unfinished shards of this run, all processes
+        "unet_evaluations": plan_unet_evaluations(plan, cfg),  # the whole plan, all processes
         "precision": str(parts.dtype).removeprefix("torch."),
         "canvas": list(parts.image_size),
     }
+    timing = {"processes": world, "unet_evaluations_planned": planned}  # this run: its unfinished shards
     if accelerator.is_main_process:
         log.info("planned: %d UNet evaluations for %d unfinished shard(s) (%d for the whole plan)",
-                 planned, len(remaining), plan_unet_evaluations(plan, cfg))
-        write_json_atomic(args.metrics, summary)  # the plan, before any work; the measured figures follow at the end
+                 planned, len(remaining), metrics["unet_evaluations"])
+        write_json_atomic(args.metrics, metrics)  # the plan, before any work
+        write_json_atomic(args.timing, timing)  # the measured figures follow at the end
     images = load_source_images(args.prepared, {job.source.key for job in plan.jobs})
     mine = sum(len(jobs) for i, jobs in enumerate(shards) if i % world == rank)
 
@@ -119,7 +121,7 @@ def main() -> int:
                                           disable=not accelerator.is_main_process) as bar:
         edit = oracle_editor(params.synth.seed) if cfg.method == "oracle" else make_editor(parts, cfg)
         editor = MeteredEditor(edit, count, first_batch)
-        report = run_generation(plan, images, editor, cfg, generator, args.out, rank, world, bar.update)
+        report = run_generation(plan, images, editor, cfg, generator_dir, args.out, rank, world, bar.update)
     if accelerator.is_main_process:
         # no barrier here: under NCCL it times out after 30 minutes, and ranks may finish hours apart
         own_missing = [name for i, name in enumerate(names) if i % world == rank and not (args.out / name).is_file()]
@@ -129,16 +131,16 @@ def main() -> int:
         hours, estimate = _estimate(planned, editor.rows_per_s, world)
         log.info("measured: %d UNet evaluations (this process) at %.1f rows/s; planned %s",
                  count.rows, editor.rows_per_s, estimate)
-        write_json_atomic(args.metrics, {
-            **summary,
+        write_json_atomic(args.timing, {
+            **timing,
             "samples_per_s": round(report.samples_per_s * world, 3),  # the main process's rate, times processes
-            "shards_kept_from_earlier_run": report.shards_kept,
+            "shards_reused": report.shards_reused,
             "unet_evaluations_measured": count.rows,  # counted by the hook, this (the main) process
             "unet_evaluations_per_s": round(editor.rows_per_s, 3),  # this process, while editing
             "estimated_hours_at_measured_rate": None if hours is None else float(f"{hours:.3g}"),
         })
         _sample_sheet(plan, images, cfg.sheet_samples, args.out, args.sheet)
-    log.info("wrote %d shard(s) (%d kept) at %.2f samples/s", report.shards_written, report.shards_kept, report.samples_per_s)
+    log.info("wrote %d shard(s) (%d reused) at %.2f samples/s", report.shards_written, report.shards_reused, report.samples_per_s)
     accelerator.end_training()
     return 0
 

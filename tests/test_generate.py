@@ -21,12 +21,12 @@ from pipeline.pdg.generate import (
     generation_fingerprint,
     make_editor,
     plan_generation,
-    prepare_output,
     run_generation,
     select_sources,
     wait_for_shards,
 )
 from pipeline.pdg.shards import load_source_images
+from pipeline.run_folder import reuse_or_start
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
 from tiny_project import make_tiny_project, stage_command
@@ -50,7 +50,7 @@ def _train_rows(prepared):
 
 def _run(prepared, parts, generator, out_dir, cfg=CFG, rank=0, world=1, edit=None):
     plan = plan_generation(_train_rows(prepared), cfg, alignable_with(parts.tokenizer))
-    prepare_output(out_dir, generation_fingerprint(cfg, generator, []))
+    reuse_or_start(out_dir, generation_fingerprint(cfg, generator, []))
     images = load_source_images(prepared, {job.source.key for job in plan.jobs})
     return plan, run_generation(plan, images, edit or make_editor(parts, cfg), cfg, generator, out_dir, rank, world)
 
@@ -115,7 +115,7 @@ def test_a_crash_leaves_only_complete_shards_and_the_rerun_completes_them(prepar
     assert list(_digests(tmp_path / "resumed")) == ["pdg-000000.tar"]  # never a half shard
     assert not list((tmp_path / "resumed").glob(".*.tmp-*"))
     _, report = _run(prepared, parts, generator, tmp_path / "resumed")
-    assert report.shards_kept == 1
+    assert report.shards_reused == 1
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "straight")
 
 
@@ -140,7 +140,7 @@ def test_a_changed_batch_size_keeps_the_finished_shards(prepared, parts, generat
     _run(prepared, parts, generator, tmp_path)
     before = _digests(tmp_path)
     _, report = _run(prepared, parts, generator, tmp_path, cfg=replace(CFG, batch_size=5))
-    assert report.shards_kept == len(before) and report.shards_written == 0
+    assert report.shards_reused == len(before) and report.shards_written == 0
     assert _digests(tmp_path) == before
     fingerprint = generation_fingerprint(CFG, generator, [])
     assert generation_fingerprint(replace(CFG, batch_size=5, sheet_samples=0), generator, []) == fingerprint
@@ -185,10 +185,14 @@ def test_generate_stage_writes_metrics_and_sample_sheet(tmp_path, generator):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((project / "metrics" / "generate.json").read_text())
-    assert metrics["sources"] == 4 and metrics["samples"] >= 1 and metrics["samples_per_s"] > 0
+    timing = json.loads((project / "reports" / "pdg" / "timing.json").read_text())
+    assert metrics["sources"] == 4 and metrics["samples"] >= 1 and timing["samples_per_s"] > 0
     # ddim: the formula is exact; 3 steps, guidance 4, one edit per source caption: 3 + 3 * 2 * 2 rows a job
-    assert metrics["unet_evaluations_planned"] == metrics["unet_evaluations_measured"] == 15 * metrics["samples"]
-    assert metrics["unet_evaluations_per_s"] > 0 and metrics["estimated_hours_at_measured_rate"] > 0
+    assert metrics["unet_evaluations"] == timing["unet_evaluations_planned"] == timing["unet_evaluations_measured"] \
+        == 15 * metrics["samples"]
+    assert timing["unet_evaluations_per_s"] > 0 and timing["estimated_hours_at_measured_rate"] > 0
+    assert timing["processes"] == 1 and timing["shards_reused"] == 0
+    assert not any(key.endswith(("_per_s", "_seconds")) or key == "processes" for key in metrics)
     assert "UNet evaluations, about" in result.stderr and "limit it with pdg.source_count" in result.stderr
     assert (project / "reports" / "pdg" / "sample_sheet.png").stat().st_size > 5000
     assert (project / "data" / "pdg" / "raw" / "pdg-000000.tar").is_file()
@@ -226,6 +230,6 @@ def test_generate_killed_by_sigkill_reruns_to_the_uninterrupted_output(tmp_path,
     rerun = subprocess.run(stage_command("generate"), cwd=projects["killed"], capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"({len(finished)} kept)" in rerun.stderr
+    assert f"({len(finished)} reused)" in rerun.stderr
     assert _digests(raw) == expected
     assert not list(raw.glob(".*.tmp-*"))

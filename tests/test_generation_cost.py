@@ -13,10 +13,10 @@ from pipeline.pdg.generate import (
     job_groups,
     make_editor,
     plan_generation,
-    prepare_output,
     run_generation,
 )
 from pipeline.pdg.shards import load_source_images
+from pipeline.run_folder import reuse_or_start
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
 
@@ -34,7 +34,7 @@ def _plan(prepared, parts, cfg):
 
 def _measured(prepared, parts, cfg, out_dir) -> int:
     plan = _plan(prepared, parts, cfg)
-    prepare_output(out_dir, {"test": True})
+    reuse_or_start(out_dir, {"test": True})
     images = load_source_images(prepared, {job.source.key for job in plan.jobs})
     with count_unet(parts) as count:
         run_generation(plan, images, make_editor(parts, cfg), cfg, "tiny", out_dir)

@@ -32,7 +32,6 @@ from pipeline.data.canonical import ImageRecord, write_tar_atomic
 from pipeline.imports import code_digest
 from pipeline.core.io import files_digest
 from pipeline.pdg.shards import SHARD_NAME
-from pipeline.run_folder import keep_or_start
 from pipeline.text import find_color_phrases
 from pipeline.text.caption_edit import CaptionEdit, edit_captions
 
@@ -134,16 +133,16 @@ def shaping_params(cfg: PdgConfig) -> dict:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
-def generation_fingerprint(cfg: PdgConfig, generator: str, data_files: Sequence[str | Path]) -> dict:
+def generation_fingerprint(cfg: PdgConfig, generator_dir: str, data_files: Sequence[str | Path]) -> dict:
     """What the samples depend on: the params that shape them, the generator's weights, the contents
     of the source data (`data_files`: the train manifest and shards) and the code `stages.generate`
     runs, so that shards made by other code or from other sources are not kept."""
-    return {"pdg": shaping_params(cfg), "generator": generator, "generator_weights": weights_digest(generator),
+    return {"pdg": shaping_params(cfg), "generator": generator_dir, "generator_weights": weights_digest(generator_dir),
             "data": files_digest(data_files),
             "code": code_digest("stages.generate")}
 
 
-def weights_digest(generator: str) -> str:
+def weights_digest(generator_dir: str) -> str:
     """sha256 over a local model folder's weight files and JSON configs (relative path and content
     sha256 of each); a hub id stands for itself.
 
@@ -153,21 +152,15 @@ def weights_digest(generator: str) -> str:
     """
     from pipeline.core.io import tree_digest
 
-    if not Path(generator).is_dir():
-        return generator
-    return tree_digest(generator, keep=lambda name: name.endswith((*WEIGHT_SUFFIXES, ".json")))[0]
-
-
-def prepare_output(out_dir: Path, fingerprint: dict) -> bool:
-    """Keep the finished shards of the same configuration, or start an empty folder (the one rule of
-    a fingerprinted folder: pipeline/run_folder.py); True when kept. For the main process alone."""
-    return keep_or_start(out_dir, fingerprint)
+    if not Path(generator_dir).is_dir():
+        return generator_dir
+    return tree_digest(generator_dir, keep=lambda name: name.endswith((*WEIGHT_SUFFIXES, ".json")))[0]
 
 
 EditFunction = Callable[[list[GenerationJob], list[Image.Image]], list]
 
 
-def _sample(job: GenerationJob, result, cfg: PdgConfig, generator: str) -> dict[str, bytes]:
+def _sample(job: GenerationJob, result, cfg: PdgConfig, generator_dir: str) -> dict[str, bytes]:
     record = {
         "key": job.key,
         "source_key": job.source.key,
@@ -179,7 +172,7 @@ def _sample(job: GenerationJob, result, cfg: PdgConfig, generator: str) -> dict[
         "changes": [change.to_json() for change in job.edit.changes],
         "method": cfg.method,
         "params": shaping_params(cfg),
-        "generator": generator,
+        "generator": generator_dir,
         "seed": job.seed,
     }
     sample = {"__key__": job.key, "png": _png(result.image), "json": json.dumps(record, sort_keys=True).encode()}
@@ -233,7 +226,7 @@ def job_groups(jobs: Iterable[GenerationJob]) -> list[list[GenerationJob]]:
 
 
 def generate_shard(
-    jobs: list[GenerationJob], images: dict[str, bytes], edit: EditFunction, cfg: PdgConfig, generator: str
+    jobs: list[GenerationJob], images: dict[str, bytes], edit: EditFunction, cfg: PdgConfig, generator_dir: str
 ) -> Iterator[dict[str, bytes]]:
     """Samples of one shard, edited in `shard_batches` (fixed per shard, so reproducible)."""
     for batch in shard_batches(jobs, cfg):
@@ -242,13 +235,13 @@ def generate_shard(
             if job.source.key not in decoded:
                 decoded[job.source.key] = Image.open(io.BytesIO(images[job.source.key])).convert("RGB")
         for job, result in zip(batch, edit(batch, [decoded[job.source.key] for job in batch])):
-            yield _sample(job, result, cfg, generator)
+            yield _sample(job, result, cfg, generator_dir)
 
 
 @dataclass(frozen=True)
 class GenerationReport:
     shards_written: int
-    shards_kept: int
+    shards_reused: int  # finished by an earlier run of the same fingerprint
     samples_written: int
     seconds: float
 
@@ -262,26 +255,26 @@ def run_generation(
     images: dict[str, bytes],
     edit: EditFunction,
     cfg: PdgConfig,
-    generator: str,
+    generator_dir: str,
     out_dir: Path,
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int], None] = lambda samples: None,
 ) -> GenerationReport:
     """Write this process's shards (i % world_size == rank) that are not already complete."""
-    written = kept = samples = 0
+    written = reused = samples = 0
     start = time.perf_counter()
     for index, jobs in enumerate(plan.shards(cfg.shard_size)):
         if index % world_size != rank:
             continue
         path = out_dir / (SHARD_NAME % index)
         if path.is_file():
-            kept += 1
+            reused += 1
             progress(len(jobs))
             continue
-        count = write_tar_atomic(path, _counted(generate_shard(jobs, images, edit, cfg, generator), progress))
+        count = write_tar_atomic(path, _counted(generate_shard(jobs, images, edit, cfg, generator_dir), progress))
         written, samples = written + 1, samples + count
-    return GenerationReport(written, kept, samples, time.perf_counter() - start)
+    return GenerationReport(written, reused, samples, time.perf_counter() - start)
 
 
 def shard_names(plan: GenerationPlan, cfg: PdgConfig) -> list[str]:
