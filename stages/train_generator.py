@@ -110,9 +110,9 @@ def train_embedded(cfg: GeneratorConfig, synth: SynthConfig, paths) -> dict:
     val = load_images(paths.prepared, "val", cfg.height, cfg.width)
     probe, probe_metrics = fit_probe(train, val, cfg, paths.probe)  # the measuring instrument: annotated images only
     pool = generator_pool(synth, cfg)
-    generator = fit_generator(train + pool, val, cfg, probe, paths)
+    generator_metrics = fit_generator(train + pool, val, cfg, probe, paths)
     return {"pretrained": "", "probe": probe_metrics,
-            "generator": {"train_images": len(train), "pool_images": len(pool), **generator}}
+            "generator": {"train_images": len(train), "pool_images": len(pool), **generator_metrics}}
 
 
 def generator_pool(synth: SynthConfig, cfg: GeneratorConfig) -> LabelledImages:

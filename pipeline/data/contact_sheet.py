@@ -3,7 +3,7 @@ its images side by side and its captions wrapped beside them.
 
 Works on plain annotation records (`split`, `captions`, `file_path` relative to the image
 root, `id`), so it serves SynthPedes and the real benchmarks alike. The PNG is byte-identical
-for the same input: the identities are picked by a seeded generator and no timestamp or
+for the same input: the identities are picked by a seeded RNG and no timestamp or
 software tag is written.
 """
 

@@ -194,9 +194,9 @@ def edit_img2img_batch(
     *,
     seed: int | Sequence[int],
 ) -> list[EditResult]:
-    """SDEdit of several images in one batch, `settings.strength` of `settings.num_steps` steps; each
-    image's noise comes from a CPU generator seeded with its own entry of `seed` (or with `seed`
-    itself for the first, `seed + i` for the others).
+    """SDEdit of several images in one batch, `settings.strength` of `settings.num_steps` steps. Each
+    image's noise comes from a CPU RNG seeded with its own entry of `seed` (or with `seed` itself for
+    the first, `seed + i` for the others).
 
     Written with the scheduler rather than diffusers' img2img pipeline, which rejects the
     (height, width) `sample_size` of non-square person models.

@@ -105,7 +105,7 @@ def train_probe(
     `size` (height, width) is what the probe looks at; by default half the images' size: garment
     colours need no detail, and it trains 4x faster."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(images) / batch_size)
     upper, lower = colour_labels(images.attributes)
     height, width = size or (max(8, images.pixels.shape[-2] // 2), max(8, images.pixels.shape[-1] // 2))
@@ -116,8 +116,8 @@ def train_probe(
     losses = []
     progress = tqdm(range(steps), desc="probe", disable=not show_progress)
     for step in progress:
-        index = torch.randint(len(images), (batch_size,), generator=generator)
-        pixels = _augment(images.pixels[index], generator)
+        index = torch.randint(len(images), (batch_size,), generator=rng)
+        pixels = _augment(images.pixels[index], rng)
         upper_logits, lower_logits = probe(pixels)
         loss = _cross_entropy(upper_logits, upper[index]) + _cross_entropy(lower_logits, lower[index])
         optimizer.zero_grad(set_to_none=True)
@@ -135,14 +135,14 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, ignore_index=IGNORE)
 
 
-def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _augment(pixels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """Mirror images, softened images (half resolution and back: decoded latents are soft) and noise."""
-    flip = torch.rand(len(pixels), generator=generator) < 0.5
+    flip = torch.rand(len(pixels), generator=rng) < 0.5
     pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
     soft = F.interpolate(F.avg_pool2d(pixels, 2), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-    soften = torch.rand(len(pixels), generator=generator) < 0.5
+    soften = torch.rand(len(pixels), generator=rng) < 0.5
     pixels = torch.where(soften[:, None, None, None], soft, pixels)
-    noise = 0.05 * torch.randn(pixels.shape, generator=generator)
+    noise = 0.05 * torch.randn(pixels.shape, generator=rng)
     return (pixels + noise).clamp(-1, 1)
 
 

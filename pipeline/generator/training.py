@@ -60,15 +60,15 @@ def train_vae(
 
     Decoding the mean, not a sample: sampled latents start with unit noise, and after 600 sampled
     steps the decoder had learned only washed-out hues (purple came back gray, green dark; 21.5 dB)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = warmup_cosine_schedule(optimizer, cfg.vae_steps, WARMUP_FRACTION)
     vae.train()
     losses = []
     progress = tqdm(range(cfg.vae_steps), desc="vae", disable=not show_progress)
     for step in progress:
-        batch = _flip_some(pixels[_batch_indices(len(pixels), cfg.vae_batch_size, generator)], generator)
-        batch = _random_crop(batch, cfg.vae_crop_fraction, latent_downsampling(cfg), generator)
+        batch = _flip_some(pixels[_batch_indices(len(pixels), cfg.vae_batch_size, rng)], rng)
+        batch = _random_crop(batch, cfg.vae_crop_fraction, latent_downsampling(cfg), rng)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         kl_per_element = posterior.kl().mean() / posterior.mean[0].numel()
@@ -146,7 +146,7 @@ def train_unet(
     `latents` holds each image and, after them, its mirror image; `caption_ids` is
     (images, captions per image, tokens).
     """
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    rng = torch.Generator().manual_seed(cfg.seed + 1)
     noise_scheduler = DDPMScheduler(**_ddpm_schedule())
     frozen = None if train_text_encoder else (prompt_states(text_encoder, caption_ids), prompt_states(text_encoder, empty_ids[None])[0])
     parameters = [*unet.parameters(), *(text_encoder.parameters() if train_text_encoder else ())]
@@ -159,18 +159,18 @@ def train_unet(
     losses = []
     progress = tqdm(range(cfg.unet_steps), desc="unet", disable=not show_progress)
     for step in progress:
-        index = _batch_indices(len(latents), cfg.unet_batch_size, generator)
+        index = _batch_indices(len(latents), cfg.unet_batch_size, rng)
         clean = latents[index] * scaling_factor
-        choice = torch.randint(per_image, (len(index),), generator=generator)
-        dropped = torch.rand(len(index), generator=generator) < cfg.caption_dropout
+        choice = torch.randint(per_image, (len(index),), generator=rng)
+        dropped = torch.rand(len(index), generator=rng) < cfg.caption_dropout
         if frozen is None:
             ids = torch.where(dropped[:, None], empty_ids[None], caption_ids[index % images, choice])
             states = text_encoder(ids)[0]
         else:
             states = torch.where(dropped[:, None, None], frozen[1][None], frozen[0][index % images, choice])
-        noise = torch.randn(clean.shape, generator=generator)
+        noise = torch.randn(clean.shape, generator=rng)
         timesteps = sample_timesteps(len(index), noise_scheduler.config.num_train_timesteps,
-                                     cfg.high_noise_fraction, generator)
+                                     cfg.high_noise_fraction, rng)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
         loss = F.mse_loss(prediction, noise)
@@ -185,11 +185,11 @@ def train_unet(
     return losses
 
 
-def sample_timesteps(count: int, total: int, high_noise_fraction: float, generator: torch.Generator) -> torch.Tensor:
+def sample_timesteps(count: int, total: int, high_noise_fraction: float, rng: torch.Generator) -> torch.Tensor:
     """Training timesteps, a `high_noise_fraction` share of them from the noisier half of the schedule
     (0.5 = uniform): the garment colours are decided at high noise, where the prompt matters most."""
-    timesteps = torch.randint(total // 2, (count,), generator=generator)
-    noisier = torch.rand(count, generator=generator) < high_noise_fraction
+    timesteps = torch.randint(total // 2, (count,), generator=rng)
+    noisier = torch.rand(count, generator=rng) < high_noise_fraction
     return torch.where(noisier, timesteps + total // 2, timesteps)
 
 
@@ -197,24 +197,24 @@ def _ddpm_schedule() -> dict:
     return {k: v for k, v in SCHEDULE.items() if k != "set_alpha_to_one"}
 
 
-def _batch_indices(count: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(count, (batch_size,), generator=generator)
+def _batch_indices(count: int, batch_size: int, rng: torch.Generator) -> torch.Tensor:
+    return torch.randint(count, (batch_size,), generator=rng)
 
 
-def _random_crop(batch: torch.Tensor, fraction: float, multiple: int, generator: torch.Generator) -> torch.Tensor:
+def _random_crop(batch: torch.Tensor, fraction: float, multiple: int, rng: torch.Generator) -> torch.Tensor:
     """One random window of `fraction` of the height and width (a multiple of the latent
     downsampling), the same for the whole batch."""
     if fraction >= 1:
         return batch
     height, width = batch.shape[-2:]
     crop_h, crop_w = (max(multiple, round(fraction * size / multiple) * multiple) for size in (height, width))
-    top = int(torch.randint(height - crop_h + 1, (1,), generator=generator))
-    left = int(torch.randint(width - crop_w + 1, (1,), generator=generator))
+    top = int(torch.randint(height - crop_h + 1, (1,), generator=rng))
+    left = int(torch.randint(width - crop_w + 1, (1,), generator=rng))
     return batch[..., top : top + crop_h, left : left + crop_w]
 
 
-def _flip_some(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(batch), generator=generator) < 0.5
+def _flip_some(batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(batch), generator=rng) < 0.5
     return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 

@@ -113,7 +113,7 @@ def edit_captions(
     """Up to `num` distinct single-colour edits of each caption (one list per caption, maybe empty).
 
     Distinct edits go to different phrases first, then to other colours of the same phrases.
-    Each caption has its own generator seeded by (seed, index), so its edits do not depend
+    Each caption has its own RNG seeded by (seed, index), so its edits do not depend
     on the other captions of the list.
     """
     return [_distinct_edits(caption, num, np.random.default_rng([seed, index]), palette, allow_hair)

@@ -2,8 +2,8 @@
 
 `render_synthpedes` writes `synthpedes.json` (CUHK-PEDES annotation records plus an
 `attributes` dict per image) and `imgs/<split>/<id:05d>_<n:02d>.png`. Everything is a pure
-function of the config: each image is drawn from a generator seeded by (seed, identity id,
-image index), so output files are byte-identical across runs.
+function of the config. Each image is drawn from an RNG seeded by (seed, identity id, image index),
+so output files are byte-identical across runs.
 """
 
 from __future__ import annotations

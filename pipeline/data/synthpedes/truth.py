@@ -1,7 +1,7 @@
 """The true answer to a colour edit, from the renderer: SynthPedes knows what every edit should look like.
 
-Every SynthPedes image is a pure function of its identity, its view and a generator seeded by
-(synth.seed, person id, image index), and the identity's colours draw nothing from that generator.
+Every SynthPedes image is a pure function of its identity, its view and an RNG seeded by
+(synth.seed, person id, image index), and the identity's colours draw nothing from that RNG.
 So re-rendering an image with one colour attribute changed gives the same person, pose, background,
 occluder, lighting and sensor noise with only that item recoloured: the true edit of a caption
 edit "a red jacket" -> "a green jacket". The same re-rendering makes the known-bad pairs a
