@@ -1,7 +1,7 @@
 """The resumable training state, in formats that cannot run code: tensors in safetensors, the rest JSON.
 
-A state folder (models/<variant>/state, pipeline/run_folder.py; a DVC output that may be pulled from a
-shared remote) holds:
+A state folder is models/<variant>/state (see pipeline/run_folder.py). It is a DVC output and may be
+pulled from a shared remote. It holds these files:
 
     model.safetensors         the unwrapped model's weights
     optimizer.safetensors     the optimiser's tensors (moments, step counts) ...
@@ -10,18 +10,22 @@ shared remote) holds:
     scaler.json               the fp16 gradient scaler's state_dict (only when there is one)
     rng-<rank>.safetensors    each process's torch CPU (and CUDA) generator states ...
     rng-<rank>.json           ... and its python `random` and numpy states
-    progress.json             the training loop's own record (pipeline/training.py's Progress)
+    progress.json             the training loop's own record (`Progress`, below)
 
-Nothing else is read, and nothing here is ever unpickled (no torch.load, no pickle): any other file in
-the folder (a planted custom_checkpoint_0.pkl, optimizer.bin, random_states_0.pkl, Accelerate's
-former layout) is never opened; one warning line names such files, and the next save, which writes a
-whole new folder, drops them. A listed file that is missing or unreadable is a StateError naming it,
-raised by `read_training_state` before anything is applied (the trainer then logs that one line and
-starts afresh); a state that reads but does not fit the run (`apply_training_state`: not possible
-with a matching fingerprint unless the files were altered) is a StateError the stage reports as its
-one error line.
-Every rank writes its own RNG files (ranks' generators may differ); a rank without one (the state was
-saved by fewer processes) takes rank 0's.
+Nothing else is read, and nothing here is ever unpickled (no torch.load, no pickle).
+Any other file in the folder is never opened. Examples are a planted custom_checkpoint_0.pkl,
+optimizer.bin, random_states_0.pkl, or the rest of Accelerate's former layout. One warning line names
+such files. The next save writes a whole new folder and so drops them.
+
+Errors come in two kinds:
+- A listed file that is missing or unreadable is a StateError naming it. `read_training_state` raises
+  it before anything is applied. The trainer then logs that one line and starts afresh.
+- A state that reads but does not fit the run is a StateError from `apply_training_state`. The stage
+  reports it as its one error line. With a matching fingerprint this happens only if the files were
+  altered.
+
+Every rank writes its own RNG files, because ranks' generators may differ. A rank without one takes
+rank 0's. That happens when the state was saved by fewer processes.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,22 @@ FIXED_FILES = (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, SC
 
 class StateError(Exception):
     """A saved training state that cannot be read: the message names the file."""
+
+
+@dataclass
+class Progress:
+    """What the training loop needs to resume, beyond the model's, optimiser's and RNGs' states. It is
+    saved as progress.json and holds nothing measured on the clock (that is `Trainer.timing`)."""
+
+    fingerprint: str
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    skipped_batches: int = 0
+    best_epoch: int = -1
+    best_score: float = -1.0
+    losses: list = field(default_factory=list)  # [global_step, loss]
+    epochs: list = field(default_factory=list)  # per-epoch records (val metrics)
 
 
 def _rng_files(rank: int) -> tuple[str, str]:

@@ -1,18 +1,18 @@
 """The contrastive training loop of the dual encoder, on Accelerate.
 
-One process on a CPU or N processes on GPUs run the same code (`train.launcher` in params.yaml starts
-them; pipeline/core/distributed.py: the main process digests the data, indexes the shards and decides
-whether to resume, the others are told). Every `checkpoint_every`
-steps the full state (weights, optimiser, schedule, RNGs, and our progress record) is
-saved by pipeline/checkpointing.py (safetensors and JSON: nothing is unpickled on resume) and swapped
-in as a whole folder (pipeline/core/io.py); a restarted run resumes from the newest state and,
-because the data stream is a pure function of (seed, epoch, step), continues exactly
-where it stopped; a finished run of the same fingerprint is done (rerunning the stage, e.g.
-`dvc repro` after `accelerate launch -m stages.train`, trains nothing). After each epoch the
-model is scored on the validation split; the best-on-val and the last model are saved with
-`save_pretrained`. Nothing measured on the clock goes under models/: timings (pairs/s, the data
-wait share) go to the optional `timing_file` (reports/train/<variant>/timing.json), so two runs of
-one configuration write byte-identical outputs.
+- One process on a CPU or N processes on GPUs run the same code; `train.launcher` starts them. The
+  main process digests the data, indexes the shards and decides whether to resume. The others are
+  told (pipeline/core/distributed.py).
+- Every `checkpoint_every` steps the full state is saved: weights, optimiser, schedule, RNGs and the
+  progress record. pipeline/checkpointing.py writes it as safetensors and JSON, so nothing is
+  unpickled on resume, and it is swapped in as a whole folder (pipeline/core/io.py).
+- A restarted run resumes from the newest state. The data stream is a pure function of (seed, epoch,
+  step), so it continues exactly where it stopped. A finished run of the same fingerprint trains nothing.
+- After each epoch the model is scored on the validation split. The best-on-val and the last model
+  are saved with `save_pretrained`.
+- Nothing measured on the clock goes under models/, so two runs of one configuration write
+  byte-identical outputs. Timings (pairs/s, the data wait share) go to `timing_file`
+  (reports/train/<variant>/timing.json).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline.checkpointing import (StateError, apply_training_state, load_model_weights, read_progress,
+from pipeline.checkpointing import (Progress, StateError, apply_training_state, load_model_weights, read_progress,
                                     read_training_state, save_training_state)
 from pipeline.core.config import ConfigError, FieldError, OnlineConfig, Params, VariantConfig
 from pipeline.data.augment import AugmentConfig
@@ -55,28 +54,12 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite (train.nonfinite_loss: stop)."""
 
 
-@dataclass
-class Progress:
-    """What the loop needs, beyond the model's, optimiser's and RNGs' states, to resume; saved as JSON
-    (nothing measured on the clock: that is `Trainer.timing`)."""
-
-    fingerprint: str
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    skipped_batches: int = 0
-    best_epoch: int = -1
-    best_score: float = -1.0
-    losses: list = field(default_factory=list)  # [global_step, loss]
-    epochs: list = field(default_factory=list)  # per-epoch records (val metrics)
-
-
-# train.* keys that say how a run is executed, not what it learns, left out of the fingerprint so that
-# a run resumes (or counts as done) after they change: loader workers only decode batches that are a
-# pure function of (seed, epoch, step) (and a DataLoader draws its base seed whatever their number);
-# eval_batch_size only batches the validation embeddings; checkpoint_every only says how often the
-# state is saved (the saved state is the run's own, whenever it was taken); the launcher only says
-# how many processes share each global batch.
+# train.* keys that say how a run is executed, not what it learns. They are left out of the fingerprint,
+# so a run resumes (or counts as done) after they change.
+# - num_workers: loader workers only decode batches, a pure function of (seed, epoch, step).
+# - eval_batch_size: it only batches the validation embeddings.
+# - checkpoint_every: how often the state is saved; the saved state is the run's own whenever it was taken.
+# - launcher: how many processes share each global batch.
 RUN_ONLY_TRAIN_KEYS = ("num_workers", "eval_batch_size", "checkpoint_every", "launcher")
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from .attributes import HAIR_COLORS, COLOR_RGB, SKIN_TONES
+from .scene import camera_effects, muted_color, street_background
 
 VIEWS = ("front", "back", "side")
 OCCLUSIONS = ("none", "legs", "feet", "pole")
@@ -318,36 +319,8 @@ def _sample_pose(view: str, rng: np.random.Generator) -> _Pose:
     )
 
 
-def _muted_color(rng: np.random.Generator, lo: float = 40, hi: float = 220, saturation: float = 0.45) -> Color:
-    color = rng.uniform(lo, hi, size=3)
-    gray = color.mean()
-    return tuple(int(v) for v in gray + (color - gray) * saturation)
-
-
-def _background(width: int, height: int, ground_y: float, rng: np.random.Generator) -> Image.Image:
-    top, bottom, ground = (np.array(_muted_color(rng)) for _ in range(3))
-    t = np.linspace(0.0, 1.0, height)[:, None]
-    rows = top * (1 - t) + bottom * t
-    rows[int(ground_y) :] = ground * (1 - 0.3 * t[int(ground_y) :])
-    pixels = np.broadcast_to(rows[:, None, :], (height, width, 3)).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(2, 7)):
-        color = _muted_color(rng, saturation=rng.uniform(0.2, 0.8))
-        x0, x1 = sorted(rng.uniform(-0.2, 1.2, size=2) * width)
-        y0, y1 = sorted(rng.uniform(-0.2, 0.9, size=2) * height)
-        shape = rng.integers(3)
-        if shape == 0:
-            draw.rectangle([x0, y0, x1, y1], fill=color)
-        elif shape == 1:
-            draw.ellipse([x0, y0, x1, y1], fill=color)
-        else:
-            draw.line([x0, y0, x1, y1], fill=color, width=int(rng.integers(2, 8)))
-    return image
-
-
 def _draw_occluder(figure: _Figure, occluded: str, rng: np.random.Generator) -> None:
-    color = _muted_color(rng, 30, 200, saturation=0.3)
+    color = muted_color(rng, 30, 200, saturation=0.3)
     if occluded == "pole":
         x = rng.uniform(-0.06, 0.06)
         figure.rect(x - 0.025, -1.0, x + 0.025, 2.0, color)
@@ -355,20 +328,6 @@ def _draw_occluder(figure: _Figure, occluded: str, rng: np.random.Generator) -> 
         top = _OCCLUDER_TOP[occluded]
         figure.rect(-0.5, top, 0.5, 2.0, color)
         figure.rect(-0.5, top, 0.5, top + 0.02, shade(color, 1.25))
-
-
-def _camera_effects(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    if rng.random() < 0.4:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-    pixels = np.asarray(image, dtype=np.float32)
-    height, width, _ = pixels.shape
-    brightness = rng.uniform(0.85, 1.12)
-    slope = rng.uniform(-0.15, 0.15)
-    gain = brightness * (1.0 + slope * (np.linspace(-0.5, 0.5, width)[None, :, None]))
-    cast = rng.uniform(0.95, 1.05, size=3)
-    noise = rng.normal(0.0, rng.uniform(0.0, 5.0), size=pixels.shape)
-    pixels = pixels * gain * cast + noise
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 def _facts(identity: dict[str, str], view: str, occluded: str, torso_box) -> ImageFacts:
@@ -406,10 +365,10 @@ def render_image(
     feet = canvas_h * rng.uniform(0.955, 0.995)
     top = feet - person_h
     cx = canvas_w * (0.5 + rng.uniform(-0.1, 0.1))
-    image = _background(canvas_w, canvas_h, feet - 0.12 * person_h, rng)
+    image = street_background(canvas_w, canvas_h, feet - 0.12 * person_h, rng)
     figure = _Figure(ImageDraw.Draw(image), cx, top, person_h, pose.facing)
     _PersonPainter(figure, identity, pose).paint()
     occluded = OCCLUSIONS[rng.choice(len(OCCLUSIONS), p=_OCCLUSION_WEIGHTS)]
     _draw_occluder(figure, occluded, rng)
-    image = _camera_effects(image.resize((width, height), Image.Resampling.BOX), rng)
+    image = camera_effects(image.resize((width, height), Image.Resampling.BOX), rng)
     return image, _facts(identity, view, occluded, _chest_box(figure))
