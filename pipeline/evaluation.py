@@ -1,9 +1,9 @@
 """Text-to-image retrieval evaluation of a dual encoder on a prepared split.
 
-Queries are every caption of the split, the gallery every image (docs/design.md, section 3,
-"Evaluation protocol"). Colour-edit sensitivity: how often an image prefers its true caption over
-the same caption with one colour changed by the caption editor (what proximity pairs teach).
-Under several processes each embeds an interleaved share and the shares are gathered,
+Queries are every caption of the split, and the gallery is every image (docs/design.md, section 3,
+"Evaluation protocol"). Colour-edit sensitivity measures how often an image prefers its true caption
+over the same caption with one colour changed by the caption editor. That is what proximity pairs
+teach. Under several processes each embeds an interleaved share and the shares are gathered,
 so the result is the same as one process computing everything.
 """
 
@@ -105,9 +105,11 @@ def colour_sensitivity(
     model, data: RetrievalSplit, text_emb: torch.Tensor, image_emb: torch.Tensor, batch_size: int,
     device: torch.device, seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Per garment kind (and `all`): the share (%) of editable captions whose own image scores higher
-    with the true caption than with one seeded colour edit of it, and the mean margin
-    s(image, true) - s(image, edited). Captions without an editable colour are left out (counted)."""
+    """Colour-edit sensitivity per garment kind (and `all`).
+
+    That is the share (%) of editable captions whose own image scores higher with the true caption
+    than with one seeded colour edit of it, and the mean margin s(image, true) - s(image, edited).
+    Captions without an editable colour are left out, and counted."""
     edits = edit_captions(data.captions, 1, seed)
     editable = [i for i, found in enumerate(edits) if found]
     result = {"editable_captions": len(editable), "captions": len(data.captions)}

@@ -1,25 +1,27 @@
 """Digests of what params name outside the repository, so that DVC sees it change.
 
-`data.root` (a real benchmark's annotation file and images), `model.vision_path` /
-`model.text_path`, `generator.pretrained`, `filter.scorer` and `caption.captioner` are strings
-in params.yaml: DVC tracks the string, not the folder behind it. The `externals` stage (always
-run: a few seconds, most of it importing the library, when nothing changed) writes one JSON file
-per consuming stage, `data/externals/<stage>.json`, with a sha256 over the contents of what the
-input holds; each consumer depends on its file. An edited annotation file or a swapped checkpoint
-changes the digest, so DVC reruns what reads it; an unchanged one writes the same bytes, so nothing
-else reruns.
+Some inputs are strings in params.yaml:
+- `data.root` (a real benchmark's annotation file and images),
+- `model.vision_path` / `model.text_path`,
+- `generator.pretrained`, `filter.scorer` and `caption.captioner`.
+DVC tracks the string, not the folder behind it. The `externals` stage therefore writes one JSON
+file per consuming stage, `data/externals/<stage>.json`. It holds a sha256 over the contents of what
+the input holds, and each consumer depends on its file. The stage always runs. When nothing changed
+it takes a few seconds, most of it importing the library. An edited annotation file or a swapped
+checkpoint changes the digest, so DVC reruns what reads it. An unchanged one writes the same bytes,
+so nothing else reruns.
 
-A real benchmark's root is digested as its annotation file and the images that file names (what
-prepare can read), not as a walk of the whole tree: at 1.5 M images a walk, a stat and a path
-resolution per file on every `dvc repro` is what made the stage slow, and files the annotation file
+A real benchmark's root is digested as its annotation file and the images that file names. That is
+what prepare can read. The stage does not walk the whole tree. At 1.5 M images, a walk, a stat and a
+path resolution per file on every `dvc repro` is what made the stage slow. Files the annotation file
 does not name cannot change what prepare makes. A named image that is missing is a line of the
-digest (prepare reports it, or skips its record under data.skip_bad_records); one that cannot be
-read is a problem line. A model folder holds few files: it is walked.
+digest. Prepare reports it, or skips its record under data.skip_bad_records. A named image that
+cannot be read is a problem line. A model folder holds few files, so it is walked.
 
-A hub id must pin `hub.revision` to a commit: its files are then immutable, and the id with the
-commit is its digest (downloaded or not). An unreadable file is recorded as a problem line, on
-which the consuming stage stops. Contents are hashed once per file, through the project's digest
-cache (pipeline/core/io.py, DigestCache): later runs only stat.
+A hub id must pin `hub.revision` to a commit. Its files are then immutable, and the id with the
+commit is its digest, whether downloaded or not. An unreadable file is recorded as a problem line,
+and the consuming stage stops on it. Contents are hashed once per file, through the project's digest
+cache (pipeline/core/io.py, DigestCache). Later runs only stat.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ def _folder_entry(path: Path, cache: DigestCache) -> dict:
 
 
 def data_root_entry(source: str, root: Path, annotations: str | None, cache: DigestCache) -> dict:
-    """A real benchmark's annotation file and the images it names: sha256 over the annotation file's
-    digest and (path under the root, content sha256 or `missing`) per distinct named image, in the
-    annotation file's order (a reordered file is another file: its own digest changes anyway). An
-    annotation file that is not a JSON list names no image: prepare stops on it with its own line,
-    and fixing the file changes the digest."""
+    """A real benchmark's annotation file and the images it names, as one sha256.
+
+    The hash covers the annotation file's digest and, per distinct named image, its path under the
+    root with its content sha256 or `missing`. Images come in the annotation file's order. A reordered
+    file is another file, and its own digest changes anyway. An annotation file that is not a JSON list
+    names no image. Prepare stops on it with its own line, and fixing the file changes the digest."""
     from pipeline.data.sources import LAYOUTS, UnusableInput, _annotation_file, named_images
 
     annotation_file = _annotation_file(LAYOUTS[source], root, annotations)

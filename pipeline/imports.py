@@ -1,10 +1,13 @@
-"""The project files a module runs when imported, transitively (ast: every `import` and
-`from ... import` outside `if TYPE_CHECKING:`, also inside functions, since those run too).
+"""The project files a module runs when imported, transitively.
 
-Two uses: dvc.yaml's deps of a stage cover its entry point's closure (tests/test_stage_deps.py;
-`python -m pipeline.imports stages.train` prints them), and `code_digest` puts the code a stage runs
-into the fingerprints of resumable work (training state, generated shards), so that work done by
-other code is never continued or kept."""
+They are found with ast. Every `import` and `from ... import` counts, except inside
+`if TYPE_CHECKING:`. Imports inside functions count too, since those run as well.
+
+There are two uses.
+- dvc.yaml's deps of a stage cover its entry point's closure (tests/test_stage_deps.py).
+  `python -m pipeline.imports stages.train` prints them.
+- `code_digest` puts the code a stage runs into the fingerprints of resumable work (training state,
+  generated shards). So work done by other code is never continued or kept."""
 
 from __future__ import annotations
 

@@ -14,14 +14,14 @@ of the other modality, with s_ij the cosine similarity and tau the temperature:
     loss_i = -sum_j q_ij * log( w_ij exp(z_ij) / sum_k w_ik exp(z_ik) )
            = -sum_j q_ij * z_ij + log( sum_{j in P(i)} exp(z_ij) + sum_{j in N(i)} w_ij exp(z_ij) )
 
-that is, soft-label cross-entropy over the logits z_ij + log w_ij. The weights of an anchor's
-negatives average to 1, so beta = 0 gives plain (multi-positive, soft-label) InfoNCE, and a larger
+This is soft-label cross-entropy over the logits z_ij + log w_ij. The weights of an anchor's
+negatives average to 1. So beta = 0 gives plain (multi-positive, soft-label) InfoNCE, and a larger
 beta moves the gradient towards the hard negatives (high similarity, other identity). The loss is
 the mean of loss_i over anchors, averaged over the image-to-text and text-to-image directions.
 
-Under `torch.distributed`, candidates come from every rank while anchors stay local; the gather's
-backward sums the gradients that all ranks send to this rank's embeddings, so after DDP averages
-the parameter gradients they equal the single-process gradient of the loss over the global batch.
+Under `torch.distributed`, candidates come from every rank while anchors stay local. The gather's
+backward sums the gradients that all ranks send to this rank's embeddings. So after DDP averages
+the parameter gradients, they equal the single-process gradient of the loss over the global batch.
 """
 
 from __future__ import annotations
@@ -95,12 +95,15 @@ class HardnessAwareContrastiveLoss(nn.Module):
     ) -> torch.Tensor:
         """The scalar loss for this rank's anchors against the candidates of all ranks.
 
-        image_emb, text_emb: [B, D], L2-normalised, row k of each forming a pair; person_ids: [B].
-        temperature: a float, or a scalar tensor that receives gradients.
-        targets: optional [B, B_global] image-to-text target distribution (rows sum to 1), e.g.
-        for feature mixup; it replaces the id-derived targets. Text anchor k uses column k of the
-        global targets, renormalised, so every column needs a positive entry. B_global = B times
-        the world size: every rank must pass the same local batch size.
+        Arguments:
+        - image_emb, text_emb are [B, D] and L2-normalised. Row k of each forms a pair.
+        - person_ids is [B].
+        - temperature is a float, or a scalar tensor that receives gradients.
+        - targets is an optional [B, B_global] image-to-text target distribution (rows sum to 1),
+          e.g. for feature mixup. It replaces the id-derived targets. Text anchor k uses column k
+          of the global targets, renormalised, so every column needs a positive entry.
+
+        B_global is B times the world size, so every rank must pass the same local batch size.
         """
         # Similarities and softmax in float32, whatever autocast does around this call.
         with torch.autocast(device_type=image_emb.device.type, enabled=False):
@@ -156,13 +159,16 @@ class HardnessAwareContrastiveLoss(nn.Module):
 def mixed_pair_targets(
     person_ids: torch.Tensor, permutation: torch.Tensor, lam: torch.Tensor, identity_positives: bool = True
 ) -> torch.Tensor:
-    """Targets [B, B_global] for feature mixup, where image i and caption i of this rank's batch are
-    both `lam_i * sample_i + (1 - lam_i) * sample_perm(i)` (the same lam and partner in both towers).
+    """Targets [B, B_global] for feature mixup.
 
-    A mixed image and a mixed caption match by the mass their components share:
-    affinity(i, j) = sum over components a of i and b of j of w_ia * w_jb * match(a, b), with
-    w_ii = lam_i, w_i,perm(i) = 1 - lam_i, and match = same person id (or the same pair). Rows are
-    normalised by the loss. `permutation` indexes this rank's batch; lam is [B]."""
+    Image i and caption i of this rank's batch are both `lam_i * sample_i + (1 - lam_i) * sample_perm(i)`,
+    with the same lam and partner in both towers. A mixed image and a mixed caption match by the mass
+    their components share:
+
+        affinity(i, j) = sum over components a of i and b of j of w_ia * w_jb * match(a, b)
+
+    Here w_ii = lam_i, w_i,perm(i) = 1 - lam_i, and match means the same person id (or the same pair).
+    Rows are normalised by the loss. `permutation` indexes this rank's batch. lam is [B]."""
     batch_size = person_ids.shape[0]
     offset = dist.get_rank() * batch_size if _is_distributed() else 0
     all_ids = gather_with_grad(person_ids)

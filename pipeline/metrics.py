@@ -43,21 +43,21 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Rank-K, mAP and mINP of a query-by-gallery similarity matrix, as percentages.
 
-    `similarity` is [Q, G] (torch tensor or numpy array; computed in float32 on its own
-    device); `query_pids` (Q) and `gallery_pids` (G) are integer person ids. A gallery
+    `similarity` is [Q, G], a torch tensor or numpy array. It is computed in float32 on its
+    own device. `query_pids` (Q) and `gallery_pids` (G) are integer person ids. A gallery
     image is correct for a query if it has the query's person id. The gallery is ranked
-    by similarity, descending; ties go to the lower gallery index. `chunk_size` queries
-    are ranked at once: extra memory is about chunk_size * G * (4 + min(max N_q, 32)) bytes.
+    by similarity, descending, and ties go to the lower gallery index. `chunk_size` queries
+    are ranked at once. The extra memory is about chunk_size * G * (4 + min(max N_q, 32)) bytes.
 
-    Returns {"R{k}" for k in ks, "mAP", "mINP"}:
-    - R{k}: % of queries with at least one correct image in the top k;
-    - mAP: mean over queries of (1/N_q) * sum over ranks r holding a correct image of
-      (correct images in the top r) / r, where N_q is the query's number of correct images;
-    - mINP: mean over queries of N_q / (rank of the last correct image).
+    Returns {"R{k}" for k in ks, "mAP", "mINP"}.
+    - R{k} is the % of queries with at least one correct image in the top k.
+    - mAP is the mean over queries of (1/N_q) * sum over ranks r holding a correct image of
+      (correct images in the top r) / r. N_q is the query's number of correct images.
+    - mINP is the mean over queries of N_q / (rank of the last correct image).
 
     Raises ValueError on mismatched shapes, NaN similarities, or queries whose person id
-    has no image in the gallery (the protocol assumes every query has a match; the
-    message says how many queries lack one).
+    has no image in the gallery. The protocol assumes every query has a match. The
+    message says how many queries lack one.
     """
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty list of ranks >= 1, got {list(ks)}")

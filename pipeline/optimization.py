@@ -1,5 +1,8 @@
-"""What the training loop optimises with: AdamW parameter groups (the heads at their own rate), the
-warm-up + cosine learning-rate schedule, and the mixed precision Accelerate runs in."""
+"""What the training loop optimises with: parameter groups, the learning-rate schedule and precision.
+
+- AdamW parameter groups, with the heads at their own rate.
+- The warm-up + cosine learning-rate schedule.
+- The mixed precision Accelerate runs in."""
 
 from __future__ import annotations
 
@@ -42,11 +45,12 @@ def head_parameters(model: DualEncoder) -> set[int]:
 
 
 def build_optimizer(model: DualEncoder, cfg) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases, norms and the temperature; the heads (`head_parameters`)
-    at train.head_lr when it is set and differs from train.lr.
+    """AdamW without weight decay on biases, norms and the temperature.
 
-    Groups, in this order, empty ones left out: decay, no decay (the towers; every parameter when
-    there is no separate head rate), then the heads' decay and no decay."""
+    The heads (`head_parameters`) train at train.head_lr when it is set and differs from train.lr.
+    The groups come in this order, with empty ones left out.
+    - Decay, then no decay, for the towers. Without a separate head rate they hold every parameter.
+    - The heads' decay, then the heads' no decay."""
     head_lr = cfg.head_lr or cfg.lr
     heads = head_parameters(model) if head_lr != cfg.lr else set()
     decay, no_decay, head_decay, head_no_decay = [], [], [], []

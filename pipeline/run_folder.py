@@ -1,19 +1,20 @@
 """A resumable, fingerprinted output folder: whose work a folder holds, and how far it got.
 
-Training (models/<variant>) and generation (data/pdg/raw) write hours of work into a folder that a
-kill, a requeue or a changed configuration may find half done. One set of rules serves both:
+Training (models/<variant>) and generation (data/pdg/raw) write hours of work into a folder. A kill,
+a requeue or a changed configuration may find that folder half done. One set of rules serves both.
 
-- a run is named by its `fingerprint`: what defines it (the params that change what it makes, the
-  contents of its data, its code), never how it was executed (threads, processes, launcher, loader
-  workers, batch split);
-- work of another fingerprint is started afresh; work of this one is continued or, finished, kept;
-- every write is a whole-folder swap (pipeline/core/io.py), so a kill leaves the old version or the new;
-- the main process decides and writes; under a launcher the others are told (pipeline/core/distributed.py).
+- A run is named by its `fingerprint`. The fingerprint covers what defines the run: the params that
+  change what it makes, the contents of its data, and its code. It never covers how the run was
+  executed (threads, processes, launcher, loader workers, batch split).
+- Work of another fingerprint is started afresh. Work of this one is continued, or kept when finished.
+- Every write is a whole-folder swap (pipeline/core/io.py). So a kill leaves the old version or the new.
+- The main process decides and writes. Under a launcher, the others are told
+  (pipeline/core/distributed.py).
 
-Training keeps `state/` (the newest resumable state, pipeline/checkpointing.py's format, whose
-progress record carries the fingerprint) and its models `best/` and `last/`, each marked with the
-fingerprint and epoch it holds. Generation marks the folder itself (`run.json`) and its finished
-shards are its progress.
+Training keeps `state/`, the newest resumable state. It is in pipeline/checkpointing.py's format, and
+its progress record carries the fingerprint. Training also keeps its models `best/` and `last/`, each
+marked with the fingerprint and epoch it holds. Generation marks the folder itself (`run.json`), and
+its finished shards are its progress.
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ class RunFolder:
 
 
 def reuse_or_start(folder: str | Path, definition: dict) -> bool:
-    """A folder whose files are the progress (generation's shards): reused when its marker names this
-    definition (leftover temporary files of a killed writer removed), else an empty folder with the new
-    marker swapped in. True when reused. For the main process alone."""
+    """Reuse or start a folder whose files are the progress, such as generation's shards.
+
+    The folder is reused when its marker names this definition. Leftover temporary files of a killed
+    writer are then removed. Otherwise an empty folder with the new marker is swapped in. Returns True
+    when reused. For the main process alone."""
     folder = Path(folder)
     marker = {"fingerprint": fingerprint(definition), "definition": definition}
     recover_directory(folder)

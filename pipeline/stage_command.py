@@ -1,9 +1,11 @@
-"""A stage's command as dvc.yaml gives it, for running one stage by hand: under a launcher,
+"""A stage's command as dvc.yaml gives it, for running one stage by hand.
+
+`python -m pipeline.stage_command train@baseline` prints what follows `python -m`, here
+`stages.train --variant baseline --prepared data/prepared ...`. So under a launcher one runs
 
     accelerate launch --multi_gpu --num_processes 4 -m $(python -m pipeline.stage_command train@baseline)
 
-prints `stages.train --variant baseline --prepared data/prepared ...` (what follows `python -m`);
-benchmarks and tests run stages with it too."""
+Benchmarks and tests run stages with it too."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """DVC stage `caption`: training texts and identities for the kept proximity images.
 
-Reads data/pdg/filtered and data/prepared (train) and writes data/pdg/train: the original
-training shards, the proximity shards and one manifest of both; `train@pdg` trains on it.
-Counts go to metrics/caption.json, among them the machine captions added and those dropped for
-giving the edited garment its old colour (caption.captioner set).
+The stage reads data/pdg/filtered and data/prepared (train) and writes data/pdg/train. That folder
+holds the original training shards, the proximity shards and one manifest of both. `train@pdg`
+trains on it. Counts go to metrics/caption.json. Among them are the machine captions added and those
+dropped for giving the edited garment its old colour (with caption.captioner set).
 """
 
 from __future__ import annotations

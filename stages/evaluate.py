@@ -1,5 +1,7 @@
-"""DVC stage `evaluate@<variant>`: test-split retrieval of the best-on-val checkpoint, and its
-colour-edit sensitivity (does the true caption beat a colour-edited one for its own image)."""
+"""DVC stage `evaluate@<variant>`: test-split retrieval of the best-on-val checkpoint, and its sensitivity.
+
+The sensitivity is colour-edit sensitivity. It asks whether the true caption beats a colour-edited one
+for its own image."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""DVC stage `externals`: digests of the folders and hub ids that params name outside the
-repository, one file per consuming stage under --out (see pipeline/externals.py). Always run;
-a consumer reruns only when its file's bytes change."""
+"""DVC stage `externals`: digests of the folders and hub ids that params name outside the repository.
+
+It writes one file per consuming stage under --out (see pipeline/externals.py). The stage always runs.
+A consumer reruns only when its file's bytes change."""
 
 from __future__ import annotations
 

@@ -1,15 +1,21 @@
 """DVC stage `filter`: score every generated pair in data/pdg/raw and keep the good ones.
 
-First calibrates the consistency thresholds on the scorer's behaviour on `filter.calibration_pairs`
-real training pairs (pipeline/pdg/calibration.py). Writes the kept pairs to data/pdg/filtered (their
-json gains the scores), metrics/filter.json (pairs in, kept, failures per reason, acceptance rate,
-the quantiles of the consistency and fidelity scores over all pairs, and the calibration: the real
-pairs' distributions and the thresholds they give) and reports/filter/examples.png
-(kept and rejected pairs with their scores). The scorer is `filter.scorer`: a trained dual encoder of this
-project (models/baseline, the default) or a CLIP folder; dvc.yaml makes it the stage's dependency. How often
-train_generator's attribute probe confirms the kept and the rejected edits (SynthPedes) is a
-diagnostic run outside the DAG: `python -m experiments.attribute_check`; how well it tells right edits from
-known-bad ones against SynthPedes' ground truth: benchmarks/bench_filter_truth.py.
+The stage first calibrates the consistency thresholds on the scorer's behaviour on
+`filter.calibration_pairs` real training pairs (pipeline/pdg/calibration.py). It then writes three outputs.
+- data/pdg/filtered holds the kept pairs. Their json gains the scores.
+- metrics/filter.json holds pairs in, kept, failures per reason, and acceptance rate. It also holds the
+  quantiles of the consistency and fidelity scores over all pairs, and the calibration. The calibration
+  is the real pairs' distributions and the thresholds they give.
+- reports/filter/examples.png shows kept and rejected pairs with their scores.
+
+The scorer is `filter.scorer`. It is a trained dual encoder of this project (models/baseline, the
+default) or a CLIP folder. dvc.yaml makes it the stage's dependency.
+
+Two diagnostics run outside the DAG.
+- `python -m experiments.attribute_check` measures how often train_generator's attribute probe
+  confirms the kept and the rejected edits (SynthPedes).
+- benchmarks/bench_filter_truth.py measures how well the filter tells right edits from known-bad ones,
+  against SynthPedes' ground truth.
 """
 
 from __future__ import annotations

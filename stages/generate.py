@@ -1,11 +1,14 @@
 """DVC stage `generate`: edit training pairs into proximity pairs, written as data/pdg/raw shards.
 
-Runs under a launcher too (`pdg.launcher`: torchrun or accelerate launch, in dvc.yaml's command): each
-process writes its own shards; the main process alone digests the inputs and decides whether the
-folder's shards are this configuration's, then waits for every shard file (no collective at the end:
-ranks may finish hours apart). Before the run it logs the
-planned UNet evaluations (`pipeline.pdg.cost`), after the first batch the estimate at the measured
-rate, and at the end the measured count and rate (metrics/generate.json).
+The stage runs under a launcher too. `pdg.launcher` picks torchrun or accelerate launch, in dvc.yaml's
+command. Each process writes its own shards. The main process alone digests the inputs and decides
+whether the folder's shards are this configuration's. It then waits for every shard file. There is no
+collective at the end, because ranks may finish hours apart.
+
+The stage logs the UNet evaluations at three points.
+- Before the run, it logs the planned count (`pipeline.pdg.cost`).
+- After the first batch, it logs the estimate at the measured rate.
+- At the end, it logs the measured count and rate (metrics/generate.json).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""DVC stage `train@<variant>`: train the dual encoder; writes models/<variant>/{best,last,state}.
+"""DVC stage `train@<variant>`: train the dual encoder, writing models/<variant>/{best,last,state}.
 
-The variant (params.yaml `variants.<name>`) names the folder of training shards (data/prepared
-for the baseline; original plus proximity pairs for pdg) and its online PDG; validation always
-uses data/prepared's val split."""
+The variant (params.yaml `variants.<name>`) names the folder of training shards and its online PDG.
+That folder is data/prepared for the baseline, and original plus proximity pairs for pdg.
+Validation always uses data/prepared's val split."""
 
 from __future__ import annotations
 

@@ -1,17 +1,22 @@
 """DVC stage `train_generator`: the text-to-image model of proximity data generation, and its probe.
 
-Embedded profile (generator.pretrained == ""): trains the small latent diffusion model on the
-prepared training split, plus the synth.num_generator_ids SynthPedes identities rendered for it
-alone (its "pretraining" data, as Stable Diffusion's is in the paper), and saves it as a
-StableDiffusionPipeline folder in models/generator; trains the attribute probe (models/probe, when
-the data carries colour labels, on the training split only) and measures with it how often
-generated images show the prompted garment colours. Real profile
-(generator.pretrained set): trains nothing; models/generator holds only pretrained.json naming the
-checkpoint, which `pipeline.generator.checkpoint.resolve_generator` hands to the next stage, so
-that changing the checkpoint reruns what depends on it; models/probe holds only a note. The reports
-are the same files in both profiles: samples.png is a sample grid from the pretrained model (a few
-val captions, person-shaped where the model is Stable Diffusion 1.x-sized), and loss_curves.png a
-figure saying that nothing was trained.
+Embedded profile (generator.pretrained == "")
+- The stage trains the small latent diffusion model. Its data is the prepared training split, plus
+  the synth.num_generator_ids SynthPedes identities rendered for it alone. Those are its
+  "pretraining" data, as Stable Diffusion's are in the paper. It saves the model as a
+  StableDiffusionPipeline folder in models/generator.
+- It trains the attribute probe (models/probe) when the data carries colour labels, on the training
+  split only. With the probe it measures how often generated images show the prompted garment colours.
+
+Real profile (generator.pretrained set)
+- The stage trains nothing. models/generator holds only pretrained.json, which names the checkpoint.
+  `pipeline.generator.checkpoint.resolve_generator` hands it to the next stage, so changing the
+  checkpoint reruns what depends on it.
+- models/probe holds only a note.
+
+The reports are the same files in both profiles. samples.png is a sample grid from the pretrained
+model, drawn from a few val captions. Its images are person-shaped where the model is Stable
+Diffusion 1.x-sized. loss_curves.png is a figure saying that nothing was trained.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""What every stage runs: typed params and their validation (`config`, `validation`), the profiles
-and the check of a stage's external inputs (`profile`), the hub policy (`hub`), atomic writes and
-artifact errors (`io`), process set-up (`runtime`) and the launcher's ranks (`distributed`).
+"""What every stage runs.
+
+- `config`, `validation`: typed params and their validation.
+- `profile`: the profiles and the check of a stage's external inputs.
+- `hub`: the hub policy.
+- `io`: atomic writes and artifact errors.
+- `runtime`: process set-up.
+- `distributed`: the launcher's ranks.
 
 dvc.yaml depends on this folder in every stage, so editing any file here reruns them all."""

@@ -1,7 +1,7 @@
 """Typed configuration: `params.yaml` is validated once into these objects.
 
-Every section is a frozen dataclass; pipeline/core/validation.py checks a raw tree into them (an
-unknown, missing, repeated, mistyped or out-of-range value is a `ConfigError` naming the key).
+Every section is a frozen dataclass. pipeline/core/validation.py checks a raw tree into them. An
+unknown, missing, repeated, mistyped or out-of-range value is a `ConfigError` naming the key.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """How the processes of one launched run agree: one process decides, the others are told.
 
-A stage that runs under a launcher (`train.launcher`, `pdg.launcher` in params.yaml: torchrun or
-`accelerate launch`, one process per GPU, on one node or several) makes every decision that changes
-files (resume, start afresh, finished) and every costly read (the data's content digest, the shard
-index) once, on the main process, and broadcasts the result; no rank decides alone from its own view
-of the disk. Before any of that, `check_shared_folder` makes sure every rank sees the same output
-folder (node-local disks would otherwise diverge silently). Stages that use one process refuse a
-launcher with one line (`refuse_launcher`) rather than run N copies that race for one folder.
+A stage may run under a launcher, set by `train.launcher` or `pdg.launcher` in params.yaml. The
+launcher is torchrun or `accelerate launch`, with one process per GPU, on one node or several.
+Such a stage makes each of these once, on the main process, and broadcasts the result:
+- every decision that changes files (resume, start afresh, finished),
+- every costly read (the data's content digest, the shard index).
+No rank decides alone from its own view of the disk.
+
+Before any of that, `check_shared_folder` makes sure every rank sees the same output folder.
+Node-local disks would otherwise diverge silently. Stages that use one process refuse a launcher
+with one line (`refuse_launcher`). They do not run N copies that race for one folder.
 """
 
 from __future__ import annotations
@@ -60,8 +63,9 @@ def accelerator_for(cpu: bool, mixed_precision: str = "no") -> Accelerator:
 def on_main(accelerator: Accelerator, compute: Callable[[], T]) -> T:
     """`compute()` on the main process, its result (or its error) handed to every process.
 
-    An exception on the main process is raised on every process: the same type where it can be
-    rebuilt from its message (the project's one-line errors), else a RankError naming rank 0."""
+    An exception on the main process is raised on every process. It has the same type where it can be
+    rebuilt from its message, as the project's one-line errors can. Otherwise it is a RankError naming
+    rank 0."""
     if accelerator.num_processes == 1:
         return compute()
     outcome: list = [None]

@@ -1,9 +1,9 @@
 """Where pretrained weights come from: a local folder, or a hub id only as the params allow.
 
 Every `from_pretrained` of the project passes `**pretrained_kwargs()`. By default that is
-`local_files_only=True`: a hub id then loads from the local Hugging Face cache or fails, and
-nothing reaches the network. `hub.allow_network: true` lets hub ids download; `hub.revision`
-pins the branch, tag or commit every hub id loads (local folders ignore it). The stages set the
+`local_files_only=True`. A hub id then loads from the local Hugging Face cache or fails, and
+nothing reaches the network. `hub.allow_network: true` lets hub ids download. `hub.revision`
+pins the branch, tag or commit every hub id loads, and local folders ignore it. The stages set the
 process-wide access from their params once, at start (`pipeline.core.runtime.start_stage`).
 """
 

@@ -1,5 +1,7 @@
-"""Atomic writes: a killed stage never leaves a half-written file or directory under its final name;
-and content digests, read once per file and then known by its stat (DigestCache)."""
+"""Atomic writes and content digests.
+
+With atomic writes, a killed stage never leaves a half-written file or directory under its final
+name. Content digests are read once per file and then known by its stat (DigestCache)."""
 
 from __future__ import annotations
 
@@ -141,9 +143,10 @@ RACY_NS = 2_000_000_000
 class DigestCache:
     """(size, mtime_ns, inode) -> sha256 per file, persisted in `folder` (None: this process only).
 
-    A bucket file that cannot be read or parsed counts as empty; a save re-reads each bucket it
-    changes, adds its own entries and replaces the file atomically, so concurrent writers (ranks,
-    `dvc exp run` jobs) never corrupt it and at worst drop each other's newest entries (rehashed later).
+    A bucket file that cannot be read or parsed counts as empty. A save re-reads each bucket it
+    changes, adds its own entries and replaces the file atomically. So concurrent writers (ranks,
+    `dvc exp run` jobs) never corrupt it. At worst they drop each other's newest entries, which are
+    rehashed later.
     """
 
     def __init__(self, folder: str | Path | None = None):
@@ -223,9 +226,11 @@ _PROJECT_CACHES: dict[str | None, DigestCache] = {}
 
 
 def project_digest_cache() -> DigestCache:
-    """The digest cache of the DVC project in the working directory (.dvc/tmp/digests/, shared by
-    every stage, rank and run of the checkout), or outside a DVC project one in this process's memory.
-    One instance per process, so that repeated digests in one process do not reload the buckets."""
+    """The digest cache of the DVC project in the working directory.
+
+    It lives in .dvc/tmp/digests/ and is shared by every stage, rank and run of the checkout. Outside
+    a DVC project it lives in this process's memory. There is one instance per process, so that
+    repeated digests in one process do not reload the buckets."""
     folder = os.path.abspath(DIGEST_CACHE_DIR) if DIGEST_CACHE_DIR.parent.is_dir() else None
     if folder not in _PROJECT_CACHES:
         _PROJECT_CACHES[folder] = DigestCache(folder)
@@ -244,9 +249,11 @@ def files_digest(paths, cache: DigestCache | None = None) -> list[list[str]]:
 
 def tree_digest(root: str | Path, cache: DigestCache | None = None,
                 keep: Callable[[str], bool] | None = None) -> tuple[str, int]:
-    """sha256 over (relative path, content sha256) of every regular file under `root` whose name
-    `keep(name)` accepts (all by default), links followed, in path order; and the file count. A link
-    to nothing counts as its target's name: what it points at is part of the folder."""
+    """sha256 over (relative path, content sha256) of the regular files under `root`, and the file count.
+
+    Files count when `keep(name)` accepts their name (all by default). Links are followed, and files
+    go in path order. A link to nothing counts as its target's name, since what it points at is part
+    of the folder."""
     cache = cache or project_digest_cache()
     root = os.fspath(root)
 

@@ -26,13 +26,15 @@ def setup_logging(level: int = logging.INFO) -> None:
 def start_stage(
     stage: str, description: str, with_variant: bool = False, paths: Sequence[str] = (), launcher: bool = False
 ) -> tuple[argparse.Namespace, Params]:
-    """Start stage `stage` (its name in dvc.yaml, whose external inputs pipeline/core/profile.py's
-    STAGE_INPUTS lists): parse the arguments, set up logging and load the params. A bad params file, or a variant
-    that params.yaml does not define, exits with status 1. So does a stage that runs in one process
-    (not `launcher`) when it was started under a launcher (pipeline/core/distributed.py).
+    """Start stage `stage`: parse the arguments, set up logging and load the params.
 
-    `paths` name what the stage reads and writes: each is a required `--<name>` argument (a Path),
-    given on the stage's command line in dvc.yaml beside its deps and outs, so a path is written
+    `stage` is its name in dvc.yaml. pipeline/core/profile.py's STAGE_INPUTS lists its external
+    inputs. A bad params file, or a variant that params.yaml does not define, exits with status 1.
+    So does a stage that runs in one process (not `launcher`) when it was started under a launcher
+    (pipeline/core/distributed.py).
+
+    `paths` name what the stage reads and writes. Each is a required `--<name>` argument (a Path),
+    given on the stage's command line in dvc.yaml beside its deps and outs. So a path is written
     once, where DVC tracks it."""
     args = _stage_arguments(description, with_variant, paths)
     setup_logging()
@@ -102,10 +104,11 @@ TIMING_KEYS = ("seconds", "_seconds", "_per_s", "_per_second", "hours_at_measure
 
 
 def split_timing(results: dict) -> tuple[dict, dict]:
-    """(metrics, timing): a stage's results without, and with only, its durations and rates (keys
-    named `seconds` or ending in one of TIMING_KEYS, at any depth). Timings differ between machines
-    and runs of the same code, so they go to a timing file beside the metrics, where `dvc metrics
-    diff` shows only what changed in quality."""
+    """(metrics, timing): a stage's results without, and with only, its durations and rates.
+
+    Durations and rates are keys named `seconds` or ending in one of TIMING_KEYS, at any depth.
+    Timings differ between machines and runs of the same code. So they go to a timing file beside the
+    metrics, and `dvc metrics diff` shows only what changed in quality."""
     metrics, timing = {}, {}
     for key, value in results.items():
         if key.endswith(TIMING_KEYS):

@@ -1,7 +1,8 @@
-"""The validation machinery behind pipeline.core.config: a raw params tree checked field by field into
-frozen dataclasses, with one line naming the dotted key for an unknown, missing, repeated, mistyped
-or out-of-range value. A field's metadata may carry `choices`, a numeric range (`min`, `max`) or
-`false_means` (what a YAML `false` stands for)."""
+"""The validation machinery behind pipeline.core.config.
+
+A raw params tree is checked field by field into frozen dataclasses. An unknown, missing, repeated,
+mistyped or out-of-range value gives one line naming its dotted key. A field's metadata may carry
+`choices`, a numeric range (`min`, `max`) or `false_means` (what a YAML `false` stands for)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""A contact sheet for eyeballing any captioned person data set: one row per identity,
-its images side by side and its captions wrapped beside them.
+"""A contact sheet for eyeballing any captioned person data set.
 
-Works on plain annotation records (`split`, `captions`, `file_path` relative to the image
+It has one row per identity, with its images side by side and its captions wrapped beside them.
+It works on plain annotation records (`split`, `captions`, `file_path` relative to the image
 root, `id`), so it serves SynthPedes and the real benchmarks alike. The PNG is byte-identical
-for the same input: the identities are picked by a seeded RNG and no timestamp or
+for the same input. The identities are picked by a seeded RNG, and no timestamp or
 software tag is written.
 """
 

@@ -1,18 +1,19 @@
 """(image, caption) pairs from tar shards for contrastive training, each byte read once an epoch.
 
 An epoch is a seeded permutation of every (image, caption) pair of the training set, cut into global
-batches: batch b is the pairs at positions [b*B, (b+1)*B) of the permutation. A process of rank r takes
+batches. Batch b is the pairs at positions [b*B, (b+1)*B) of the permutation. A process of rank r takes
 its slice of each global batch, and its loader workers take whole batches in turn. Each pair's members
-are read straight from its shard by offset (`ShardIndex`: one scan of the tar headers, made once per
-start on the main process and handed to the others). So:
+are read straight from its shard by offset, through `ShardIndex`. That index is one scan of the tar
+headers, made once per start on the main process and handed to the others. This gives four properties.
 
-- N processes see exactly the global batches one process sees, for any N dividing the batch (the
-  distributed loss equals the single-process loss);
-- an epoch reads each pair's bytes once across all ranks and workers (an image with c captions is read
-  c times, once per pair), where a stream that every worker scans reads R x N times the data set;
-- resuming at step k starts at batch k: nothing before it is read;
-- the shuffle is a full permutation, so a batch's identities are spread as by random draws whatever
-  order the shards are in (a shuffle buffer over shards in annotation order keeps neighbours together).
+- N processes see exactly the global batches one process sees, for any N dividing the batch. So the
+  distributed loss equals the single-process loss.
+- An epoch reads each pair's bytes once across all ranks and workers. An image with c captions is read
+  c times, once per pair. A stream that every worker scans would read R x N times the data set.
+- Resuming at step k starts at batch k. Nothing before it is read.
+- The shuffle is a full permutation. So a batch's identities are spread as by random draws, whatever
+  order the shards are in. A shuffle buffer over shards in annotation order would keep neighbours
+  together.
 """
 
 from __future__ import annotations
@@ -94,9 +95,11 @@ def _octal(field: bytes) -> int:
 
 
 def _plain_members(fd: int, length: int) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of each member of a plain USTAR tar (what canonical.write_tar_atomic
-    writes), from its 512-byte headers alone: three times faster than tarfile, which builds an object
-    and parses every field of each header. ValueError for a damaged or truncated shard."""
+    """(name, data offset, size) of each member of a plain USTAR tar, read from its 512-byte headers alone.
+
+    Such a tar is what canonical.write_tar_atomic writes. This is three times faster than tarfile,
+    which builds an object and parses every field of each header. A damaged or truncated shard raises
+    ValueError."""
     members, offset = [], 0
     while True:
         header = os.pread(fd, _BLOCK, offset)
@@ -300,9 +303,10 @@ class ContrastivePairs(IterableDataset):
 
 
 def pair_loader(dataset: ContrastivePairs, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """Batches are made by the dataset itself; workers' outputs come back in round-robin order, which
-    is step order. Workers are forked per epoch (the index is shared, not copied: numpy arrays), so
-    persistent workers would save only a fork; `pin_memory` where batches go to a GPU."""
+    """Batches are made by the dataset itself. Workers' outputs come back in round-robin order, which
+    is step order. Workers are forked per epoch. The index is numpy arrays, so it is shared, not
+    copied, and persistent workers would save only a fork. Pass `pin_memory` where batches go to a
+    GPU."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       pin_memory=pin_memory)
 

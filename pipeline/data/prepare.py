@@ -59,9 +59,11 @@ def source_root(params: Params, out_dir: Path) -> Path:
 def canonical_records(
     raw: list[RawRecord], root: Path, source: str, permute_seed: int | None = None
 ) -> dict[str, list[ImageRecord]]:
-    """Contiguous person ids (in order of first appearance in the annotations) and keys per split, in
-    annotation order; with `permute_seed`, in a random order drawn from it (one draw per split), the
-    keys numbered in that order, so that shards and manifests list them as they are numbered."""
+    """Contiguous person ids and keys per split, in annotation order.
+
+    Person ids follow the order of first appearance in the annotations. With `permute_seed`, records
+    come in a random order drawn from it, one draw per split. The keys are then numbered in that
+    order, so that shards and manifests list them as they are numbered."""
     by_split = {}
     for position, split in enumerate(SPLITS):
         pids = assign_person_ids(raw, split)

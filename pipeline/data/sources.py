@@ -2,7 +2,7 @@
 
 Every supported source keeps its images under `<root>/imgs/` and describes them in
 one JSON list of records (`split`, `captions`, an image path, `id`). A record whose
-structure is wrong becomes a `Problem` instead of a `RawRecord`; input that cannot
+structure is wrong becomes a `Problem` instead of a `RawRecord`. Input that cannot
 be read at all raises `UnusableInput`.
 """
 
@@ -215,10 +215,12 @@ def record_image_path(image_path: str) -> str:
 
 
 def named_images(fmt: str, root: str | Path, annotations: str | Path | None = None) -> tuple[Path, list[str]]:
-    """A source's annotation file and the image paths (relative to `root`, as `record_image_path`
-    gives them) of every record that names one inside the root, in file order, without checking the
-    records further: a superset of the images prepare reads, which is what the `externals` stage
-    digests instead of walking every file under the root. Raises UnusableInput as `read_source` does."""
+    """A source's annotation file and the image paths of every record that names one inside the root.
+
+    Paths are relative to `root`, as `record_image_path` gives them, in file order. The records are
+    not checked further. So the result is a superset of the images prepare reads. The `externals`
+    stage digests it instead of walking every file under the root. Raises UnusableInput as
+    `read_source` does."""
     layout = LAYOUTS[fmt]
     annotation_file = _annotation_file(layout, Path(root), annotations)
     named = []

@@ -1,6 +1,6 @@
 """Checks a data set before it is canonicalised, and the `check-data` command.
 
-Structural problems are found while reading (see `sources`); here the records that
+Structural problems are found while reading (see `sources`). Here the records that
 read fine are checked against their images and against each other.
 """
 
@@ -110,10 +110,10 @@ def check_records(
 ) -> list[Problem]:
     """Problems of images, captions, paths and identities, in record order.
 
-    `indices` are the records' annotation indices (default: their positions) and
-    `annotation_name` the file that problems not about an image are reported in; a problem
-    line of the annotation file names the record's image too. What is only information (a
-    non-RGB image, which prepare converts) is appended to `notes` when given.
+    `indices` are the records' annotation indices, by default their positions.
+    `annotation_name` is the file that problems not about an image are reported in. A problem
+    line of the annotation file names the record's image too. What is only information, such as
+    a non-RGB image that prepare converts, is appended to `notes` when given.
     """
     indices = list(range(len(records))) if indices is None else list(indices)
     found: list[tuple[int, Problem]] = []

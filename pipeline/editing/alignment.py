@@ -3,10 +3,10 @@
 Both prompts are tokenised exactly as the text encoder sees them (padded to the tokenizer's max
 length). The changed words are located by character spans through the tokenizer's offsets. Tokens
 outside the changed words are the same text in both prompts and map one to one, shifted by the
-difference in token count once past a swap. The swap region is resampled: source token i of n_s
+difference in token count once past a swap. The swap region is resampled. Source token i of n_s
 spreads its attention over edited tokens k of n_e in proportion to how much the intervals
-[i/n_s, (i+1)/n_s) and [k/n_e, (k+1)/n_e) overlap, so "red" (1 token) hands half its map to each of
-"turqu" and "oise", and the attention of every pixel still sums to one after the mapping.
+[i/n_s, (i+1)/n_s) and [k/n_e, (k+1)/n_e) overlap. So "red" (1 token) hands half its map to each of
+"turqu" and "oise". The attention of every pixel still sums to one after the mapping.
 """
 
 from __future__ import annotations

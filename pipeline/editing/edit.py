@@ -1,11 +1,15 @@
 """Image editing for proximity data generation: make the source image match the edited caption.
 
-`edit_p2p_batch` inverts each distinct (image, source caption) once (DDIM, negative-prompt or
-null-text) and regenerates it jointly with all its edited captions under Prompt-to-Prompt attention
-control and local blending, in three steps: `_invert`, `_control`, `_decode`; it involves no
-randomness. `edit_img2img_batch` is the SDEdit baseline: noise the source to `strength` and denoise
-it under the edited caption. Both take one `EditSettings` (pipeline/editing/settings.py), work at
-the model's resolution and hand back images at the source crop's size.
+`edit_p2p_batch` inverts each distinct (image, source caption) once, by DDIM, negative-prompt or
+null-text. It then regenerates it jointly with all its edited captions under Prompt-to-Prompt
+attention control and local blending. It works in three steps (`_invert`, `_control`, `_decode`)
+and involves no randomness.
+
+`edit_img2img_batch` is the SDEdit baseline. It noises the source to `strength` and denoises it
+under the edited caption.
+
+Both take one `EditSettings` (pipeline/editing/settings.py) and work at the model's resolution.
+Both hand back images at the source crop's size.
 """
 
 from __future__ import annotations
@@ -67,11 +71,12 @@ def edit_p2p_batch(
 ) -> list[EditResult]:
     """Inverts every distinct source once and denoises it jointly with all its edits, as one batch.
 
-    Requests with the same image (by content) and source caption form a group: one inversion and
+    Requests with the same image (by content) and source caption form a group. One inversion and
     one source branch serve all its edits, laid out [source_1, edit_1a, edit_1b, ..., source_2, ...].
-    `mask_override` (broadcastable to (edits, 1, latent height, latent width)) replaces the
-    attention-derived blend mask. `decode_reconstruction` also decodes the source branch into
-    `EditResult.reconstruction` (one more VAE decode per group; nothing downstream reads it).
+    `mask_override` replaces the attention-derived blend mask. It must be broadcastable to
+    (edits, 1, latent height, latent width). `decode_reconstruction` also decodes the source branch
+    into `EditResult.reconstruction`. That costs one more VAE decode per group, and nothing
+    downstream reads it.
     """
     batch = _Batch.of(edits)
     inverted = _invert(parts, batch, settings)
@@ -194,9 +199,10 @@ def edit_img2img_batch(
     *,
     seed: int | Sequence[int],
 ) -> list[EditResult]:
-    """SDEdit of several images in one batch, `settings.strength` of `settings.num_steps` steps. Each
-    image's noise comes from a CPU RNG seeded with its own entry of `seed` (or with `seed` itself for
-    the first, `seed + i` for the others).
+    """SDEdit of several images in one batch, `settings.strength` of `settings.num_steps` steps.
+
+    Each image's noise comes from a CPU RNG seeded with its own entry of `seed`. For a single `seed`,
+    the first image uses `seed` itself and image i uses `seed + i`.
 
     Written with the scheduler rather than diffusers' img2img pipeline, which rejects the
     (height, width) `sample_size` of non-square person models.

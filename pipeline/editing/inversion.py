@@ -1,14 +1,14 @@
 """DDIM inversion of source latents, and the unconditional embedding to sample it back with.
 
 Plain DDIM inversion (guidance 1) gives a noise latent that regenerates the source under the
-source caption without guidance, but classifier-free guidance pulls the trajectory away. Two
-remedies (`EditSettings.inversion`):
-- negative-prompt (Miyake et al., 2023): the source caption's own embedding serves as the
-  unconditional one while sampling, so the source branch's guided noise is its conditional noise
-  and it retraces the inversion; no optimisation, no extra UNet calls;
-- null-text (Mokady et al., 2023): the unconditional embedding is tuned, one per timestep, so that
-  each guided DDIM step lands on the inverted trajectory's next latent; the model and the caption
-  stay untouched. It runs in float32 (the embedding, Adam, the DDIM step); only the UNet call is cast.
+source caption without guidance. Classifier-free guidance pulls the trajectory away, though.
+`EditSettings.inversion` picks one of two remedies.
+- Negative-prompt (Miyake et al., 2023). The source caption's own embedding serves as the
+  unconditional one while sampling. So the source branch's guided noise is its conditional noise,
+  and it retraces the inversion. It needs no optimisation and no extra UNet calls.
+- Null-text (Mokady et al., 2023). The unconditional embedding is tuned, one per timestep, so that
+  each guided DDIM step lands on the inverted trajectory's next latent. The model and the caption
+  stay untouched. It runs in float32 (the embedding, Adam, the DDIM step). Only the UNet call is cast.
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ def optimize_null_text(
 ) -> list[torch.Tensor]:
     """Per-timestep unconditional embeddings under which guided sampling retraces `trajectory`.
 
-    Each batch item's embedding is fitted to its own latents only (the loss is a sum over items).
-    UNet rows per step and batch item: 1 conditional + at most `inner_steps` unconditional (fewer
-    once the early stop fires) + 1 unconditional for the step taken (the conditional one is reused).
+    Each batch item's embedding is fitted to its own latents only, since the loss is a sum over items.
+    Per step and batch item the UNet runs these rows.
+    - 1 conditional row.
+    - At most `inner_steps` unconditional rows. There are fewer once the early stop fires.
+    - 1 unconditional row for the step taken. The conditional row is reused for it.
     """
     scheduler = parts.scheduler
     scheduler.set_timesteps(len(trajectory) - 1, device=parts.device)
@@ -104,9 +106,11 @@ def optimize_null_text(
 def invert(
     parts: DiffusionParts, latents: torch.Tensor, text_embeddings: torch.Tensor, settings: EditSettings
 ) -> Inversion:
-    """DDIM inversion under the source caption in `settings.num_steps` steps, then by `settings.inversion`:
-    ddim (nothing more), negative-prompt (the caption's embedding as the unconditional one) or null-text
-    (`settings.null_text_steps` Adam steps per timestep, at `settings.guidance`)."""
+    """DDIM inversion under the source caption in `settings.num_steps` steps, then by `settings.inversion`.
+
+    - ddim does nothing more.
+    - negative-prompt uses the caption's embedding as the unconditional one.
+    - null-text runs `settings.null_text_steps` Adam steps per timestep, at `settings.guidance`."""
     trajectory = ddim_invert(parts, latents, text_embeddings, settings.num_steps)
     if settings.inversion == "negative-prompt":
         return Inversion(trajectory, text_embeddings)

@@ -1,24 +1,27 @@
 """Prompt-to-Prompt attention control as diffusers attention processors.
 
 The UNet denoises sources and their edits jointly. The conditional part of its batch is the last
-num_groups + num_edits rows, laid out in groups, each a source row followed by its edits' rows:
-[source_1, edited_1a, edited_1b, ..., source_2, edited_2a, ...] (one group per edit, the default,
-is the pair layout [source_1, edited_1, source_2, edited_2, ...]); anything before it (the
-unconditional half of classifier-free guidance) is left alone. For each edit, against its group's
-source row, the controller (step counts from `EditSettings`, pipeline/editing/settings.py)
+num_groups + num_edits rows. They are laid out in groups, each a source row followed by its edits' rows:
+[source_1, edited_1a, edited_1b, ..., source_2, edited_2a, ...]. With one edit per group (the default)
+this is the pair layout [source_1, edited_1, source_2, edited_2, ...]. Rows before that part are left
+alone. They are the unconditional half of classifier-free guidance.
 
-- replaces the edited branch's cross-attention by the source's, moved onto the edited tokens by the
-  word-swap mapper, for the first `cross_replace_steps` steps (layout follows the source wording);
-- replaces the edited branch's self-attention by the source's for the first `self_replace_steps`
-  steps, in layers with at most `SELF_REPLACE_MAX_QUERIES` pixels (structure follows the source; the
-  finest layers of a large model are skipped, as Prompt-to-Prompt does, for memory);
-- multiplies the edited branch's cross-attention to the new words by `reweight` at every step;
-- accumulates, over layers of at most `BLEND_MAX_QUERIES` pixels and over steps, the cross-attention
-  the changed words receive (the source's old words and the edited branch's own new words, before
-  any replacement), and from `blend_start_step` on blends the latents:
-  x_edit = mask * x_edit + (1 - mask) * x_source. The mask is the union over both branches of the
-  averaged map, upsampled to the latent grid, dilated by one latent pixel, divided by its maximum
-  and thresholded at `blend_threshold`.
+For each edit, the controller works against its group's source row. Its step counts come from
+`EditSettings` (pipeline/editing/settings.py). It does four things.
+
+- It replaces the edited branch's cross-attention by the source's for the first `cross_replace_steps`
+  steps. The word-swap mapper moves the source's attention onto the edited tokens. So the layout
+  follows the source wording.
+- It replaces the edited branch's self-attention by the source's for the first `self_replace_steps`
+  steps. This happens in layers with at most `SELF_REPLACE_MAX_QUERIES` pixels. So the structure
+  follows the source. The finest layers of a large model are skipped for memory, as Prompt-to-Prompt does.
+- It multiplies the edited branch's cross-attention to the new words by `reweight` at every step.
+- It accumulates the cross-attention the changed words receive, over layers of at most
+  `BLEND_MAX_QUERIES` pixels and over steps. The changed words are the source's old words and the
+  edited branch's own new words, taken before any replacement. From `blend_start_step` on it blends
+  the latents as x_edit = mask * x_edit + (1 - mask) * x_source. The mask is the union over both
+  branches of the averaged map. That map is upsampled to the latent grid, dilated by one latent pixel,
+  divided by its maximum and thresholded at `blend_threshold`.
 """
 
 from __future__ import annotations

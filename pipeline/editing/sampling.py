@@ -1,6 +1,6 @@
 """Deterministic DDIM sampling with classifier-free guidance, optionally under attention control.
 
-Latents and embeddings are float32 throughout; `DiffusionParts.predict_noise` casts to the UNet's
+Latents and embeddings are float32 throughout. `DiffusionParts.predict_noise` casts to the UNet's
 dtype for the call only, so the DDIM steps and the blending stay in float32 under a half UNet.
 """
 

@@ -1,5 +1,7 @@
-"""The embedded generator's architecture: Stable Diffusion's parts (AutoencoderKL, UNet2DConditionModel,
-a text encoder) at the sizes of params.yaml's `generator` section, assembled as a pipeline."""
+"""The embedded generator's architecture: Stable Diffusion's parts, assembled as a pipeline.
+
+The parts are AutoencoderKL, UNet2DConditionModel and a text encoder. Their sizes come from
+params.yaml's `generator` section."""
 
 from __future__ import annotations
 
@@ -48,9 +50,11 @@ def build_vae(cfg: GeneratorConfig) -> AutoencoderKL:
 
 
 def build_unet(cfg: GeneratorConfig, text_dim: int | None = None) -> UNet2DConditionModel:
-    """Cross-attention only at the lowest resolution: a step with it at 16x8 too cost +81% (+23% in
-    the down path only, which did not help: docs/generator.md). The prompt enters through
-    cross-attention only, not the time embedding (docs/generator.md: it painted the whole person one colour)."""
+    """Cross-attention only at the lowest resolution.
+
+    A step with cross-attention at 16x8 too cost +81%. In the down path only it cost +23% and did not
+    help (docs/generator.md). The prompt enters through cross-attention only, not the time embedding.
+    Through the time embedding it painted the whole person one colour (docs/generator.md)."""
     levels = len(cfg.unet_channels)
     scale = latent_downsampling(cfg)
     return UNet2DConditionModel(
@@ -76,9 +80,9 @@ def build_text_side(cfg: GeneratorConfig, captions: Iterable[str]) -> tuple[PreT
 def truncated_minilm(layers: int) -> BertModel:
     """The pretrained MiniLM keeping only its first `layers` Transformer layers, so that its output
     is that layer's hidden states and the saved pipeline computes them with a plain `BertModel`.
-    Why not the last layer: there, a garment noun's state no longer says which colour it has
-    (a linear read-out of the trousers' colour from "trousers" falls from 100% at layers 1-5 to 83%
-    at layer 6: benchmarks/bench_minilm_binding.py), and a UNet conditioned on it painted the
+    The last layer is not used, because there a garment noun's state does not say which colour it
+    has. A linear read-out of the trousers' colour from "trousers" falls from 100% at layers 1-5 to
+    83% at layer 6 (benchmarks/bench_minilm_binding.py). A UNet conditioned on it painted the
     trousers in the top's colour (docs/generator.md)."""
     available = AutoConfig.from_pretrained(minilm_path()).num_hidden_layers
     if not 1 <= layers <= available:

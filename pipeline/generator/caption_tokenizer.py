@@ -1,12 +1,12 @@
 """A CLIP tokenizer trained offline on the training captions, for the embedded generator.
 
-Byte-level BPE with CLIP's own normaliser, word splitting and "</w>" end-of-word marker (taken
-from `CLIPTokenizer`'s `tokenizers` pipeline), learned without a merge limit: every word of the
-corpus ends up as one token, and the colour words (added to the corpus) always do, so a colour
-swap in a caption swaps exactly one token. Any other word still encodes, byte by byte. The merges
-are learned here rather than by `tokenizers.trainers.BpeTrainer`, whose order among equally
-frequent pairs changes from run to run. `save_pretrained` writes tokenizer.json (transformers 5's
-format), which `CLIPTokenizer.from_pretrained` reads back.
+It is a byte-level BPE with CLIP's own normaliser, word splitting and "</w>" end-of-word marker.
+Those are taken from `CLIPTokenizer`'s `tokenizers` pipeline. It is learned without a merge limit.
+So every word of the corpus ends up as one token. The colour words are added to the corpus and
+always do, so a colour swap in a caption swaps exactly one token. Any other word still encodes,
+byte by byte. The merges are learned here rather than by `tokenizers.trainers.BpeTrainer`, whose
+order among equally frequent pairs changes from run to run. `save_pretrained` writes tokenizer.json
+(transformers 5's format), which `CLIPTokenizer.from_pretrained` reads back.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Where the generator lives: the embedded one saved as a StableDiffusionPipeline folder, or a pointer
-to a pretrained checkpoint that `resolve_generator` hands to the stages after train_generator."""
+"""Where the generator lives: the embedded one as a folder, or a pointer to a pretrained checkpoint.
+
+The embedded one is saved as a StableDiffusionPipeline folder. A pointer names a pretrained
+checkpoint, which `resolve_generator` hands to the stages after train_generator."""
 
 from __future__ import annotations
 

@@ -1,14 +1,16 @@
 """The text-to-image latent diffusion model that PDG edits with, in Stable Diffusion's layout.
 
-`load_generator` reads any `StableDiffusionPipeline` folder (the project's small trained model or a
-real Stable Diffusion checkpoint) into `DiffusionParts` (tests build tiny ones: tests/tiny_generator.py).
-`fit_to_model` / `back_to_crop` move person crops to and from the model's resolution
-(its sample size, or the `canvas` it was loaded with).
+`load_generator` reads any `StableDiffusionPipeline` folder into `DiffusionParts`. The folder may hold
+the project's small trained model or a real Stable Diffusion checkpoint. Tests build tiny ones
+(tests/tiny_generator.py). `fit_to_model` / `back_to_crop` move person crops to and from the model's
+resolution. That resolution is its sample size, or the `canvas` it was loaded with.
 
-Precision: the UNet and the text encoder run in the loaded dtype (float16 / bfloat16 on a GPU), the
-VAE always in float32 (Stable Diffusion's VAE overflows to NaN in float16 for some inputs), and every
-latent and embedding outside a UNet call is float32: `predict_noise` casts in and out, so scheduler
-steps, blending and the null-text optimisation keep float32 arithmetic.
+Precision follows three rules.
+- The UNet and the text encoder run in the loaded dtype (float16 / bfloat16 on a GPU).
+- The VAE always runs in float32, because Stable Diffusion's VAE overflows to NaN in float16 for
+  some inputs.
+- Every latent and embedding outside a UNet call is float32. `predict_noise` casts in and out, so
+  scheduler steps, blending and the null-text optimisation keep float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -105,11 +107,11 @@ def load_generator(
 ) -> DiffusionParts:
     """Loads a `StableDiffusionPipeline` folder or hub id (no safety checker) with a DDIM scheduler.
 
-    `dtype` (a dtype or a `pdg.precision` name) applies to the UNet and the text encoder; the VAE
-    stays float32, since Stable Diffusion's VAE decodes some latents to NaN in float16 (and it runs
-    twice per image, so its cost is small). Weights load in float32 and are cast, so a float32
+    `dtype` is a dtype or a `pdg.precision` name. It applies to the UNet and the text encoder. The VAE
+    stays float32, since Stable Diffusion's VAE decodes some latents to NaN in float16. The VAE runs
+    twice per image, so its cost is small. Weights load in float32 and are cast, so a float32
     checkpoint's VAE is not rounded through half on the way. `canvas` is the (width, height) pixel
-    canvas to fit crops into (multiples of the VAE's scale factor); None = the UNet's sample size.
+    canvas to fit crops into, in multiples of the VAE's scale factor. None means the UNet's sample size.
     """
     dtype = generator_dtype(dtype, device)
     pipeline = StableDiffusionPipeline.from_pretrained(

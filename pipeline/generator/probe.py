@@ -101,9 +101,9 @@ def train_probe(
     show_progress: bool = True,
 ) -> tuple[AttributeProbe, list[tuple[int, float]]]:
     """Cross-entropy on both heads, on augmented images so that it tolerates the generator's soft
-    images; returns the probe (in eval mode) and (step, loss) per step.
-    `size` (height, width) is what the probe looks at; by default half the images' size: garment
-    colours need no detail, and it trains 4x faster."""
+    images. Returns the probe (in eval mode) and (step, loss) per step.
+    `size` (height, width) is what the probe looks at. By default it is half the images' size.
+    Garment colours need no detail, and the probe trains 4x faster."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(images) / batch_size)

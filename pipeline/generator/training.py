@@ -1,10 +1,12 @@
 """Trains the embedded generator: a small latent diffusion model in Stable Diffusion's layout.
 
-Two phases on the CPU: first the `AutoencoderKL` (reconstruction from the posterior mean + a small
-KL term), then the `UNet2DConditionModel` on the frozen autoencoder's posterior means (epsilon
-prediction, captions dropped to "" at `caption_dropout` for classifier-free guidance), conditioned
-on the frozen pretrained MiniLM (its prompt states computed once) or on a small `CLIPTextModel`
-trained jointly (`generator.text_encoder`).
+Training runs in two phases on the CPU.
+1. The `AutoencoderKL` learns reconstruction from the posterior mean, plus a small KL term.
+2. The `UNet2DConditionModel` trains on the frozen autoencoder's posterior means. It uses epsilon
+   prediction, with captions dropped to "" at `caption_dropout` for classifier-free guidance.
+   `generator.text_encoder` picks its conditioning. That is the frozen pretrained MiniLM, whose
+   prompt states are computed once, or a small `CLIPTextModel` trained jointly.
+
 The result is saved as a `StableDiffusionPipeline` folder, so it loads with the same
 `from_pretrained` call as a real Stable Diffusion checkpoint.
 """
@@ -53,13 +55,13 @@ class TrainedGenerator:
 def train_vae(
     vae: AutoencoderKL, pixels: torch.Tensor, cfg: GeneratorConfig, *, show_progress: bool = True
 ) -> list[tuple[int, float]]:
-    """L1 reconstruction from the posterior mean plus a small KL; returns (step, loss) per step.
+    """L1 reconstruction from the posterior mean plus a small KL. Returns (step, loss) per step.
     The autoencoder is convolutional (no attention), so it can train on random crops
-    (`vae_crop_fraction`): a half-size crop costs a quarter of a whole image (measured: 3x the steps
-    in the same time, with the loading and optimiser overheads).
+    (`vae_crop_fraction`). A half-size crop costs a quarter of a whole image. Measured with the
+    loading and optimiser overheads, that gives 3x the steps in the same time.
 
-    Decoding the mean, not a sample: sampled latents start with unit noise, and after 600 sampled
-    steps the decoder had learned only washed-out hues (purple came back gray, green dark; 21.5 dB)."""
+    It decodes the mean, not a sample. Sampled latents start with unit noise. After 600 sampled
+    steps the decoder had learned only washed-out hues (purple came back gray, green dark, 21.5 dB)."""
     rng = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = warmup_cosine_schedule(optimizer, cfg.vae_steps, WARMUP_FRACTION)
@@ -140,10 +142,10 @@ def train_unet(
     train_text_encoder: bool = True,
     show_progress: bool = True,
 ) -> list[tuple[int, float]]:
-    """Epsilon prediction on the posterior means; the text encoder trains jointly, or is frozen and
-    its prompt states are computed once (then a step costs the UNet alone).
+    """Epsilon prediction on the posterior means. The text encoder trains jointly, or is frozen.
+    When frozen, its prompt states are computed once, and a step costs the UNet alone.
 
-    `latents` holds each image and, after them, its mirror image; `caption_ids` is
+    `latents` holds each image and, after them, its mirror image. `caption_ids` is
     (images, captions per image, tokens).
     """
     rng = torch.Generator().manual_seed(cfg.seed + 1)

@@ -1,6 +1,6 @@
 """The dual encoder: image and text towers projected to one L2-normalised embedding space.
 
-No cross-attention between the modalities; the similarity of an image and a caption is the
+There is no cross-attention between the modalities. The similarity of an image and a caption is the
 cosine of their embeddings, scaled by `1 / temperature()` in the contrastive loss.
 """
 
@@ -205,9 +205,10 @@ class NoTrainedModel(BrokenArtifact):
 
 
 def trained_model(model_dir: str | Path) -> Path:
-    """The trained model of a variant: `models/<variant>/best`, its epoch best on val (training swaps
-    it in whole, pipeline/run_folder.py). Without its config and weights, NoTrainedModel names the
-    stage that makes it; the variant is the folder's name."""
+    """The trained model of a variant, `models/<variant>/best`, from its epoch best on val.
+
+    Training swaps it in whole (pipeline/run_folder.py). Without its config and weights,
+    NoTrainedModel names the stage that makes it. The variant is the folder's name."""
     best = RunFolder(model_dir).best
     if not (best / CONFIG_NAME).is_file() or not (best / WEIGHTS_NAME).is_file():
         raise NoTrainedModel(f"no trained model in {best}: run `dvc repro train@{Path(model_dir).name}` first")

@@ -1,20 +1,22 @@
 """The filter's consistency thresholds, calibrated on the scorer's own behaviour on real pairs.
 
-A scorer's cosines have no fixed scale: a dual encoder trained at temperature 0.005 spreads its
-similarities over a tenth of the range one trained at 0.07 does, and a CLIP another again. So the
-filter states its thresholds as levels of distributions the scorer itself produces on real
-training pairs, measured in the filter stage:
-- the *preference* of a real image for its true caption over a colour-edited one,
-  s(image, caption) - s(image, edited caption) (the colour sensitivity `evaluate` reports): a
-  generated image must prefer its edited caption over its source caption, s(generated, edited) -
-  s(generated, source), at least as much as real images do at `filter.margin_level` of theirs
-  (0.05: the least convincing 5% of real pairs);
-- the *similarity* of a real image to its true caption: the generated image's similarity to its
-  edited caption must reach `filter.similarity_level` of those.
-Levels are invariant to any increasing affine change of the cosines (a temperature, a cosine
-scale): the same pairs pass. A pair's `consistency_score` is its smaller slack over the two
-thresholds in units of the real distribution's spread (interquartile range): positive passes,
-and it ranks pairs the same way under any scorer scale (the ground-truth benchmark's ROC AUC).
+A scorer's cosines have no fixed scale. A dual encoder trained at temperature 0.005 spreads its
+similarities over a tenth of the range that one trained at 0.07 does, and a CLIP differs again. So
+the filter states its thresholds as levels of distributions that the scorer itself produces on real
+training pairs. The filter stage measures two of them.
+- The *preference* of a real image for its true caption over a colour-edited one is
+  s(image, caption) - s(image, edited caption). This is the colour sensitivity `evaluate` reports.
+  A generated image must prefer its edited caption over its source caption, measured as
+  s(generated, edited) - s(generated, source). It must do so at least as much as real images do at
+  `filter.margin_level` of theirs. The default 0.05 means the least convincing 5% of real pairs.
+- The *similarity* of a real image to its true caption is the other. The generated image's
+  similarity to its edited caption must reach `filter.similarity_level` of those.
+
+Levels are invariant to any increasing affine change of the cosines, such as a temperature or a
+cosine scale. The same pairs pass. A pair's `consistency_score` is its smaller slack over the two
+thresholds, in units of the real distribution's spread (interquartile range). A positive score
+passes. The score ranks pairs the same way under any scorer scale, so the ground-truth benchmark's
+ROC AUC does not depend on it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Turns kept proximity pairs into training pairs (`caption` stage).
 
-Texts per generated image: its edited caption; optionally a caption from an image-to-text model
-(real profile), unless it gives the edited garment its old colour (it then contradicts the edit
-and is dropped); optionally paraphrases by approximate text generation. Identity: a generated
-person is a new identity, since its clothes changed; every sample made by the same edit of the
-same source person (same garment phrase, same new colour) shares it.
+Each generated image gets these texts.
+- Its edited caption.
+- Optionally, a caption from an image-to-text model (real profile). A caption that gives the edited
+  garment its old colour contradicts the edit and is dropped.
+- Optionally, paraphrases by approximate text generation.
 
-The output folder is training-ready: the original training shards (hard links, or copies) plus
-the proximity shards, and one manifest listing both, so `train@pdg` reads one folder the way
+A generated person is a new identity, since its clothes changed. Every sample made by the same edit
+of the same source person (same garment phrase, same new colour) shares that identity.
+
+The output folder is training-ready. It holds the original training shards (hard links, or copies),
+the proximity shards, and one manifest listing both. So `train@pdg` reads one folder the way
 `train@baseline` reads data/prepared.
 """
 
@@ -79,7 +82,7 @@ def paraphrases(caption: str, count: int, fraction: float, seed: int, key: str,
 
 class ImageCaptioner:
     """An image-to-text model (folder or hub id) loaded with the Auto classes (BLIP, GIT, ...).
-    Every crop is padded to a square first (`pipeline.pdg.crops`): BLIP's processor resizes to a
+    Every crop is padded to a square first (`pipeline.pdg.crops`). BLIP's processor resizes to a
     square without keeping the aspect, which would stretch a person crop 2-3x sideways."""
 
     def __init__(self, path: str, max_tokens: int, device: torch.device | str = "cpu"):
@@ -174,10 +177,11 @@ def _families(text: str) -> set[str]:
 
 
 def contradicts_edit(caption: str, changes: Sequence[dict]) -> bool:
-    """Whether `caption` gives an edited garment its old colour: a colour phrase (the project's
-    parser) whose noun is the edited garment's (`garment_key`) and which names the old colour's
-    family, unless the edited phrase still has that colour (a multi-colour phrase where another
-    mention shares it)."""
+    """Whether `caption` gives an edited garment its old colour.
+
+    It does when it has a colour phrase (found by the project's parser) whose noun is the edited
+    garment's (`garment_key`) and which names the old colour's family. The exception is an edited
+    phrase that still has that colour, i.e. a multi-colour phrase where another mention shares it."""
     phrases = find_color_phrases(caption, allow_hair=True)
     for change in changes:
         edited = find_color_phrases(change["phrase_after"], allow_hair=True)

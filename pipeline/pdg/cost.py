@@ -1,20 +1,25 @@
 """What proximity data generation costs, in UNet evaluations: the formula and a hook that counts them.
 
-A UNet evaluation is one row of one UNet forward call (its batch dimension): classifier-free
-guidance makes each denoised latent two rows (unconditional and conditional). With T = num_steps,
-"guided" = guidance > 1 (2 passes, else 1), a p2p batch whose jobs form G groups (the K_g samples
-of one source caption; E = sum K_g edits) costs
+A UNet evaluation is one row of one UNet forward call, that is, one entry of its batch dimension.
+Classifier-free guidance makes each denoised latent two rows (unconditional and conditional).
 
-- inversion: T * G rows (DDIM inversion runs the conditional pass only, once per group);
-- null-text (guided only): at most T * G * (null_text_steps + 2): per step one conditional pass, up
-  to null_text_steps unconditional passes in the Adam loop (its early stop may end the loop after
-  the first iteration, so this is an upper bound) and one unconditional pass for the step taken
-  (the conditional one is reused); negative-prompt and ddim add nothing;
-- joint denoising: T * (G + E) * passes (one source row per group, one row per edit);
+Notation:
+- T = num_steps.
+- "guided" means guidance > 1. Then passes = 2, else passes = 1.
+- A p2p batch's jobs form G groups. A group is the K_g samples of one source caption. E = sum K_g edits.
 
-and img2img costs min(round(strength * T), T) * passes per job. The batches are those
-`generate.shard_batches` cuts, so `plan_unet_evaluations` is exact for the code as written (an upper
-bound with null-text); `count_unet` measures the same quantity with a forward hook.
+Such a p2p batch costs the sum of three parts.
+- Inversion costs T * G rows. DDIM inversion runs the conditional pass only, once per group.
+- Null-text (guided only) costs at most T * G * (null_text_steps + 2). Per step this is one
+  conditional pass, up to null_text_steps unconditional passes in the Adam loop, and one
+  unconditional pass for the step taken. The conditional pass for that step is reused. The Adam
+  loop's early stop may end it after the first iteration, so this is an upper bound.
+  Negative-prompt and ddim add nothing here.
+- Joint denoising costs T * (G + E) * passes. There is one source row per group and one row per edit.
+
+img2img costs min(round(strength * T), T) * passes per job. The batches are those that
+`generate.shard_batches` cuts. So `plan_unet_evaluations` is exact for the code as written, and an
+upper bound with null-text. `count_unet` measures the same quantity with a forward hook.
 """
 
 from __future__ import annotations

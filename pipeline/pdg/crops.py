@@ -1,7 +1,7 @@
 """Person crops as CLIP- and BLIP-style image processors should see them.
 
-Those processors expect square pictures: CLIP's resizes the short side and centre-crops a square,
-which cuts a 384x128 person crop down to its waist band (shoes, hair, hats and legs are gone);
+Those processors expect square pictures. CLIP's resizes the short side and centre-crops a square.
+That cuts a 384x128 person crop down to its waist band, and shoes, hair, hats and legs are gone.
 BLIP's resizes to a square without keeping the aspect, stretching the person sideways. Padding
 every crop to a square first (centred, on a neutral fill) keeps the whole person, undistorted.
 The project's own dual encoder has its own preprocessing and never goes through here.

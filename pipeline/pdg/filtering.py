@@ -1,21 +1,21 @@
 """Scores generated proximity pairs and keeps the good ones (`filter` stage).
 
-Every pair gets four scores, each against its own param:
-- consistency, under a scorer (the baseline dual encoder, or a CLIP): the generated image must
-  match its edited caption better than the source caption, and the edited caption well enough,
-  each by thresholds calibrated on the scorer's behaviour on real training pairs at
-  `margin_level` and `similarity_level` (pipeline/pdg/calibration.py);
-- fidelity: the mean absolute pixel change (0-255) between the generated and the source image
-  over the least-changed (1 - EDIT_AREA) of the pixels, so the edited garment itself is left out
-  whatever the method (no mask needed);
-- not degenerate: pixel standard deviation (blank images) and the share of the image's energy in
-  its finest details (pure noise);
-- near-duplicates: among kept pairs from the same source image, one whose pixels differ from an
-  earlier kept one's by less than `duplicate_change` (mean, grey levels) is dropped; so are exact
-  pixel duplicates anywhere.
+Every pair gets four scores, each against its own param.
+- Consistency, under a scorer (the baseline dual encoder, or a CLIP). The generated image must match
+  its edited caption better than the source caption, and match the edited caption well enough. Each
+  test uses a threshold calibrated on the scorer's behaviour on real training pairs, at
+  `margin_level` and `similarity_level` (pipeline/pdg/calibration.py).
+- Fidelity. This is the mean absolute pixel change (0-255) between the generated and the source
+  image, over the least-changed (1 - EDIT_AREA) of the pixels. So the edited garment itself is left
+  out whatever the method, and no mask is needed.
+- Not degenerate. Pixel standard deviation catches blank images. The share of the image's energy in
+  its finest details catches pure noise.
+- Near-duplicates. Among kept pairs from the same source image, a pair is dropped when its pixels
+  differ from an earlier kept one's by less than `duplicate_change` (mean, grey levels). Exact pixel
+  duplicates anywhere are dropped too.
 
-How well the filter tells right edits from known-bad ones, against SynthPedes' ground truth:
-benchmarks/bench_filter_truth.py.
+benchmarks/bench_filter_truth.py measures how well the filter tells right edits from known-bad ones,
+against SynthPedes' ground truth.
 """
 
 from __future__ import annotations
@@ -135,10 +135,11 @@ def judge(pair: ScoredPair, cfg: FilterConfig, calibration: Calibration) -> list
 
 
 def mark_duplicates(pairs: list[ScoredPair], max_change: float) -> None:
-    """Among kept pairs, in order: exact pixel copies anywhere, and near copies of the same source
-    (mean |difference| below `max_change` grey levels from an earlier kept one of that source).
-    Images are decoded here from the PNG each pair already holds, only for kept pairs: no decoded
-    copy of every generated image is kept alongside its bytes."""
+    """Among kept pairs, in order, exact pixel copies anywhere and near copies of the same source.
+
+    A near copy has a mean |difference| below `max_change` grey levels from an earlier kept pair of
+    that source. Images are decoded here from the PNG each pair already holds, and only for kept
+    pairs. So no decoded copy of every generated image is kept alongside its bytes."""
     seen_pixels: set[str] = set()
     kept_by_source: dict[str, list[ScoredPair]] = {}
     for pair in pairs:

@@ -1,14 +1,17 @@
 """Offline proximity data generation: training pairs in, edited pairs out as WebDataset shards.
 
-The work is planned up front as an ordered list of jobs (source image, caption edit, seed),
-cut into shards of `pdg.shard_size` jobs. A shard's content depends only on its jobs, so:
-- resuming keeps every finished shard (shards are written under a temporary name, then renamed);
-- N processes take shards i with i % N == rank, and their union equals a 1-process run;
-- a changed configuration (params or generator weights) is detected by a fingerprint
-  (pipeline/run_folder.py) and starts over instead of mixing old and new samples; params that change no sample (the batch
-  size, the sample sheet) are not part of it, so changing them keeps finished shards.
-A shard's p2p jobs are edited in batches of at most `pdg.batch_size` cut at group boundaries (the
-K samples of one source caption), so each group is inverted once (`edit_batches`).
+The work is planned up front as an ordered list of jobs (source image, caption edit, seed). The list
+is cut into shards of `pdg.shard_size` jobs. A shard's content depends only on its jobs. This gives
+three properties.
+- Resuming keeps every finished shard. Shards are written under a temporary name, then renamed.
+- N processes take shards i with i % N == rank, and their union equals a 1-process run.
+- A fingerprint (pipeline/run_folder.py) detects a changed configuration (params or generator
+  weights). The run then starts over instead of mixing old and new samples. Params that change no
+  sample, such as the batch size and the sample sheet, are not part of the fingerprint. So changing
+  them keeps finished shards.
+
+A shard's p2p jobs are edited in batches of at most `pdg.batch_size`, cut at group boundaries. A group
+is the K samples of one source caption. So each group is inverted once (`edit_batches`).
 """
 
 from __future__ import annotations
@@ -134,21 +137,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def generation_fingerprint(cfg: PdgConfig, generator_dir: str, data_files: Sequence[str | Path]) -> dict:
-    """What the samples depend on: the params that shape them, the generator's weights, the contents
-    of the source data (`data_files`: the train manifest and shards) and the code `stages.generate`
-    runs, so that shards made by other code or from other sources are not kept."""
+    """What the samples depend on, so that shards made by other code or from other sources are not kept.
+
+    That is the params that shape the samples, the generator's weights, the contents of the source data
+    and the code `stages.generate` runs. `data_files` are the train manifest and shards."""
     return {"pdg": shaping_params(cfg), "generator": generator_dir, "generator_weights": weights_digest(generator_dir),
             "data": files_digest(data_files),
             "code": code_digest("stages.generate")}
 
 
 def weights_digest(generator_dir: str) -> str:
-    """sha256 over a local model folder's weight files and JSON configs (relative path and content
-    sha256 of each); a hub id stands for itself.
+    """sha256 over a local model folder's weight files and JSON configs. A hub id stands for itself.
 
-    Contents, not stats: a checkpoint copied without its mtimes (plain cp, some checkouts) is the same
-    generator and keeps the finished shards of days of generation. Each file is read once, through
-    the project's digest cache (pipeline/core/io.py): later starts on every rank only stat it.
+    The hash covers the relative path and content sha256 of each file. It hashes contents, not stats.
+    A checkpoint copied without its mtimes (plain cp, some checkouts) is the same generator, so it
+    keeps the finished shards of days of generation. Each file is read once, through the project's
+    digest cache (pipeline/core/io.py). Later starts on every rank only stat it.
     """
     from pipeline.core.io import tree_digest
 
@@ -188,9 +192,10 @@ def _png(image: Image.Image) -> bytes:
 
 
 def edit_batches(jobs: list[GenerationJob], batch_size: int) -> list[list[GenerationJob]]:
-    """A shard's jobs cut into batches of at most `batch_size`, at group boundaries: the consecutive
-    jobs of one (source, caption) stay together, so their source is inverted once. A group larger
-    than `batch_size` is cut into pieces of `batch_size` (each inverted on its own)."""
+    """A shard's jobs cut into batches of at most `batch_size`, at group boundaries.
+
+    The consecutive jobs of one (source, caption) stay together, so their source is inverted once.
+    A group larger than `batch_size` is cut into pieces of `batch_size`, each inverted on its own."""
     batches: list[list[GenerationJob]] = []
     current: list[GenerationJob] = []
     for group in job_groups(jobs):
@@ -286,10 +291,12 @@ def wait_for_shards(
     out_dir: Path, expected_paths: Iterable[str | Path], poll_s: float = 10.0, timeout_s: float | None = None,
     log_every_s: float = 300.0,
 ) -> None:
-    """Blocks until every expected shard exists (paths relative to `out_dir`, or absolute), polling
-    the file system every `poll_s` seconds: the main process's end-of-run wait for the other
-    processes, without a collective (NCCL's barrier would time out after 30 minutes when ranks'
-    remaining work differs by hours). Raises TimeoutError after `timeout_s` (None: never)."""
+    """Blocks until every expected shard exists, polling the file system every `poll_s` seconds.
+
+    Paths are relative to `out_dir`, or absolute. This is the main process's end-of-run wait for the
+    other processes. It uses no collective, because NCCL's barrier would time out after 30 minutes
+    when ranks' remaining work differs by hours. Raises TimeoutError after `timeout_s`. With None it
+    never does."""
     expected = [Path(out_dir) / path for path in expected_paths]
     started = time.monotonic()
     last_log = None

@@ -1,11 +1,11 @@
 """The oracle generator (`pdg.method: oracle`, SynthPedes only): every caption edit's true image.
 
 Instead of a diffusion model's guess, the renderer draws the source person again with the edited
-item recoloured (pipeline/data/synthpedes/truth.py), and the shards carry that image with the same
+item recoloured (pipeline/data/synthpedes/truth.py). The shards carry that image with the same
 record as a generated one, so `filter`, `caption` and `train@pdg` run unchanged on it. Its rows
-bound what proximity pairs can give when every edit is right. Edits it cannot render (a caption
-change whose item or old colour the attributes do not confirm: a parser mistake) are dropped from
-the plan and counted (`edits_not_renderable` in metrics/generate.json).
+bound what proximity pairs can give when every edit is right. Some edits it cannot render. Those
+are caption changes whose item or old colour the attributes do not confirm, i.e. parser mistakes.
+They are dropped from the plan and counted (`edits_not_renderable` in metrics/generate.json).
 """
 
 from __future__ import annotations

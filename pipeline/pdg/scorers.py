@@ -1,8 +1,9 @@
 """Scorers of the filter's consistency check: the project's own dual encoder, or a CLIP checkpoint.
 
-A scorer embeds images and texts into one L2-normalised space; `load_scorer` picks one from
-`filter.scorer` (a trained dual encoder folder such as models/baseline, else a CLIP folder or hub id).
-CLIP sees person crops padded to a square (its processor would cut a tall crop to its waist band).
+A scorer embeds images and texts into one L2-normalised space. `load_scorer` picks one from
+`filter.scorer`. That is a trained dual encoder folder such as models/baseline, else a CLIP folder or
+hub id. CLIP sees person crops padded to a square, because its processor would cut a tall crop to
+its waist band.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class DualEncoderScorer:
 
 class ClipScorer:
     """A CLIP checkpoint (folder or hub id) with its tokenizer and image processor. Every crop is
-    padded to a square first (`pipeline.pdg.crops`): the processor's centre crop would otherwise
+    padded to a square first (`pipeline.pdg.crops`). The processor's centre crop would otherwise
     keep only the middle of a tall person crop, and edits of shoes, hair or legs would go unseen."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu"):

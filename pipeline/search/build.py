@@ -49,9 +49,11 @@ class IndexPaths:
 
 
 def build_index(params: Params, variant: str, device, paths: IndexPaths) -> dict:
-    """Embed `search.gallery` with the variant's best checkpoint, write the index folder and return
-    the metrics with the timing (written to `paths.metrics` and `paths.timing`). Raises SearchError /
-    GalleryError on bad input, NoTrainedModel without a trained model, before anything is written."""
+    """Embed `search.gallery` with the variant's best checkpoint, write the index folder, return the metrics.
+
+    The metrics come with the timing, written to `paths.metrics` and `paths.timing`. Before anything
+    is written, it raises SearchError / GalleryError on bad input and NoTrainedModel without a
+    trained model."""
     prepared, spec = paths.prepared, params.search.gallery
     folder = trained_model(paths.model)
     model = load_model(folder, device)

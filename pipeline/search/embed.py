@@ -106,11 +106,13 @@ def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[int]]:
 @torch.no_grad()
 def embed_gallery(model: DualEncoder, gallery: Gallery, batch_size: int, device: torch.device,
                   workers: int | None = None) -> tuple[np.ndarray, Gallery]:
-    """Unit image embeddings [N, D] float32 in gallery order, batched as `evaluate` batches them (so
-    the rows equal its gallery embeddings); unreadable folder files are skipped, and the returned
-    gallery lists them under `skipped`. Images are streamed: a DataLoader's worker processes
-    (`loader_workers`) read and decode them from the shards or files two batches each ahead of the
-    model, so about (2 x workers + 2) batches of pixels are held at once, never the gallery's bytes."""
+    """Unit image embeddings [N, D] float32 in gallery order.
+
+    They are batched as `evaluate` batches them, so the rows equal its gallery embeddings. Unreadable
+    folder files are skipped, and the returned gallery lists them under `skipped`. Images are
+    streamed. A DataLoader's worker processes (`loader_workers`) read and decode them from the shards
+    or files, two batches each ahead of the model. So about (2 x workers + 2) batches of pixels are
+    held at once, never the gallery's bytes."""
     workers = loader_workers(len(gallery), batch_size) if workers is None else workers
     loader = DataLoader(GalleryImages(gallery, model.image_preprocessor), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, prefetch_factor=2 if workers else None)

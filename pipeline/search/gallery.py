@@ -1,8 +1,13 @@
 """The gallery a search answers from: a split of data/prepared (its tar shards) or a folder of crops.
 
-A gallery is a table, one row per image: `key`, where the image is (`file`, and `member` inside a
-shard; "" for a loose file), `person_id` (-1 where unknown) and `source`. Reading an image back
-needs only its row, so the web page serves images straight from the shards.
+A gallery is a table with one row per image. Its columns are these.
+- `key`.
+- `file` and `member`, which say where the image is. `member` names it inside a shard, and is ""
+  for a loose file.
+- `person_id`, -1 where unknown.
+- `source`.
+
+Reading an image back needs only its row, so the web page serves images straight from the shards.
 """
 
 from __future__ import annotations
@@ -150,9 +155,11 @@ def subset(gallery: Gallery, rows: list[int]) -> Gallery:
 
 
 def gallery_fingerprint(spec: str, prepared: str | Path = "data/prepared") -> str:
-    """A digest of what the gallery holds, taken when the index is built: a prepared split's shard
-    contents, or a folder's image files by relative path, size and modification time (hashing every
-    file of a large folder would cost as much as reading it)."""
+    """A digest of what the gallery holds, taken when the index is built.
+
+    For a prepared split it covers the shard contents. For a folder it covers the image files by
+    relative path, size and modification time, since hashing every file of a large folder would
+    cost as much as reading it."""
     digest = hashlib.sha256(spec.encode() if spec in PREPARED_SPLITS else str(Path(spec)).encode())
     if spec in PREPARED_SPLITS:
         for shard in list_shards(prepared, spec):
@@ -165,9 +172,11 @@ def gallery_fingerprint(spec: str, prepared: str | Path = "data/prepared") -> st
 
 
 def gallery_stat(spec: str, prepared: str | Path = "data/prepared") -> list[list] | str:
-    """What a search compares with the index's record, without reading an image: a prepared split's
-    shards as [name, size, mtime_ns]; a folder's digest of its images' relative paths, sizes and
-    modification times (one stat a file, not one record a file in index.json)."""
+    """What a search compares with the index's record, without reading an image.
+
+    - For a prepared split, its shards as [name, size, mtime_ns].
+    - For a folder, a digest of its images' relative paths, sizes and modification times. That is one
+      stat a file, not one record a file in index.json."""
     if spec in PREPARED_SPLITS:
         return [file_stat(shard) for shard in list_shards(prepared, spec)]
     return _folder_stat_digest(spec)

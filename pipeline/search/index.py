@@ -46,11 +46,12 @@ def resolve_kind(requested: str, size: int) -> str:
 
 
 def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [Q, k], rows [Q, k]) by cosine, best first; ties go to the lower row, as in evaluate's
-    stable sort. The product is NumPy's (BLAS, every core), the selection torch.topk (every core; with
-    it exact search was about 4x faster than FAISS's exact search at 10^5 on 2 cores,
-    benchmarks/bench_search.py); queries go in blocks whose score matrix stays under SCORE_BLOCK_BYTES,
-    one buffer reused for every block."""
+    """(scores [Q, k], rows [Q, k]) by cosine, best first.
+
+    Ties go to the lower row, as in evaluate's stable sort. The product is NumPy's (BLAS, every core).
+    The selection is torch.topk, on every core. With it, exact search was about 4x faster than FAISS's
+    exact search at 10^5 on 2 cores (benchmarks/bench_search.py). Queries go in blocks whose score
+    matrix stays under SCORE_BLOCK_BYTES, and one buffer is reused for every block."""
     n, count = embeddings.shape[0], queries.shape[0]
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     block = max(1, min(count, SCORE_BLOCK_BYTES // (4 * max(1, n))))
@@ -157,9 +158,11 @@ def write_index(folder: Path, embeddings: np.ndarray, gallery: Gallery, meta: di
 
 
 def load_index(folder: Path, variant: str) -> Index:
-    """The index folder, its vectors held once: an exact index maps `embeddings.npy` (read-only, paged in
-    by the first search and shared through the page cache), an HNSW index's `embeddings` is a view of
-    the vectors the FAISS graph holds (embeddings.npy is not read)."""
+    """The index folder, its vectors held once.
+
+    An exact index maps `embeddings.npy` read-only. It is paged in by the first search and shared
+    through the page cache. An HNSW index's `embeddings` is a view of the vectors the FAISS graph
+    holds, and embeddings.npy is not read."""
     meta_file = Path(folder) / INDEX_FILE
     if not meta_file.is_file():
         raise SearchError(f"no index in {folder}: build it with `dvc repro index@{variant}`")
@@ -195,11 +198,12 @@ def hnsw_vectors(hnsw) -> np.ndarray:
 
 def check_fingerprint(index: Index, variant: str, model_stat: list, gallery_name: str, gallery_stat,
                       model_digest=None, gallery_digest=None) -> None:
-    """Refuse an index that another model or another gallery built, saying how to rebuild it. The check
-    is by file stats (size, modification time) that the build recorded beside the content digests, so
-    nothing is read while they agree. Where a stat differs (a `dvc checkout` or a copy rewrites files
-    with the same bytes), `model_digest()` / `gallery_digest()`, when given, decide by content: the
-    cost is paid only then."""
+    """Refuse an index that another model or another gallery built, saying how to rebuild it.
+
+    The check is by file stats (size, modification time) that the build recorded beside the content
+    digests. So nothing is read while they agree. A stat may differ because a `dvc checkout` or a copy
+    rewrites files with the same bytes. Then `model_digest()` / `gallery_digest()`, when given,
+    decide by content. The cost is paid only then."""
     rebuild = f"rebuild it with `dvc repro index@{variant}`"
     built = index.meta
 

@@ -48,10 +48,11 @@ class Searcher:
 
     @classmethod
     def for_variant(cls, params: Params, variant: str, root: Path = Path("."), device=None) -> "Searcher":
-        """index/<variant> with models/<variant>/best, refused unless that model and the gallery that
-        search.gallery names now are the ones that built it: checked by the files' stats that the build
-        recorded (size, modification time), so starting reads no shard and hashes no weights; by
-        content only where a stat differs."""
+        """index/<variant> with models/<variant>/best.
+
+        It is refused unless that model and the gallery that search.gallery names are the ones that
+        built it. The check uses the files' stats that the build recorded (size, modification time).
+        So starting reads no shard and hashes no weights. Content is checked only where a stat differs."""
         device = device or torch.device("cpu")
         params.variant(variant)
         folder = trained_model(root / "models" / variant)

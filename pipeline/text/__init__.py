@@ -1,6 +1,9 @@
-"""Caption text tools: colour attribute phrases (`color_phrases`), colour edits for proximity data
-generation (`caption_edit`), approximate text variants for online PDG (`approximate`) and the
-word lists they share (`lexicon`)."""
+"""Caption text tools for colour phrases, colour edits and approximate text.
+
+- `color_phrases` finds colour attribute phrases.
+- `caption_edit` makes colour edits for proximity data generation.
+- `approximate` makes approximate text variants for online PDG.
+- `lexicon` holds the word lists they share."""
 
 from pipeline.text.approximate import ApproximateText, build_approximate_text
 from pipeline.text.caption_edit import CaptionEdit, ColorChange, edit_caption, edit_captions

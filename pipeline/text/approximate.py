@@ -1,14 +1,15 @@
 """Approximate text generation (online PDG): noisy but still true variants of a caption.
 
-With probability `prob` a caption is changed by one operation, drawn by weight:
-- replace: a `fraction` of its replaceable words become a synonym from a domain lexicon or a
-  nearest neighbour in a pretrained word-embedding table (MiniLM's);
-- delete: a `fraction` of its deletable words are dropped;
-- crop: a contiguous window of (1 - `fraction`) of its words is kept.
-Colour words, shade words, garment / accessory / hair nouns and the words between a colour and
-its noun ("striped", "leather") are never replaced or deleted, and no replacement is a colour or a
-garment word, so a caption never comes to describe other clothes. A crop may cut a whole phrase
-away: what remains is a shorter, still true description.
+With probability `prob` a caption is changed by one operation, drawn by weight.
+- replace. A `fraction` of its replaceable words become a synonym from a domain lexicon, or a
+  nearest neighbour in a pretrained word-embedding table (MiniLM's).
+- delete. A `fraction` of its deletable words are dropped.
+- crop. A contiguous window of (1 - `fraction`) of its words is kept.
+
+Some words are never replaced or deleted. They are colour words, shade words, garment / accessory /
+hair nouns, and the words between a colour and its noun ("striped", "leather"). No replacement is a
+colour or a garment word either. So a caption never comes to describe other clothes. A crop may cut
+a whole phrase away. What remains is a shorter, still true description.
 """
 
 from __future__ import annotations

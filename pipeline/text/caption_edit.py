@@ -1,13 +1,13 @@
 """Edit one colour of a garment or accessory in a caption ("a red jacket" -> "a green jacket").
 
-Choices (see `color_phrases` for what counts as a phrase):
-- multi-colour phrases ("a blue and white striped shirt") change ONE of their colours, to a
-  colour that none of the phrase's colours names, so the pattern stays two-coloured;
-- a shade belongs to its colour: "dark blue", "light-gray", "navy blue" are replaced as a
-  whole by a plain palette colour ("dark blue jeans" -> "green jeans");
-- the new colour comes from a palette of families and differs from the old colour's family
-  ("navy" never becomes "blue", "grey" never "gray");
-- capitalisation is kept ("Red shirt" -> "Green shirt") and "a"/"an" before the colour follows it.
+The edit makes these choices. See `color_phrases` for what counts as a phrase.
+- Multi-colour phrases ("a blue and white striped shirt") change ONE of their colours. The new
+  colour is one that none of the phrase's colours names, so the pattern stays two-coloured.
+- A shade belongs to its colour. "dark blue", "light-gray" and "navy blue" are replaced as a
+  whole by a plain palette colour ("dark blue jeans" -> "green jeans").
+- The new colour comes from a palette of families and differs from the old colour's family.
+  "navy" never becomes "blue", and "grey" never "gray".
+- Capitalisation is kept ("Red shirt" -> "Green shirt"), and "a"/"an" before the colour follows it.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ have colour "none".
 
 Splits: training identities are sampled freely, except that a few (upper colour, lower
 colour) pairs are reserved. Validation and test identities are derived from training
-identities by changing one or two attributes (hard negatives); a fraction
-`novel_combination_fraction` of them instead get a reserved colour pair, so their
+identities by changing one or two attributes (hard negatives). A fraction
+`novel_combination_fraction` of them instead get a reserved colour pair. So their
 (upper colour, lower colour) combination never occurs in training.
 """
 
