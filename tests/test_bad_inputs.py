@@ -2,18 +2,18 @@
 
 Each case breaks one thing in a copy of a tiny project (params, the data under data.root, a
 shard, a model folder, a command-line argument), runs the stage (its command as DVC renders it)
-or the command in a subprocess, and asserts: the exit code; exactly one error line, matching the
-case's message, and no traceback; and that every file of the project is byte-identical afterwards
-(a failed run neither writes an output nor deletes one). README's reliability table lists CASES.
+or the command as `python -m` would, in a child forked from one interpreter that imported torch and
+the stages once (conftest.py's stage_runner, tests/stage_server.py), and asserts: the exit code;
+exactly one error line, matching the case's message, and no traceback; and that every file of the
+project is byte-identical afterwards (a failed run neither writes an output nor deletes one).
+README's reliability table lists CASES.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +22,9 @@ from typing import Callable
 import pytest
 import yaml
 
-from test_check_data import BREAKAGES
-from tiny_project import make_tiny_project, save_tiny_model, stage_command
+from tiny_project import BREAKAGES, make_tiny_project, save_tiny_model, stage_command
 
-pytestmark = pytest.mark.slow  # ~30 stages in subprocesses
+pytestmark = pytest.mark.slow  # ~35 stages, each in a child process of the stage server
 
 
 def _params(project: Path, change: Callable[[dict], None]) -> None:
@@ -208,14 +207,13 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}: {c.what}" for c in CASES])
-def test_a_bad_input_is_one_line_an_exit_code_and_nothing_written(case, base, tmp_path):
+def test_a_bad_input_is_one_line_an_exit_code_and_nothing_written(case, base, stage_runner, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(base.parent, work, symlinks=True)
     project = work / "project"
     case.breaks(project)
     before = _tree(work)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(_command(case), cwd=project, capture_output=True, text=True, timeout=300, env=env)
+    result = stage_runner.run(_command(case), cwd=project, timeout=300)
     errors = error_lines(result.stderr)
     assert result.returncode == case.code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
@@ -45,15 +44,15 @@ def test_a_generator_folder_without_its_unet_names_what_is_missing(tmp_path):
         resolve_generator(folder)
 
 
-@pytest.mark.slow  # a stage in a subprocess
-def test_the_stage_exits_with_the_one_line_and_no_traceback(prepared, tmp_path):
+@pytest.mark.slow  # a stage in a child process of the stage server
+def test_the_stage_exits_with_the_one_line_and_no_traceback(prepared, stage_runner, tmp_path):
     project = make_tiny_project(tmp_path)
     shutil.copytree(prepared, project / "data" / "prepared")
     best = project / "models" / "baseline" / "best"
     best.mkdir(parents=True)
     (best / "training.json").write_text('{"epoch": 1}')
     (best / "dual_encoder.json").write_text('{"model": {}}')
-    result = subprocess.run(stage_command("evaluate@baseline"), cwd=project, capture_output=True, text=True, timeout=300)
+    result = stage_runner.run(stage_command("evaluate@baseline"), cwd=project, timeout=300)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "models/baseline/best: dual_encoder.json without its weights" in errors[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from tiny_project import BREAKAGES, convert_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,13 +20,6 @@ def check_data(capsys, root: Path, *extra: str) -> tuple[int, str, str]:
     code = main(["check-data", "--format", "cuhk-pedes", "--root", str(root), *extra])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def edit_annotations(root: Path, change) -> None:
-    path = root / "reid_raw.json"
-    entries = json.loads(path.read_text())
-    change(entries)
-    path.write_text(json.dumps(entries))
 
 
 def test_clean_excerpt_prints_stats_and_exits_0(cuhk_mini, capsys):
@@ -51,79 +44,6 @@ def test_module_entry_point(cuhk_mini):
     assert done.stdout.splitlines()[-1] == "OK: 32 records, no problems"
 
 
-def delete_image(name):
-    return lambda root: (root / "imgs/CUHK01" / name).unlink()
-
-
-def truncate_image(name):
-    def change(root: Path) -> None:
-        path = root / "imgs/CUHK01" / name
-        path.write_bytes(path.read_bytes()[:2000])
-
-    return change
-
-
-def convert_image(name, mode):
-    def change(root: Path) -> None:
-        path = root / "imgs/CUHK01" / name
-        with Image.open(path) as image:
-            converted = image.convert(mode)
-        converted.save(path)
-
-    return change
-
-
-def overwrite_image(name, payload):
-    return lambda root: (root / "imgs/CUHK01" / name).write_bytes(payload)
-
-
-def link_outside(name):
-    """The image replaced by a symlink to a copy outside the data root."""
-    def change(root: Path) -> None:
-        path = root / "imgs/CUHK01" / name
-        outside = root.parent / f"outside-{name}"
-        outside.write_bytes(path.read_bytes())
-        path.unlink()
-        path.symlink_to(outside)
-
-    return change
-
-
-def edit_record(index, change):
-    return lambda root: edit_annotations(root, lambda entries: change(entries[index], entries))
-
-
-def set_fields(index, **fields):
-    return edit_record(index, lambda record, _: record.update(fields))
-
-
-# (how to break the copy, kind, where the line says it is); record i's image is in the fixture listing.
-# A problem of an image file names the image; one of the annotation file names the record's image
-# after its index, as the annotation file spells it (a 40,000-record file needs more than an index).
-BREAKAGES = {
-    "deleted image": (delete_image("0005003.png"), "missing-image", "imgs/CUHK01/0005003.png record 0"),
-    "truncated png": (truncate_image("0022003.png"), "truncated-image", "imgs/CUHK01/0022003.png record 5"),
-    "not an image": (overwrite_image("0010003.png", b"hello"), "unreadable-image", "imgs/CUHK01/0010003.png record 14"),
-    "blank caption": (set_fields(20, captions=["a man", "  "]), "empty-caption", "reid_raw.json record 20 (CUHK01/0024001.png)"),
-    "no captions": (set_fields(21, captions=[]), "empty-caption", "reid_raw.json record 21 (CUHK01/0024002.png)"),
-    "missing field": (edit_record(4, lambda r, _: r.pop("captions")), "missing-field", "reid_raw.json record 4 (CUHK01/0022004.png)"),
-    "id is a string": (set_fields(7, id="12990"), "wrong-type", "reid_raw.json record 7 (CUHK01/0022001.png)"),
-    "captions not a list": (set_fields(3, captions="a man"), "wrong-type", "reid_raw.json record 3 (CUHK01/0005002.png)"),
-    "duplicate path": (
-        edit_record(30, lambda r, entries: r.update(file_path=entries[28]["file_path"])),
-        "duplicate-path",
-        "reid_raw.json record 30 (CUHK01/0027001.png)",
-    ),
-    "id in two splits": (set_fields(12, id=12555), "id-in-two-splits", "reid_raw.json record 12 (CUHK01/0010001.png)"),
-    "path out of the root": (set_fields(6, file_path="../../outside/x.png"), "path-escapes-root",
-                             "reid_raw.json record 6 (../../outside/x.png)"),
-    "absolute path": (set_fields(8, file_path="/etc/hostname"), "path-escapes-root", "reid_raw.json record 8 (/etc/hostname)"),
-    "symlink out of the root": (link_outside("0029002.png"), "path-escapes-root", "imgs/CUHK01/0029002.png record 10"),
-    "the same image spelled with ./": (
-        edit_record(26, lambda r, entries: r.update(file_path=entries[25]["file_path"].replace("/", "/./", 1))),
-        "duplicate-path", "reid_raw.json record 26 (CUHK01/0026002.png)"),
-    "id beyond 64 bits": (set_fields(9, id=2**70), "id-out-of-range", "reid_raw.json record 9 (CUHK01/0029003.png)"),
-}
 # the record index in a problem line, whichever file it names
 RECORD_INDEX = re.compile(r" record (\d+)[ :]")
 

@@ -11,9 +11,8 @@ import pytest
 
 from experiments.ablation import experiments
 from pipeline.data.canonical import manifest_path, read_manifest
-from test_generator_training import TINY_GENERATOR_PARAMS
-from test_training import TINY_TRAINING
-from tiny_project import assert_calibrated, deep_merge, dvc, make_tiny_project, stale_stages
+from tiny_project import (TINY_GENERATOR_PARAMS, TINY_TRAINING, assert_calibrated, deep_merge, dvc, make_tiny_project,
+                          stale_stages)
 
 pytestmark = pytest.mark.slow  # real `dvc repro` of the whole tiny DAG
 

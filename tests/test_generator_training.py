@@ -39,16 +39,13 @@ from transformers import BertModel
 
 from pipeline.models import minilm_path
 from pipeline.editing.edit import EditRequest, edit_p2p_batch
+from pipeline.editing.settings import EditSettings
 from pipeline.generator.model import load_generator
 from tiny_generator import build_tiny_generator
-from tiny_project import REPO, TINY_PROFILE, deep_merge, dvc, make_tiny_project, stage_command, stale_stages
+from tiny_project import (REPO, TINY_GENERATOR_PARAMS, TINY_PROFILE, deep_merge, dvc, make_tiny_project, stage_command,
+                          stale_stages)
 
-HEIGHT, WIDTH = 32, 16
-TINY_GENERATOR_PARAMS = {
-    "height": HEIGHT, "width": WIDTH, "vae_channels": [8, 16], "vae_steps": 100, "vae_batch_size": 8,
-    "vae_lr": 3e-3, "unet_channels": [16, 32], "unet_steps": 60, "unet_batch_size": 16, "unet_lr": 2e-3,
-    "text_encoder": "clip", "text_width": 16, "text_layers": 1, "sample_steps": 3, "latent_channels": 4,
-}
+HEIGHT, WIDTH = TINY_GENERATOR_PARAMS["height"], TINY_GENERATOR_PARAMS["width"]
 TINY_GENERATOR = params_from_dict({"generator": TINY_GENERATOR_PARAMS}).generator
 
 
@@ -195,9 +192,10 @@ def test_the_minilm_text_encoder_is_frozen_and_the_pipeline_loads_and_edits(trai
         assert not torch.allclose(full(ids)[0], expected, atol=1e-2)
     request = EditRequest(Image.new("RGB", (WIDTH, HEIGHT), (200, 20, 20)), "a man in a red shirt",
                           "a man in a turquoise shirt", [((11, 14), (11, 20))])
-    (result,) = edit_p2p_batch(parts, [request], num_steps=2, guidance=4.0, cross_replace_fraction=0.8,
-                               self_replace_fraction=0.4, blend_threshold=0.3, blend_start_fraction=0.2, reweight=2.0,
-                               null_text_steps=0)
+    settings = EditSettings(num_steps=2, guidance=4.0, inversion="ddim", null_text_steps=0, cross_replace_fraction=0.8,
+                            self_replace_fraction=0.4, blend_threshold=0.3, blend_start_fraction=0.2, reweight=2.0,
+                            strength=0.6)
+    (result,) = edit_p2p_batch(parts, [request], settings)
     assert result.image.size == (WIDTH, HEIGHT)
 
 

@@ -15,17 +15,11 @@ import yaml
 
 from pipeline.core.config import ConfigError
 from pipeline.core.distributed import RankError, refuse_launcher
-from test_losses import free_port
 from tiny_generator import build_tiny_generator
-from tiny_project import deep_merge, dvc, make_tiny_project, stage_command, stale_stages
+from tiny_project import TINY_TRAINING, deep_merge, dvc, free_port, make_tiny_project, stage_command, stale_stages
 
 TORCHRUN = "torchrun --standalone --nproc_per_node 2"
-TINY_TRAINING = {
-    "data": {"image_height": 32, "image_width": 16, "shard_size": 8},
-    "model": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "vocab_size": 200, "embed_dim": 32,
-              "max_text_length": 32},
-    "train": {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "num_workers": 1, "eval_batch_size": 16},
-}
+LAUNCHED_TRAINING = deep_merge(TINY_TRAINING, {"train": {"num_workers": 1}})  # a loader worker too
 
 
 def _machine_env() -> dict:
@@ -56,7 +50,7 @@ def _tree(folder: Path) -> dict[str, str]:
 
 @pytest.mark.slow  # two trainings through dvc repro
 def test_a_training_dvc_launched_on_two_processes_is_done_for_a_plain_repro(tmp_path):
-    project = make_tiny_project(tmp_path, deep_merge(TINY_TRAINING, {"train": {"launcher": TORCHRUN}}))
+    project = make_tiny_project(tmp_path, deep_merge(LAUNCHED_TRAINING, {"train": {"launcher": TORCHRUN}}))
     out = _repro(project, "train@baseline")
     assert f"{TORCHRUN} -m stages.train" in out  # DVC ran the launcher itself
     model = project / "models" / "baseline"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.core.config import LossConfig
 from pipeline.losses import HardnessAwareContrastiveLoss, gather_with_grad
+from tiny_project import free_port
 
 # Rows are images, columns captions; similarity = image_emb @ text_emb.T.
 SIMILARITY = [
@@ -247,12 +247,6 @@ def distributed_worker(rank: int, world_size: int, port: int, result_path: str) 
             torch.save(results, result_path)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_match_one_process_over_the_global_batch(tmp_path):

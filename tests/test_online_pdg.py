@@ -21,8 +21,7 @@ from pipeline.text.lexicon import COLOR_FAMILY, GARMENT_NOUNS
 from pipeline.optimization import make_accelerator
 from pipeline.run_folder import RunFolder
 from pipeline.training import Trainer
-from test_training import TINY_TRAINING
-from tiny_project import TINY_PROFILE, deep_merge
+from tiny_project import TINY_PROFILE, TINY_TRAINING, deep_merge
 
 CAPTION = "A young man walking toward the camera, wearing a dark blue striped shirt, gray pants and white shoes. He is carrying a black backpack."
 

@@ -3,7 +3,6 @@ before any work, each problem one line naming its key."""
 
 import contextlib
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -121,15 +120,15 @@ def test_a_hub_id_is_refused_offline_and_pinned_when_allowed(tmp_path, monkeypat
     assert hub.pretrained_kwargs("openai/clip-vit-base-patch16") == {"local_files_only": True}
 
 
-@pytest.mark.slow  # a stage in a subprocess or several processes: seconds, not milliseconds
-def test_a_stage_with_a_missing_checkpoint_stops_before_any_work(tmp_path):
+@pytest.mark.slow  # two stages in child processes of the stage server: seconds, not milliseconds
+def test_a_stage_with_a_missing_checkpoint_stops_before_any_work(stage_runner, tmp_path):
     project = make_tiny_project(tmp_path / "project", {
         "model": {"preset": "clip-vit-b16", "vision_path": str(tmp_path / "no-clip"), "text_path": str(tmp_path / "no-clip")},
         "filter": {"scorer": str(tmp_path / "no-clip")},
     })
     for stage, key in (("train", "model.vision_path"), ("filter", "filter.scorer")):
         args = stage_command("train@baseline" if stage == "train" else stage)
-        result = subprocess.run(args, cwd=project, capture_output=True, text=True)
+        result = stage_runner.run(args, cwd=project)
         assert result.returncode == 1, result.stderr
         assert f"params: '{key}' {tmp_path / 'no-clip'}: no such folder" in result.stderr
         assert "Traceback" not in result.stderr

@@ -207,10 +207,11 @@ class NoTrainedModel(BrokenArtifact):
 def trained_model(model_dir: str | Path) -> Path:
     """The trained model of a variant, `models/<variant>/best`, from its epoch best on val.
 
-    Training swaps it in whole (pipeline/run_folder.py). Without its config and weights,
-    NoTrainedModel names the stage that makes it. The variant is the folder's name."""
+    Training swaps it in whole (pipeline/run_folder.py). Where there is no such folder (or an empty
+    one), NoTrainedModel names the stage that makes it; the variant is the folder's name. A folder
+    that is there but broken is `from_pretrained`'s to name, file by file."""
     best = RunFolder(model_dir).best
-    if not (best / CONFIG_NAME).is_file() or not (best / WEIGHTS_NAME).is_file():
+    if not best.is_dir() or not any(best.iterdir()):
         raise NoTrainedModel(f"no trained model in {best}: run `dvc repro train@{Path(model_dir).name}` first")
     return best
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from pipeline.core.config import ConfigError, load_params
 from pipeline.core.io import BrokenArtifact
 
-from .embed import SearchError
+from .embed import SearchError, check_queries
+from .index import check_k
 from .gallery import GalleryError
 
 log = logging.getLogger("pipeline.search")
@@ -79,8 +80,11 @@ def search_command(args: argparse.Namespace) -> int:
     _setup()
     try:
         queries = _read_queries(args)
+        # the checks Searcher.search makes, here before the model and index load (cheap input first)
+        check_queries(queries)
+        if args.k is not None:
+            check_k(args.k)
         params, searcher = open_searcher(args)
-        # Searcher.search checks k and refuses an empty query, one line each
         k = args.k if args.k is not None else min(params.search.top_k, len(searcher.index))
         answers = searcher.search(queries, k)
     except (SearchError, GalleryError, ConfigError, BrokenArtifact) as err:

@@ -163,12 +163,17 @@ class EncodedQueries:
     truncated: list[int]  # token count of each query longer than the model reads (0 = not truncated)
 
 
-def encode_queries(model: DualEncoder, queries: list[str], device: torch.device, batch_size: int = 64) -> EncodedQueries:
-    """Text embeddings of `queries`; an empty or blank query is a SearchError."""
+def check_queries(queries: list[str]) -> None:
+    """SearchError, one line, for an empty or blank query."""
     for number, query in enumerate(queries, 1):
         if not query.strip():
             where = f"query {number}" if len(queries) > 1 else "the query"
             raise SearchError(f"{where} is empty: give a description such as \"a woman in a red coat\"")
+
+
+def encode_queries(model: DualEncoder, queries: list[str], device: torch.device, batch_size: int = 64) -> EncodedQueries:
+    """Text embeddings of `queries`; an empty or blank query is a SearchError (`check_queries`)."""
+    check_queries(queries)
     limit = text_length_limit(model)
     lengths = [len(ids) for ids in model.tokenizer(list(queries), truncation=False)["input_ids"]]
     embeddings = model.embed_texts(queries, batch_size).cpu().numpy()

@@ -132,10 +132,11 @@ class Index:
                 "gallery": self.meta["gallery"], "model": self.meta["model"]}
 
 
-def check_k(k: int, size: int) -> None:
+def check_k(k: int, size: int | None = None) -> None:
+    """SearchError, one line, for a k below 1 or above the gallery's `size` (when known)."""
     if k < 1:
         raise SearchError(f"k is {k}: it must be at least 1")
-    if k > size:
+    if size is not None and k > size:
         raise SearchError(f"k is {k}, but the gallery has {size} images: give -k {size} or less")
 
 
