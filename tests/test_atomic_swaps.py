@@ -67,8 +67,8 @@ def _staged(target: Path, text: str) -> Path:
 
 # state: its second save (step 4), the first (step 2) kept as old; best/, last/: their first save
 @pytest.mark.parametrize("die_at, resumed_at", [
-    ("state:2", 2),
-    pytest.param("best:1", 8, marks=pytest.mark.slow),  # one more training each: the slow tier
+    pytest.param("state:2", 2, marks=pytest.mark.slow),  # a killed training subprocess: the slow tier
+    pytest.param("best:1", 8, marks=pytest.mark.slow),
     pytest.param("last:1", None, marks=pytest.mark.slow),
 ])
 def test_training_killed_inside_a_swap_reruns_to_the_same_result(training_driver, straight_training, tmp_path, die_at,
@@ -103,6 +103,7 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow  # a subprocess (a fresh interpreter importing torch): the slow tier
 def test_prepare_killed_inside_its_swap_reruns_to_the_same_output(tmp_path):
     project = make_tiny_project(tmp_path / "project")
     words = stage_command("prepare", repo=project)[2:]  # stages.prepare --out data/prepared ...

@@ -197,6 +197,7 @@ def test_cli_unusable_input_exits_2(tmp_path, capsys, name, content):
     assert error.startswith("edit-captions: ") and error.count("\n") == 1
 
 
+@pytest.mark.slow  # a subprocess (a fresh interpreter importing torch): the slow tier
 def test_cli_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "edit-captions", "--input", str(tmp_path / "missing.txt")],

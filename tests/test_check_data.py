@@ -37,6 +37,7 @@ def test_clean_excerpt_prints_stats_and_exits_0(cuhk_mini, capsys):
     assert lines[5:] == ["OK: 32 records, no problems"]
 
 
+@pytest.mark.slow  # a subprocess (a fresh interpreter importing torch): the slow tier
 def test_module_entry_point(cuhk_mini):
     command = [sys.executable, "-m", "pipeline", "check-data", "--format", "cuhk-pedes", "--root", str(cuhk_mini)]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
@@ -123,6 +124,7 @@ def test_annotations_option_overrides_the_file(cuhk_copy, capsys):
     assert code == 0 and out.splitlines()[0].endswith("renamed.json")
 
 
+@pytest.mark.slow  # a subprocess (a fresh interpreter importing torch): the slow tier
 def test_module_entry_point_reports_unusable_input_without_traceback(tmp_path):
     (tmp_path / "reid_raw.json").write_text("not json")
     command = [sys.executable, "-m", "pipeline", "check-data", "--format", "cuhk-pedes", "--root", str(tmp_path)]

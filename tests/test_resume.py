@@ -197,6 +197,7 @@ def test_the_fingerprint_sees_same_size_edits_not_the_thread_count(tmp_path, mon
 # --- no wall-clock figure inside models/ ---
 
 
+@pytest.mark.slow  # a subprocess (a fresh interpreter importing torch): the slow tier
 def test_two_trainings_write_byte_identical_outputs(training_driver, straight_training, tmp_path):
     training_driver.trained(tmp_path / "again", timing=tmp_path / "timing.json")
     ours, theirs = folder_files(tmp_path / "again"), folder_files(straight_training)
@@ -230,6 +231,7 @@ PLANTED = ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "s
            "scaler.pt", "rng-0.pkl", "model.pkl")
 
 
+@pytest.mark.slow  # a subprocess (a fresh interpreter importing torch): the slow tier
 def test_a_pickle_planted_in_the_state_never_runs(training_driver, straight_training, tmp_path):
     marker = tmp_path / "marker"
     payload = tmp_path / "payload.pkl"
