@@ -102,21 +102,21 @@ def main() -> None:
 
     trained = train_generator(cfg, train, vae=reused_vae)
     seconds.update(trained.seconds)
-    psnr = {"train": reconstruction_psnr(trained.pipeline.vae, train.pixels[:400]),
-            "val": reconstruction_psnr(trained.pipeline.vae, val.pixels)}
+    psnr = {"train": reconstruction_psnr(trained.sd.vae, train.pixels[:400]),
+            "val": reconstruction_psnr(trained.sd.vae, val.pixels)}
 
     if args.save:
-        save_pipeline(trained.pipeline, Path(args.save) / "pipeline")
+        save_pipeline(trained.sd, Path(args.save) / "pipeline")
         probe.save(Path(args.save) / "probe")
         plot_loss_curves(trained, Path(args.save) / "loss_curves.png")
-        write_sample_grid(trained.pipeline, val, Path(args.save) / "samples.png", guidance=cfg.guidance,
+        write_sample_grid(trained.sd, val, Path(args.save) / "samples.png", guidance=cfg.guidance,
                           steps=cfg.sample_steps, seed=cfg.seed)
 
     prompts = colour_prompts(val, limit=args.prompts)
     by_guidance = {}
     for guidance in args.guidance:
         started = time.perf_counter()
-        result = prompted_color_accuracy(trained.pipeline, probe, prompts, guidance=guidance,
+        result = prompted_color_accuracy(trained.sd, probe, prompts, guidance=guidance,
                                          steps=cfg.sample_steps, seed=cfg.seed)
         by_guidance[str(guidance)] = {**result, "seconds": time.perf_counter() - started}
         print(f"guidance {guidance}: {result}", flush=True)

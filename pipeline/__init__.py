@@ -18,6 +18,6 @@ imports.py   a stage's import closure (its code digest, its dvc.yaml deps)
 plots.py     figures the stages write
 cli.py       `python -m pipeline <command>`; stage_command.py a stage's command as dvc.yaml gives it
 
-The name `pipeline` stays: it is the project's package, never imported beside diffusers' pipeline
-objects under that name (those are `StableDiffusionPipeline`, held as `parts` or `sd`).
+The name `pipeline` stays: it is the project's package. A diffusers `StableDiffusionPipeline` is
+held as `sd`, its loaded components as `parts`, never under the package's name.
 """

@@ -75,14 +75,14 @@ def main() -> int:
 def point_at_pretrained(cfg: GeneratorConfig, paths) -> dict:
     """Points the generator folder at the checkpoint; the reports are a sample grid from it and a figure
     saying that nothing was trained (the stage's outputs are the same in both profiles)."""
-    pipeline = load_pretrained(cfg.pretrained)
+    sd = load_pretrained(cfg.pretrained)
     write_pretrained_pointer(paths.generator, cfg.pretrained)
     write_json_atomic(paths.probe / "absent.json", {"reason": "generator.pretrained is set: nothing is trained"})
     plot_no_training(cfg.pretrained, paths.reports / "loss_curves.png")
-    height, width = pretrained_sample_size(pipeline)
+    height, width = pretrained_sample_size(sd)
     started = time.perf_counter()
     val = load_grid_images(paths.prepared, "val", height, width, PRETRAINED_GRID_PROMPTS)
-    write_sample_grid(pipeline, val, paths.reports / "samples.png", guidance=cfg.guidance, steps=cfg.sample_steps,
+    write_sample_grid(sd, val, paths.reports / "samples.png", guidance=cfg.guidance, steps=cfg.sample_steps,
                       seed=cfg.seed, prompts=PRETRAINED_GRID_PROMPTS, samples=PRETRAINED_GRID_SAMPLES,
                       height=height, width=width)
     seconds = time.perf_counter() - started
@@ -147,18 +147,18 @@ def fit_generator(
     train: LabelledImages, val: LabelledImages, cfg: GeneratorConfig, probe: AttributeProbe | None, paths
 ) -> dict:
     trained = train_generator(cfg, train)
-    save_pipeline(trained.pipeline, paths.generator)
+    save_pipeline(trained.sd, paths.generator)
     plot_loss_curves(trained, paths.reports / "loss_curves.png")
-    psnr = reconstruction_psnr(trained.pipeline.vae, val.pixels)
+    psnr = reconstruction_psnr(trained.sd.vae, val.pixels)
     log.info("generator: val PSNR %.2f dB, seconds %s", psnr, trained.seconds)
     started = time.perf_counter()
-    write_sample_grid(trained.pipeline, val, paths.reports / "samples.png", guidance=cfg.guidance,
+    write_sample_grid(trained.sd, val, paths.reports / "samples.png", guidance=cfg.guidance,
                       steps=cfg.sample_steps, seed=cfg.seed)
     metrics = {"vae_val_psnr_db": psnr, "guidance": cfg.guidance}
     if probe is not None:
         prompts = colour_prompts(val, limit=EVALUATION_PROMPTS)
         metrics["prompted_color_accuracy"] = prompted_color_accuracy(
-            trained.pipeline, probe, prompts, guidance=cfg.guidance, steps=cfg.sample_steps, seed=cfg.seed
+            trained.sd, probe, prompts, guidance=cfg.guidance, steps=cfg.sample_steps, seed=cfg.seed
         )
     metrics["seconds"] = {**trained.seconds, "evaluation": time.perf_counter() - started}
     return metrics

@@ -159,7 +159,7 @@ def test_trained_generator_saves_loads_and_samples(train_images, tmp_path):
     cfg = dataclasses.replace(TINY_GENERATOR, vae_steps=3, unet_steps=3)
     trained = train_generator(cfg, train_images, show_progress=False)
     assert set(trained.seconds) == {"vae", "unet"} and len(trained.unet_losses) == 3
-    folder = save_pipeline(trained.pipeline, tmp_path / "generator")
+    folder = save_pipeline(trained.sd, tmp_path / "generator")
     assert resolve_generator(folder) == str(folder)
     loaded = StableDiffusionPipeline.from_pretrained(folder)
     images = sample_images(loaded, ["a man in a red jacket", "a woman in a blue dress"], guidance=4.0, steps=2)
@@ -177,10 +177,10 @@ def test_the_minilm_text_encoder_is_frozen_and_the_pipeline_loads_and_edits(trai
     full = BertModel.from_pretrained(minilm_path()).eval()
     before = {k: v.clone() for k, v in full.state_dict().items()}
     trained = train_generator(cfg, train_images, show_progress=False)
-    encoder = trained.pipeline.text_encoder
-    assert isinstance(encoder, BertModel) and trained.pipeline.unet.config.cross_attention_dim == 384
+    encoder = trained.sd.text_encoder
+    assert isinstance(encoder, BertModel) and trained.sd.unet.config.cross_attention_dim == 384
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # frozen
-    folder = save_pipeline(trained.pipeline, tmp_path / "generator")
+    folder = save_pipeline(trained.sd, tmp_path / "generator")
     parts = load_generator(folder)
     assert parts.tokenizer.model_max_length == 24
     # the saved encoder is MiniLM's first two layers: its output is the full model's second hidden states
@@ -237,7 +237,7 @@ def test_prompted_colour_accuracy_counts_each_garment(train_images, tmp_path):
             upper[:, UPPER_CLASSES.index(read_upper)] = lower[:, LOWER_CLASSES.index(read_lower)] = 1.0
             return upper, lower
 
-    result = prompted_color_accuracy(trained.pipeline, ReadsOneColour(), prompts, guidance=2.0, steps=2)
+    result = prompted_color_accuracy(trained.sd, ReadsOneColour(), prompts, guidance=2.0, steps=2)
     assert result["upper_prompts"] == len(uppers) and result["lower_prompts"] == len(lowers)
     assert result["upper"] == pytest.approx(100 * uppers.count(read_upper) / len(uppers))
     assert result["lower"] == pytest.approx(100 * lowers.count(read_lower) / len(lowers))

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 POINTER_FILE = "pretrained.json"  # in the generator folder when params name a pretrained checkpoint
 
-def save_pipeline(pipeline: StableDiffusionPipeline, directory: str | Path) -> Path:
-    pipeline.save_pretrained(directory)
+def save_pipeline(sd: StableDiffusionPipeline, directory: str | Path) -> Path:
+    sd.save_pretrained(directory)
     return Path(directory)
 
 
@@ -43,25 +43,25 @@ def load_pretrained_pipeline(name: str, device: torch.device | str = "cpu") -> S
     from pipeline.core.devices import inference_dtype
 
     device = torch.device(device)
-    pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,
+    sd = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False,
                                                        dtype=inference_dtype(device), **pretrained_kwargs(name))
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    for module in (pipeline.vae, pipeline.unet, pipeline.text_encoder):
+    sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    for module in (sd.vae, sd.unet, sd.text_encoder):
         module.eval().requires_grad_(False)
-    return pipeline.to(device)
+    return sd.to(device)
 
 
 PERSON_SIZE = (512, 192)  # (height, width) of a person-shaped sample from a 512-pixel Stable Diffusion
 
 
-def pretrained_sample_size(pipeline: StableDiffusionPipeline) -> tuple[int, int]:
+def pretrained_sample_size(sd: StableDiffusionPipeline) -> tuple[int, int]:
     """(height, width) to sample a pretrained model at: person-shaped (PERSON_SIZE) for a model of
     Stable Diffusion 1.x's 64-latent size, else the model's own size."""
-    size = pipeline.unet.config.sample_size
+    size = sd.unet.config.sample_size
     if size == 64:
         return PERSON_SIZE
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    return height * pipeline.vae_scale_factor, width * pipeline.vae_scale_factor
+    return height * sd.vae_scale_factor, width * sd.vae_scale_factor
 
 
 def resolve_generator(directory: str | Path) -> str:

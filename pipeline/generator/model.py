@@ -114,23 +114,23 @@ def load_generator(
     canvas to fit crops into, in multiples of the VAE's scale factor. None means the UNet's sample size.
     """
     dtype = generator_dtype(dtype, device)
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    sd = StableDiffusionPipeline.from_pretrained(
         str(path_or_hub_id), safety_checker=None, requires_safety_checker=False, dtype=torch.float32,
         **pretrained_kwargs(path_or_hub_id),
     )
-    pipeline.to(device)
-    for module in (pipeline.vae, pipeline.unet, pipeline.text_encoder):
+    sd.to(device)
+    for module in (sd.vae, sd.unet, sd.text_encoder):
         module.eval().requires_grad_(False)
     if dtype != torch.float32:
-        pipeline.unet.to(dtype)
-        pipeline.text_encoder.to(dtype)
+        sd.unet.to(dtype)
+        sd.text_encoder.to(dtype)
     parts = DiffusionParts(
-        vae=pipeline.vae,
-        unet=pipeline.unet,
-        text_encoder=pipeline.text_encoder,
-        tokenizer=pipeline.tokenizer,
+        vae=sd.vae,
+        unet=sd.unet,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
         # inversion and sampling must walk the same deterministic timesteps, whatever the model trained with
-        scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
+        scheduler=DDIMScheduler.from_config(sd.scheduler.config),
         canvas=None if canvas is None else (int(canvas[0]), int(canvas[1])),
     )
     if parts.canvas is not None and any(side % parts.vae_scale_factor for side in parts.canvas):

@@ -212,7 +212,7 @@ def colour_prompts(images: LabelledImages, limit: int | None = None) -> list[Col
 
 
 def prompted_color_accuracy(
-    pipeline,
+    sd,
     probe: AttributeProbe,
     prompts: list[ColourPrompt],
     *,
@@ -224,7 +224,7 @@ def prompted_color_accuracy(
     """How often (%) the probe reads the prompted upper / lower colour off the generated images."""
     from pipeline.generator.samples import sample_images
 
-    images = sample_images(pipeline, [p.text for p in prompts], guidance=guidance, steps=steps, seed=seed,
+    images = sample_images(sd, [p.text for p in prompts], guidance=guidance, steps=steps, seed=seed,
                       batch_size=batch_size)
     upper_pred, lower_pred = predict_colours(probe, images * 2 - 1)
     upper_hits = [p.upper == read for p, read in zip(prompts, upper_pred) if p.upper]

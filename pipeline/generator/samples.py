@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def sample_images(
-    pipeline: StableDiffusionPipeline,
+    sd: StableDiffusionPipeline,
     prompts: list[str],
     *,
     guidance: float,
@@ -32,12 +32,12 @@ def sample_images(
 ) -> torch.Tensor:
     """Images (prompts, 3, height, width) in [0, 1], float32 on the CPU; prompt i always gets the
     noise of seed + i. `height` and `width` default to the model's own size."""
-    pipeline.set_progress_bar_config(disable=True)
+    sd.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        output = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+        output = sd(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                           output_type="pt", height=height, width=width)
         images.append(output.images.float().cpu())
     return torch.cat(images)
@@ -97,7 +97,7 @@ def plot_sample_grid(
 
 
 def write_sample_grid(
-    pipeline: StableDiffusionPipeline,
+    sd: StableDiffusionPipeline,
     images: LabelledImages,
     path: str | Path,
     *,
@@ -113,7 +113,7 @@ def write_sample_grid(
     (at `height` x `width`, the model's own size by default)."""
     chosen = list(range(0, len(images), max(1, len(images) // prompts)))[:prompts]
     texts = [images.captions[i][0] for i in chosen]
-    generated = sample_images(pipeline, [t for t in texts for _ in range(samples)], guidance=guidance, steps=steps,
+    generated = sample_images(sd, [t for t in texts for _ in range(samples)], guidance=guidance, steps=steps,
                          seed=seed, height=height, width=width)
     generated = generated.view(len(texts), samples, *generated.shape[1:])
     title = f"real image, then generated ones (guidance {guidance}, {steps} DDIM steps)"

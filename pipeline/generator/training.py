@@ -47,7 +47,7 @@ GRAD_CLIP = 1.0
 
 @dataclass
 class TrainedGenerator:
-    pipeline: StableDiffusionPipeline
+    sd: StableDiffusionPipeline
     vae_losses: list[tuple[int, float]] = field(default_factory=list)
     unet_losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -254,8 +254,8 @@ def train_generator(
     unet_losses = train_unet(unet, text_encoder, latents, caption_ids, empty_ids, scaling_factor, cfg,
                              train_text_encoder=train_text, show_progress=show_progress)
     seconds["unet"] = time.perf_counter() - started
-    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet)
-    return TrainedGenerator(pipeline, vae_losses, unet_losses, seconds)
+    sd = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    return TrainedGenerator(sd, vae_losses, unet_losses, seconds)
 
 
 def _millions(module: torch.nn.Module) -> float:
