@@ -126,7 +126,7 @@ def test_prepare_killed_inside_its_swap_reruns_to_the_same_output(tmp_path):
 
 @pytest.mark.slow  # three index stages in subprocesses
 def test_index_killed_inside_its_swap_reruns_to_the_same_output(training_driver, tmp_path):
-    from test_search import make_search_project
+    from tiny_project import make_search_project
 
     project = make_search_project(tmp_path / "project", training_driver.prepared)  # index/baseline built once already
     words = stage_command("index@baseline")[2:]

@@ -10,7 +10,7 @@ import torch
 from pipeline.core.config import ModelConfig, TrainConfig
 from pipeline.models import build_model
 from pipeline.optimization import build_optimizer, lr_lambda
-from test_models import CAPTIONS, TINY, save_tiny_clip
+from tiny_models import CAPTIONS, TINY, save_tiny_clip
 
 
 def _groups(optimizer):

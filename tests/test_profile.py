@@ -12,7 +12,7 @@ from pipeline.core import hub
 from pipeline.core.config import HubConfig, load_params
 from tiny_generator import build_tiny_generator
 from pipeline.core.profile import EMBEDDED, check_inputs, profile_command, real_recipe
-from test_models import save_tiny_clip
+from tiny_models import save_tiny_clip
 from tiny_project import REPO, make_tiny_project, stage_command
 
 PARAMS = REPO / "params.yaml"

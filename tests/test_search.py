@@ -27,27 +27,9 @@ from pipeline.search import gallery as gallery_module
 from pipeline.search.embed import embed_gallery, load_model
 from pipeline.search.index import build_hnsw, exact_top_k, hnsw_top_k, load_index, recall_at, write_index
 from pipeline.search.query import Searcher
-from tiny_project import REPO, TINY_MODEL, TINY_PROFILE, deep_merge, save_tiny_model
+from tiny_project import deep_merge, make_search_project, project_params, save_tiny_model
 
 CPU = torch.device("cpu")
-
-
-def project_params(overrides: dict | None = None) -> dict:
-    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
-    return deep_merge(raw, deep_merge({"model": TINY_MODEL, "train": {"eval_batch_size": 5}}, overrides or {}))
-
-
-def make_search_project(root: Path, prepared: Path, overrides: dict | None = None) -> Path:
-    """A project folder: data/prepared (the shared fixture, linked), a random tiny models/baseline/best,
-    params.yaml; its index built as `index@baseline` would."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "prepared").symlink_to(prepared)
-    save_tiny_model(root / "models" / "baseline" / "best", prepared)
-    raw = project_params(overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    build_index(params_from_dict(raw), "baseline", CPU, IndexPaths.under(root, "baseline"))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +350,7 @@ def test_serve_on_a_busy_port_is_one_line(project, monkeypatch, capsys, caplog):
 
 
 def test_a_clip_backed_dual_encoder_indexes_and_searches(prepared, tmp_path, cuhk_mini):
-    from test_models import save_tiny_clip
+    from tiny_models import save_tiny_clip
 
     clip = save_tiny_clip(tmp_path / "clip")
     config = ModelConfig(preset="clip-vit-b16", vision_path=str(clip), text_path=str(clip), embed_dim=24,

@@ -17,7 +17,7 @@ from pipeline.cli import main as cli
 from pipeline.core.config import params_from_dict
 from pipeline.search.query import Searcher
 from pipeline.search.serve import make_server
-from test_search import make_search_project, project_params
+from tiny_project import make_search_project, project_params
 
 CHROMIUM = os.environ.get("TBPS_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("TBPS_CHROMEDRIVER", "/usr/bin/chromedriver")

@@ -24,7 +24,7 @@ from pipeline.models import DualEncoder, build_model
 from pipeline.optimization import make_accelerator
 from pipeline.run_folder import RunFolder
 from pipeline.training import NonFiniteLossError, Trainer
-from test_models import CAPTIONS, TINY
+from tiny_models import CAPTIONS, TINY
 from tiny_project import dvc, run_train_stage, training_params, training_progress, training_project
 
 

@@ -354,3 +354,26 @@ BREAKAGES = {
         "duplicate-path", "reid_raw.json record 26 (CUHK01/0026002.png)"),
     "id beyond 64 bits": (set_fields(9, id=2**70), "id-out-of-range", "reid_raw.json record 9 (CUHK01/0029003.png)"),
 }
+
+
+def project_params(overrides: dict | None = None) -> dict:
+    raw = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PROFILE)
+    return deep_merge(raw, deep_merge({"model": TINY_MODEL, "train": {"eval_batch_size": 5}}, overrides or {}))
+
+
+def make_search_project(root: Path, prepared: Path, overrides: dict | None = None) -> Path:
+    """A project folder: data/prepared (the shared fixture, linked), a random tiny models/baseline/best,
+    params.yaml; its index built as `index@baseline` would."""
+    import torch
+
+    from pipeline.core.config import params_from_dict
+    from pipeline.search.build import IndexPaths, build_index
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "prepared").symlink_to(prepared)
+    save_tiny_model(root / "models" / "baseline" / "best", prepared)
+    raw = project_params(overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    build_index(params_from_dict(raw), "baseline", torch.device("cpu"), IndexPaths.under(root, "baseline"))
+    return root
