@@ -299,16 +299,14 @@ def _tiny_vit_config(config: ModelConfig, image_size: tuple[int, int]) -> ViTCon
     height, width = image_size
     if height % config.patch_size or width % config.patch_size:
         raise ValueError(f"image size {height}x{width} is not a multiple of patch_size {config.patch_size}")
-    return ViTConfig(
-        image_size=[height, width],
-        patch_size=config.patch_size,
-        hidden_size=config.width,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        intermediate_size=4 * config.width,
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
-    )
+    return ViTConfig(image_size=[height, width], patch_size=config.patch_size, **_tiny_sizes(config))
+
+
+def _tiny_sizes(config: ModelConfig) -> dict:
+    """The sizes both tiny towers (ViT, BERT) take from `model.*`."""
+    return dict(hidden_size=config.width, num_hidden_layers=config.layers, num_attention_heads=config.heads,
+                intermediate_size=4 * config.width, hidden_dropout_prob=config.dropout,
+                attention_probs_dropout_prob=config.dropout)
 
 
 def _tiny_text_tower(config: ModelConfig, preset: Preset, tokenizer, captions) -> tuple[Tower, PreTrainedTokenizerBase]:
@@ -322,14 +320,9 @@ def _tiny_text_tower(config: ModelConfig, preset: Preset, tokenizer, captions) -
     tokenizer.model_max_length = config.max_text_length  # the position table's size
     bert_config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=config.width,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        intermediate_size=4 * config.width,
         max_position_embeddings=config.max_text_length,
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
         pad_token_id=tokenizer.pad_token_id,
+        **_tiny_sizes(config),
     )
     return preset.text_tower(BertModel(bert_config, add_pooling_layer=False), **preset.text_options), tokenizer
 
