@@ -274,7 +274,8 @@ def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
     assert metrics["generator"]["prompted_color_accuracy"]["upper_prompts"] > 0
     assert (tmp_path / "models" / "generator" / "model_index.json").is_file()
     assert AttributeProbe.load(tmp_path / "models" / "probe")
-    assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png"}
+    assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png",
+                                                                               "timing.json"}
 
     pretrained = str(build_tiny_generator(tmp_path / "tiny-sd", max_tokens=77))
     metrics = _run_stage(tmp_path, {"pretrained": pretrained, "sample_steps": 2})
@@ -283,11 +284,13 @@ def test_stage_trains_or_points_at_a_pretrained_checkpoint(prepared, tmp_path):
     assert not (tmp_path / "models" / "generator" / "model_index.json").exists()
     assert [p.name for p in (tmp_path / "models" / "probe").iterdir()] == ["absent.json"]
     # the same report files as a trained generator's: a real sample grid, and a figure saying nothing trained
-    assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png"}
+    assert {p.name for p in (tmp_path / "reports" / "generator").iterdir()} == {"loss_curves.png", "samples.png",
+                                                                               "timing.json"}
     for name in ("loss_curves.png", "samples.png"):
         _assert_png(tmp_path / "reports" / "generator" / name)
     assert metrics["sample_grid"] == {"prompts": 4, "samples": 2, "height": HEIGHT, "width": WIDTH, "steps": 2}
-    assert metrics["seconds"]["sample_grid"] > 0
+    timing = json.loads((tmp_path / "reports" / "generator" / "timing.json").read_text())
+    assert timing["seconds"]["sample_grid"] > 0 and timing["stage_seconds"] > 0 and "seconds" not in metrics
 
     missing = tmp_path / "no-such-sd"
     (line,) = _run_stage(tmp_path, {"pretrained": str(missing)}, returncode=1)

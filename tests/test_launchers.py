@@ -82,7 +82,7 @@ def test_a_generation_dvc_launched_on_two_processes_is_done_for_a_plain_repro(tm
     _set(project, "pdg", launcher="python")
     again = _repro(project, "--single-item", "generate")
     shards = len([name for name in launched if name.endswith(".tar")])
-    assert f"wrote 0 shard(s) ({shards} kept)" in again
+    assert f"wrote 0 shard(s) ({shards} reused)" in again
     assert _tree(raw) == launched
 
 
