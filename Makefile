@@ -25,5 +25,9 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
+# two workers, one test file at a time each; one thread per process, so that they do not fight over
+# the cores (torch's OpenMP threads spin while they wait)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
