@@ -12,19 +12,6 @@ import pytest
 
 FIXTURES_DIR = Path(os.environ.get("TBPS_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
-# The longest modules (the real profile through DVC, about 8 minutes on one core; the DAG, about 5),
-# collected first: `make test` runs the suite on two workers, one file at a time each (pytest-xdist,
-# --dist loadfile), so each worker starts on one of them and the rest fill in beside.
-LONGEST_FIRST = ("test_real_profile.py", "test_dag.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order within each group stays as collected
-
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
