@@ -20,7 +20,8 @@ from pipeline.pdg.captioning import (
     write_training_set,
 )
 from pipeline.pdg.crops import GREY, pad_to_square
-from pipeline.pdg.scorers import ClipScorer, NoSuchCheckpoint, check_clip_checkpoint
+from pipeline.models import NoTrainedModel
+from pipeline.pdg.scorers import ClipScorer, NoSuchCheckpoint, check_clip_checkpoint, dual_encoder_folder, load_scorer
 from pipeline.pdg.filtering import (
     ScoredPair,
     filter_pairs,
@@ -142,6 +143,17 @@ def test_a_clip_checkpoint_scores_pairs(tmp_path):
                          show_progress=False)
     assert len(pairs) == 5 and all(-1 <= p.scores["edited_similarity"] <= 1 for p in pairs)
     assert len({round(p.scores["edited_similarity"], 6) for p in pairs}) > 1  # images differ, so do scores
+
+
+def test_the_scorer_is_a_clip_wherever_its_folder_lies_and_a_variant_without_a_model_is_one_line(tmp_path,
+                                                                                                   monkeypatch):
+    clip = _tiny_clip(tmp_path / "models" / "clip-vit-base-patch16")  # as in `--clip /models/clip-...`
+    assert dual_encoder_folder(str(clip)) is None
+    assert isinstance(load_scorer(str(clip)), ClipScorer)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "baseline").mkdir()
+    with pytest.raises(NoTrainedModel, match=r"no trained model in models/baseline/best: run `dvc repro train@baseline`"):
+        dual_encoder_folder("models/baseline")
 
 
 def _tall_person(head_and_feet):

@@ -107,14 +107,15 @@ def _features(output) -> torch.Tensor:
 
 def dual_encoder_folder(path: str | Path) -> Path | None:
     """The saved dual encoder `filter.scorer` names: a saved model itself, or a variant's model folder
-    (models/<variant>), whose trained model it is (none yet: NoTrainedModel, one line naming the stage
-    to run). None for anything else (a CLIP)."""
+    (the project's `models/<variant>`, or any folder holding a `best/`), whose trained model it is
+    (none yet: NoTrainedModel, one line naming the stage to run). None for anything else: a CLIP
+    folder, wherever it lies (`/models/clip-vit-base-patch16` too), or a hub id."""
     from pipeline.models.dual_encoder import CONFIG_NAME, trained_model
 
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
         return path
-    if path.parent.name == "models" or (path / "best").is_dir():
+    if (path / "best").is_dir() or (not path.is_absolute() and path.parts[:1] == ("models",)):
         return trained_model(path)
     return None
 
