@@ -6,13 +6,12 @@ spell out every value. Fractions of the steps become step counts here, once (`cr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
 
-if TYPE_CHECKING:
-    from pipeline.core.config import PdgConfig
+from pipeline.core.config import PdgConfig
 
-INVERSIONS = ("ddim", "negative-prompt", "null-text")
+# the inversion methods `pdg.inversion` accepts (its choices in pipeline/core/config.py)
+INVERSIONS = next(f for f in fields(PdgConfig) if f.name == "inversion").metadata["choices"]
 
 
 @dataclass(frozen=True)
